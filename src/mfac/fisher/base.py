@@ -1,0 +1,175 @@
+"""The common protocol of every Fisher-inverse object, and the input checks they share.
+
+Every class in :mod:`mfac.fisher` represents the inverse of a damped empirical Fisher
+
+    F = damp * I + (1/m) * G^T G,        G: (m, d), one gradient per row,
+
+where ``m`` is the number of gradients actually held (``num_grads``), never a capacity.
+They all answer the same questions, so a consumer (optimizer, pruner) never needs to know
+which one it holds:
+
+* ``ihvp(x)``: F^-1 x for x of shape (d,) or a batch (k, d); result in ``dtype``.
+* ``diag()``: the (d,) diagonal of F^-1.
+* ``element(i, j)``: [F^-1]_ij; ``i`` and ``j`` are ints or equal-length index tensors.
+* ``column(j)``: the (d,) column j of F^-1.
+* ``dim``, ``num_grads``, ``damp``, ``device``, ``dtype`` (the dtype of every returned tensor),
+  ``nbytes`` (bytes of tensor state held).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+
+__all__ = ["FisherInverse"]
+
+_HALF_TYPES = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype arithmetic runs in for data stored as ``dtype``: half types accumulate in float32."""
+    return torch.float32 if dtype in _HALF_TYPES else dtype
+
+
+def check_damp(damp) -> float:
+    """Return ``damp`` as a float, or raise if it is not a finite number > 0."""
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)):
+        raise TypeError(f"damp must be a positive number, got {type(damp).__name__}")
+    damp = float(damp)
+    if not math.isfinite(damp) or damp <= 0:
+        raise ValueError(f"damp must be a finite number > 0 (it is the lambda in lambda*I + G^T G/m), got {damp}")
+    return damp
+
+
+def check_floating(name: str, dtype: torch.dtype) -> None:
+    if not dtype.is_floating_point:
+        raise TypeError(
+            f"{name} must have a floating dtype (float32, float64, bfloat16 or float16), got {dtype}; "
+            f"convert it with .float()"
+        )
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} contains NaN or Inf; non-finite gradients cannot enter a Fisher estimate")
+
+
+def check_gradients(grads) -> torch.Tensor:
+    """Validate a gradient matrix G of shape (m, d): a floating, finite, 2-D tensor."""
+    if not isinstance(grads, torch.Tensor):
+        raise TypeError(f"grads must be a torch.Tensor of shape (m, d), got {type(grads).__name__}")
+    if grads.dim() != 2:
+        raise ValueError(
+            f"grads must have shape (m, d) with one gradient per row, got shape {tuple(grads.shape)}; "
+            f"for a single gradient use grads.unsqueeze(0)"
+        )
+    if grads.shape[1] == 0:
+        raise ValueError("grads must have d >= 1 columns, got d = 0")
+    check_floating("grads", grads.dtype)
+    check_finite("grads", grads)
+    return grads
+
+
+def check_index(name: str, index, dim: int) -> torch.Tensor:
+    """Turn an int or integer tensor of coordinates into a long tensor, checking the range."""
+    if isinstance(index, bool):
+        raise TypeError(f"{name} must be an int or an integer tensor, got bool")
+    index = torch.as_tensor(index)
+    if index.dtype.is_floating_point or index.dtype == torch.bool or index.is_complex():
+        raise TypeError(f"{name} must be an int or an integer tensor, got dtype {index.dtype}")
+    index = index.long()
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= dim):
+        raise IndexError(f"{name} has entries outside [0, {dim}): min {int(index.min())}, max {int(index.max())}")
+    return index
+
+
+class FisherInverse(ABC):
+    """Abstract protocol shared by all Fisher-inverse objects; see the module docstring."""
+
+    @property
+    @abstractmethod
+    def dim(self) -> int:
+        """d, the number of coordinates."""
+
+    @property
+    @abstractmethod
+    def num_grads(self) -> int:
+        """m, the number of gradients currently held (the normaliser in F)."""
+
+    @property
+    @abstractmethod
+    def damp(self) -> float:
+        """The damping lambda > 0."""
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device:
+        """Where the state lives and where results are returned."""
+
+    @property
+    @abstractmethod
+    def dtype(self) -> torch.dtype:
+        """dtype of every tensor returned by ``ihvp``, ``diag``, ``element`` and ``column``."""
+
+    @property
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes of tensor state held by this object."""
+
+    @abstractmethod
+    def ihvp(self, x: torch.Tensor) -> torch.Tensor:
+        """F^-1 x for x of shape (d,) or (k, d); returns the same shape in ``dtype``."""
+
+    @abstractmethod
+    def diag(self) -> torch.Tensor:
+        """The diagonal of F^-1, shape (d,)."""
+
+    @abstractmethod
+    def element(self, i, j) -> torch.Tensor:
+        """[F^-1]_ij; ``i``, ``j`` ints (0-d result) or equal-length index tensors (vector result)."""
+
+    def column(self, j: int) -> torch.Tensor:
+        """Column j of F^-1, shape (d,). Costs one ``ihvp``; subclasses override when cheaper."""
+        j = int(check_index("j", j, self.dim))
+        unit = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        unit[j] = 1
+        return self.ihvp(unit)
+
+    def to_dense(self) -> torch.Tensor:
+        """The explicit (d, d) matrix F^-1, built from ``ihvp`` of the identity. O(d^2) memory: for tests
+        and small problems only."""
+        return self.ihvp(torch.eye(self.dim, dtype=self.dtype, device=self.device))
+
+    # Shared input handling -----------------------------------------------------------------------
+
+    def _check_vectors(self, x, name: str = "x") -> torch.Tensor:
+        """Validate x of shape (d,) or (k, d) and return it on our device in our dtype."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape (d,) or (k, d), got {type(x).__name__}")
+        if x.dim() not in (1, 2) or x.shape[-1] != self.dim:
+            raise ValueError(
+                f"{name} must have shape ({self.dim},) or (k, {self.dim}) to match this Fisher inverse's "
+                f"dimension d = {self.dim}, got shape {tuple(x.shape)}"
+            )
+        check_floating(name, x.dtype)
+        if x.device != self.device:
+            raise ValueError(
+                f"{name} is on {x.device} but this Fisher inverse lives on {self.device}; move it with "
+                f".to('{self.device}')"
+            )
+        return x.to(self.dtype)
+
+    def _check_pair(self, i, j) -> tuple[torch.Tensor, torch.Tensor]:
+        i = check_index("i", i, self.dim).to(self.device)
+        j = check_index("j", j, self.dim).to(self.device)
+        if i.shape != j.shape:
+            raise ValueError(f"i and j must have the same shape, got {tuple(i.shape)} and {tuple(j.shape)}")
+        return i, j
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(dim={self.dim}, num_grads={self.num_grads}, damp={self.damp:g}, "
+            f"dtype={self.dtype}, device={self.device})"
+        )

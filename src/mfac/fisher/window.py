@@ -1,0 +1,269 @@
+"""The sliding-window Fisher inverse: the dynamic M-FAC algorithm behind the optimizer.
+
+A ring buffer holds the last ``window`` gradients G (k, d), k = min(pushed, window), and the
+object answers F^-1 x for F = damp*I + G^T G / k through the Woodbury identity
+
+    F^-1 x = (x - G^T K^-1 G x) / damp,        K = k*damp*I + G G^T   (k x k).
+
+It keeps two small float64 matrices whatever the window's storage dtype: the Gram matrix
+S = G G^T and the inverse K^-1. Pushing a gradient into slot j changes one row and one column of
+S; K^-1 then changes by a symmetric rank-2 correction (remove the old row by a Schur-complement
+downdate, border with the new one), done in O(k^2) instead of the O(k^3) refactorisation of the
+published algorithm. K^-1 is rebuilt from S every ``refactor_every`` pushes, and whenever a pivot
+loses positivity, so round-off cannot drift; the rebuild costs O(k^3) and no pass over G. While the
+window is filling the shift k*damp changes with every push, which no low-rank update captures, so
+each of the first ``window`` pushes rebuilds K^-1 (O(k^3) with k growing to ``window``).
+
+``push_ihvp(g)`` reads the window exactly twice: one G g (which gives both the new row of S and
+the right-hand side) and one G^T a fused with the scaling. All products G x go through
+``_window_dots``, the single place where a sharded window would all-reduce an m-vector.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import FisherInverse, check_damp, check_finite, check_floating, compute_dtype
+
+__all__ = ["SlidingWindowFisherInverse"]
+
+_HALF_CHUNK_ROWS = 64  # half-precision rows upcast to float32 at a time in window products
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+class SlidingWindowFisherInverse(FisherInverse):
+    """F^-1 over the last ``window`` gradients pushed, updated in O(d*window + window^2) per push.
+
+    Args:
+        dim: d, the length of every gradient.
+        window: m, how many of the most recent gradients are kept.
+        damp: lambda > 0.
+        dtype: storage dtype of the window: float32, float64, bfloat16 or float16. Products with
+            half-precision windows accumulate in float32, and results come back in float32
+            (``dtype`` reports the result dtype, ``storage_dtype`` the window's).
+        device: where the window lives (default: the current default device).
+        refactor_every: rebuild K^-1 from scratch after this many incremental updates (default:
+            ``window``, which keeps the rebuild's amortised cost O(window^2) per push).
+
+    Memory: window*d numbers in ``dtype`` plus 2*window^2 float64 numbers.
+    Until ``window`` gradients have arrived, F is normalised by the number held, never by ``window``.
+    """
+
+    def __init__(self, dim: int, window: int, damp: float, dtype: torch.dtype = torch.float32,
+                 device=None, refactor_every: int | None = None):
+        dim = _check_positive_int("dim", dim)
+        window = _check_positive_int("window", window)
+        self._damp = check_damp(damp)
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype such as torch.float32, got {dtype!r}")
+        check_floating("dtype", dtype)
+        self._refactor_every = _check_positive_int("refactor_every", window if refactor_every is None else refactor_every)
+        self._grads = torch.zeros(window, dim, dtype=dtype, device=device)
+        self._gram = torch.zeros(window, window, dtype=torch.float64, device=self._grads.device)
+        self._kinv = torch.zeros_like(self._gram)
+        self._pushed = 0
+        self._since_refactor = 0
+
+    dim = property(lambda self: self._grads.shape[1])
+    window = property(lambda self: self._grads.shape[0], doc="m, the capacity of the window.")
+    num_grads = property(lambda self: min(self._pushed, self.window))
+    pushed = property(lambda self: self._pushed, doc="How many gradients have been pushed in total.")
+    damp = property(lambda self: self._damp)
+    device = property(lambda self: self._grads.device)
+    storage_dtype = property(lambda self: self._grads.dtype)
+    dtype = property(lambda self: compute_dtype(self._grads.dtype))
+    refactor_every = property(lambda self: self._refactor_every)
+    nbytes = property(lambda self: sum(t.numel() * t.element_size() for t in (self._grads, self._gram, self._kinv)))
+
+    # Window products: the only passes over G ------------------------------------------------------
+
+    def _window_dots(self, vectors: torch.Tensor) -> torch.Tensor:
+        """G x for x of shape (d,) or (d, n): returns (k,) or (k, n) in float64.
+
+        This is the single reduction point: with the window's columns sharded across processes,
+        each would compute its partial product here and all-reduce the small result.
+        """
+        grads = self._grads[: self.num_grads]
+        if grads.dtype == self.dtype or grads.shape[0] == 0:
+            return (grads.to(self.dtype) @ vectors).to(torch.float64)
+        parts = [chunk.to(self.dtype) @ vectors for chunk in grads.split(_HALF_CHUNK_ROWS)]
+        return torch.cat(parts).to(torch.float64)
+
+    def _window_combine(self, vectors: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+        """(x - G^T a) / damp for x of shape (d,) or (d, n) and a of shape (k,) or (k, n)."""
+        grads = self._grads[: self.num_grads]
+        coeffs = coeffs.to(self.dtype)
+        beta, alpha = 1.0 / self._damp, -1.0 / self._damp
+        product = torch.addmv if vectors.dim() == 1 else torch.addmm
+        if grads.dtype == self.dtype:
+            return product(vectors, grads.T, coeffs, beta=beta, alpha=alpha)
+        out = vectors * beta
+        for chunk, part in zip(grads.split(_HALF_CHUNK_ROWS), coeffs.split(_HALF_CHUNK_ROWS)):
+            out = product(out, chunk.to(self.dtype).T, part, alpha=alpha)
+        return out
+
+    # The m x m state ---------------------------------------------------------------------------
+
+    def _refactor(self) -> None:
+        """Rebuild K^-1 = (k*damp*I + S)^-1 from the Gram matrix: O(k^3), no pass over G."""
+        k = self.num_grads
+        kmat = self._gram[:k, :k].clone()
+        kmat.diagonal().add_(k * self._damp)
+        self._kinv.zero_()
+        self._kinv[:k, :k] = torch.cholesky_inverse(torch.linalg.cholesky(kmat))
+        self._since_refactor = 0
+
+    def _replace_row(self, slot: int, dots: torch.Tensor) -> torch.Tensor | None:
+        """Update K^-1 after row ``slot`` of a full window changed, its new dot products with the
+        window being ``dots``; return K^-1 dots, or None if a pivot says to rebuild instead.
+
+        Downdate: removing row j leaves A^-1 = P_{-j,-j} - p p^T / pi (p = P[:, j], pi = p_j).
+        Border: with b = the new row of S off the diagonal, u = A^-1 b and
+        gamma = shift + S_jj - b.u (>= shift > 0 in exact arithmetic), the new inverse is
+        A^-1 + u u^T / gamma off row j, and -u / gamma, 1 / gamma on row and column j.
+        """
+        shift = self.window * self._damp
+        kinv = self._kinv
+        p = kinv[:, slot].clone()
+        pivot = float(p[slot])
+        if not pivot > 0:
+            return None
+        off = dots.clone()
+        off[slot] = 0
+        u = kinv @ off
+        u.sub_(p, alpha=float(p @ off) / pivot)
+        u[slot] = 0
+        gamma = shift + float(dots[slot]) - float(off @ u)
+        if not gamma >= 0.5 * shift:
+            return None
+        factors = torch.stack([p, u], dim=1)
+        weights = torch.tensor([-1.0 / pivot, 1.0 / gamma], dtype=torch.float64, device=kinv.device)
+        kinv.addmm_(factors * weights, factors.T)
+        kinv[:, slot] = u * (-1.0 / gamma)
+        kinv[slot, :] = kinv[:, slot]
+        kinv[slot, slot] = 1.0 / gamma
+        # K_new^-1 dots in closed form: the row-j block of dots is b, so A^-1 b = u is already known.
+        coeffs = u * (shift / gamma)
+        coeffs[slot] = 1.0 - shift / gamma
+        return coeffs
+
+    # Public API ----------------------------------------------------------------------------------
+
+    def _check_gradient(self, g) -> torch.Tensor:
+        if not isinstance(g, torch.Tensor):
+            raise TypeError(f"g must be a torch.Tensor of shape ({self.dim},), got {type(g).__name__}")
+        if g.shape != (self.dim,):
+            raise ValueError(f"g must have shape ({self.dim},) to match the window's dim, got {tuple(g.shape)}")
+        check_floating("g", g.dtype)
+        if g.device != self.device:
+            raise ValueError(f"g is on {g.device} but the window lives on {self.device}; move it with .to('{self.device}')")
+        check_finite("g", g)
+        return g
+
+    def _push(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store g; return (the stored gradient in the compute dtype, K^-1 G g in float64)."""
+        g = self._check_gradient(g)
+        slot = self._pushed % self.window
+        filling = self._pushed < self.window
+        self._grads[slot] = g
+        self._pushed += 1
+        stored = self._grads[slot].to(self.dtype)
+        dots = self._window_dots(stored)
+        k = self.num_grads
+        self._gram[slot, :k] = dots
+        self._gram[:k, slot] = dots
+        coeffs = None
+        if not filling and self._since_refactor < self._refactor_every:
+            coeffs = self._replace_row(slot, dots)
+            self._since_refactor += 1
+        if coeffs is None:
+            self._refactor()
+            coeffs = self._kinv[:k, :k] @ dots
+        return stored, coeffs
+
+    def push(self, g: torch.Tensor) -> None:
+        """Replace the oldest gradient by g, shape (d,). A non-finite g raises ValueError and leaves
+        the window unchanged. Cost: one pass over the window plus O(window^2)."""
+        self._push(g)
+
+    def push_ihvp(self, g: torch.Tensor) -> torch.Tensor:
+        """Push g, then return F^-1 g with g already in the window, shape (d,), in ``dtype``.
+
+        The window's copy of g is what both the update and the product use, so with a half-precision
+        window this is F^-1 of g rounded to that precision. Cost: two passes over the window
+        (G g, then G^T a) plus amortised O(window^2).
+        """
+        stored, coeffs = self._push(g)
+        return self._window_combine(stored, coeffs)
+
+    def ihvp(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._check_vectors(x)
+        k = self.num_grads
+        vectors = x.T  # (d,) or (d, n)
+        coeffs = self._kinv[:k, :k] @ self._window_dots(vectors)
+        return self._window_combine(vectors, coeffs).T.contiguous()
+
+    def _quadratic(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """Columnwise left_c^T K^-1 right_c for (k, n) float64 blocks of G."""
+        k = self.num_grads
+        return (left * (self._kinv[:k, :k] @ right)).sum(0)
+
+    def diag(self) -> torch.Tensor:
+        """diag(F^-1) = (1 - diag(G^T K^-1 G)) / damp, shape (d,). Cost O(d window^2)."""
+        k, out = self.num_grads, torch.empty(self.dim, dtype=self.dtype, device=self.device)
+        step = max(1, (1 << 22) // max(k, 1))
+        for c0 in range(0, self.dim, step):
+            cols = self._grads[:k, c0 : c0 + step].to(torch.float64)
+            out[c0 : c0 + step] = (1.0 - self._quadratic(cols, cols)) / self._damp
+        return out
+
+    def element(self, i, j) -> torch.Tensor:
+        """[F^-1]_ij = (delta_ij - G[:, i]^T K^-1 G[:, j]) / damp. Cost O(window^2) per pair."""
+        i, j = self._check_pair(i, j)
+        k = self.num_grads
+        gi = self._grads[:k, i.reshape(-1)].to(torch.float64)
+        gj = self._grads[:k, j.reshape(-1)].to(torch.float64)
+        values = ((i.reshape(-1) == j.reshape(-1)).double() - self._quadratic(gi, gj)) / self._damp
+        return values.to(self.dtype).reshape(i.shape)
+
+    # Checkpointing -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly: window rows, Gram matrix, K^-1 and counters."""
+        return {
+            "dim": self.dim, "window": self.window, "damp": self._damp, "storage_dtype": str(self.storage_dtype),
+            "refactor_every": self._refactor_every, "pushed": self._pushed, "since_refactor": self._since_refactor,
+            "grads": self._grads.clone(), "gram": self._gram.clone(), "kinv": self._kinv.clone(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a state from ``state_dict``; later results are bitwise those of the saved object.
+
+        The window's size, dim, damp and storage dtype must match this object's (construct it with
+        the same arguments); tensors are copied without any change of dtype.
+        """
+        missing = {"dim", "window", "damp", "storage_dtype", "pushed", "since_refactor", "grads", "gram", "kinv"} - set(state)
+        if missing:
+            raise ValueError(f"state dict is missing {sorted(missing)}; pass the output of state_dict()")
+        for key, mine in (("dim", self.dim), ("window", self.window), ("damp", self._damp),
+                          ("storage_dtype", str(self.storage_dtype))):
+            if state[key] != mine:
+                raise ValueError(
+                    f"state dict has {key} = {state[key]} but this window has {key} = {mine}; construct the "
+                    f"SlidingWindowFisherInverse with the same {key} as the one that was saved"
+                )
+        if state["grads"].dtype != self.storage_dtype or state["gram"].dtype != torch.float64 \
+                or state["kinv"].dtype != torch.float64:
+            raise ValueError("state dict tensors were cast to another dtype; the window must load as saved "
+                             f"({self.storage_dtype} rows, float64 Gram and inverse)")
+        self._grads.copy_(state["grads"])
+        self._gram.copy_(state["gram"])
+        self._kinv.copy_(state["kinv"])
+        self._pushed = int(state["pushed"])
+        self._since_refactor = int(state["since_refactor"])
+        self._refactor_every = int(state.get("refactor_every", self._refactor_every))
