@@ -132,7 +132,7 @@ class FisherInverse(ABC):
 
     def column(self, j: int) -> torch.Tensor:
         """Column j of F^-1, shape (d,). Costs one ``ihvp``; subclasses override when cheaper."""
-        j = int(check_index("j", j, self.dim))
+        j = self._column_index(j)
         unit = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
         unit[j] = 1
         return self.ihvp(unit)
@@ -160,6 +160,12 @@ class FisherInverse(ABC):
                 f".to('{self.device}')"
             )
         return x.to(self.dtype)
+
+    def _column_index(self, j) -> int:
+        index = check_index("j", j, self.dim)
+        if index.numel() != 1:
+            raise ValueError(f"j must be a single column index, got {index.numel()} of them")
+        return int(index)
 
     def _check_pair(self, i, j) -> tuple[torch.Tensor, torch.Tensor]:
         i = check_index("i", i, self.dim).to(self.device)

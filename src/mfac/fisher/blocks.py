@@ -160,7 +160,7 @@ class BlockFisherInverse(FisherInverse):
         return out
 
     def column(self, j: int) -> torch.Tensor:
-        j = int(self._check_pair(j, j)[0])
+        j = self._column_index(j)
         out = torch.zeros(self._dim, dtype=self._dtype, device=self.device)
         b = next(b for b in self._batches if b.start <= j < b.stop)
         block, offset = divmod(j - b.start, b.size)

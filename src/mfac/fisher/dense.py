@@ -52,8 +52,7 @@ class DenseFisherInverse(FisherInverse):
         return self._inverse[i, j]
 
     def column(self, j: int) -> torch.Tensor:
-        j, _ = self._check_pair(j, j)
-        return self._inverse[:, int(j)].clone()
+        return self._inverse[:, self._column_index(j)].clone()
 
     def to_dense(self) -> torch.Tensor:
         return self._inverse.clone()

@@ -47,11 +47,14 @@ class SlidingWindowFisherInverse(FisherInverse):
             half-precision windows accumulate in float32, and results come back in float32
             (``dtype`` reports the result dtype, ``storage_dtype`` the window's).
         device: where the window lives (default: the current default device).
-        refactor_every: rebuild K^-1 from scratch after this many incremental updates (default:
-            ``window``, which keeps the rebuild's amortised cost O(window^2) per push).
+        refactor_every: rebuild the small inverse from scratch after this many incremental updates
+            (default: ``window``, which keeps the rebuild's amortised cost O(window^2) per push).
 
-    Memory: window*d numbers in ``dtype`` plus 2*window^2 float64 numbers.
+    Memory: window*d numbers in ``dtype`` plus 2*min(d, window)^2 float64 numbers.
     Until ``window`` gradients have arrived, F is normalised by the number held, never by ``window``.
+    When d <= window the object works with d x d matrices instead (``route == "primal"``): then
+    (k*damp*I + G^T G) is the better-conditioned matrix to invert, and also the smaller one; its
+    inverse gets a Sherman-Morrison update per push (add the new row, remove the old one).
     """
 
     def __init__(self, dim: int, window: int, damp: float, dtype: torch.dtype = torch.float32,
@@ -64,8 +67,10 @@ class SlidingWindowFisherInverse(FisherInverse):
         check_floating("dtype", dtype)
         self._refactor_every = _check_positive_int("refactor_every", window if refactor_every is None else refactor_every)
         self._grads = torch.zeros(window, dim, dtype=dtype, device=device)
-        self._gram = torch.zeros(window, window, dtype=torch.float64, device=self._grads.device)
-        self._kinv = torch.zeros_like(self._gram)
+        small = min(dim, window)
+        # dual route: G G^T and (k*damp*I + G G^T)^-1, k x k; primal route: G^T G and its shifted inverse, d x d.
+        self._gram = torch.zeros(small, small, dtype=torch.float64, device=self._grads.device)
+        self._inverse = torch.zeros_like(self._gram)
         self._pushed = 0
         self._since_refactor = 0
 
@@ -78,7 +83,9 @@ class SlidingWindowFisherInverse(FisherInverse):
     storage_dtype = property(lambda self: self._grads.dtype)
     dtype = property(lambda self: compute_dtype(self._grads.dtype))
     refactor_every = property(lambda self: self._refactor_every)
-    nbytes = property(lambda self: sum(t.numel() * t.element_size() for t in (self._grads, self._gram, self._kinv)))
+    route = property(lambda self: "primal" if self.dim <= self.window else "dual",
+                     doc="'dual' (window x window matrices, d > window) or 'primal' (d x d, d <= window).")
+    nbytes = property(lambda self: sum(t.numel() * t.element_size() for t in (self._grads, self._gram, self._inverse)))
 
     # Window products: the only passes over G ------------------------------------------------------
 
@@ -107,20 +114,28 @@ class SlidingWindowFisherInverse(FisherInverse):
             out = product(out, chunk.to(self.dtype).T, part, alpha=alpha)
         return out
 
-    # The m x m state ---------------------------------------------------------------------------
+    # The small state ----------------------------------------------------------------------------
 
-    def _refactor(self) -> None:
-        """Rebuild K^-1 = (k*damp*I + S)^-1 from the Gram matrix: O(k^3), no pass over G."""
+    def _refactor(self, exact_gram: bool = False) -> None:
+        """Rebuild the inverse of (k*damp*I + Gram) from the Gram matrix: O(min(d, k)^3).
+
+        The dual Gram is exact by construction (each entry is one dot product); the primal one is a
+        running sum of outer products, so ``exact_gram`` recomputes it from the window (O(k d^2)).
+        """
         k = self.num_grads
-        kmat = self._gram[:k, :k].clone()
-        kmat.diagonal().add_(k * self._damp)
-        self._kinv.zero_()
-        self._kinv[:k, :k] = torch.cholesky_inverse(torch.linalg.cholesky(kmat))
+        size = self.dim if self.route == "primal" else k
+        if exact_gram and self.route == "primal":
+            rows = self._grads[:k].to(torch.float64)
+            torch.mm(rows.T, rows, out=self._gram)
+        shifted = self._gram[:size, :size].clone()
+        shifted.diagonal().add_(k * self._damp)
+        self._inverse.zero_()
+        self._inverse[:size, :size] = torch.cholesky_inverse(torch.linalg.cholesky(shifted))
         self._since_refactor = 0
 
     def _replace_row(self, slot: int, dots: torch.Tensor) -> torch.Tensor | None:
-        """Update K^-1 after row ``slot`` of a full window changed, its new dot products with the
-        window being ``dots``; return K^-1 dots, or None if a pivot says to rebuild instead.
+        """Dual route: update K^-1 after row ``slot`` of a full window changed, its new dot products
+        with the window being ``dots``; return K^-1 dots, or None if a pivot says to rebuild instead.
 
         Downdate: removing row j leaves A^-1 = P_{-j,-j} - p p^T / pi (p = P[:, j], pi = p_j).
         Border: with b = the new row of S off the diagonal, u = A^-1 b and
@@ -128,7 +143,7 @@ class SlidingWindowFisherInverse(FisherInverse):
         A^-1 + u u^T / gamma off row j, and -u / gamma, 1 / gamma on row and column j.
         """
         shift = self.window * self._damp
-        kinv = self._kinv
+        kinv = self._inverse
         p = kinv[:, slot].clone()
         pivot = float(p[slot])
         if not pivot > 0:
@@ -152,6 +167,54 @@ class SlidingWindowFisherInverse(FisherInverse):
         coeffs[slot] = 1.0 - shift / gamma
         return coeffs
 
+    def _swap_outer(self, new: torch.Tensor, old: torch.Tensor) -> bool:
+        """Primal route: Sherman-Morrison for (A + new new^T - old old^T)^-1; False asks for a rebuild.
+
+        Adding first keeps the intermediate matrix well conditioned; removing divides by
+        1 - old^T A'^-1 old, the determinant ratio, which must stay clear of zero.
+        """
+        inv = self._inverse
+        for vector, sign in ((new, 1.0), (old, -1.0)):
+            w = inv @ vector
+            denom = 1.0 + sign * float(vector @ w)
+            if not denom > 1e-6:
+                return False
+            inv.addr_(w, w, alpha=-sign / denom)
+        return True
+
+    def _push(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Store g and update the state; return (the stored gradient in the compute dtype, and for
+        the dual route K^-1 G g in float64)."""
+        g = self._check_gradient(g)
+        slot = self._pushed % self.window
+        filling = self._pushed < self.window
+        rebuild = filling or self._since_refactor >= self._refactor_every
+        old = None if filling else self._grads[slot].to(torch.float64, copy=True)  # the slot is overwritten next
+        self._grads[slot] = g
+        self._pushed += 1
+        stored = self._grads[slot].to(self.dtype)
+        if self.route == "primal":
+            new = stored.to(torch.float64)
+            self._gram.addr_(new, new)
+            if old is not None:
+                self._gram.addr_(old, old, alpha=-1.0)
+            if rebuild or not self._swap_outer(new, old):
+                self._refactor(exact_gram=not filling)
+            elif not filling:
+                self._since_refactor += 1
+            return stored, None
+        dots = self._window_dots(stored)
+        k = self.num_grads
+        self._gram[slot, :k] = dots
+        self._gram[:k, slot] = dots
+        coeffs = None if rebuild else self._replace_row(slot, dots)
+        if coeffs is None:
+            self._refactor()
+            coeffs = self._inverse[:k, :k] @ dots
+        else:
+            self._since_refactor += 1
+        return stored, coeffs
+
     # Public API ----------------------------------------------------------------------------------
 
     def _check_gradient(self, g) -> torch.Tensor:
@@ -165,30 +228,9 @@ class SlidingWindowFisherInverse(FisherInverse):
         check_finite("g", g)
         return g
 
-    def _push(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store g; return (the stored gradient in the compute dtype, K^-1 G g in float64)."""
-        g = self._check_gradient(g)
-        slot = self._pushed % self.window
-        filling = self._pushed < self.window
-        self._grads[slot] = g
-        self._pushed += 1
-        stored = self._grads[slot].to(self.dtype)
-        dots = self._window_dots(stored)
-        k = self.num_grads
-        self._gram[slot, :k] = dots
-        self._gram[:k, slot] = dots
-        coeffs = None
-        if not filling and self._since_refactor < self._refactor_every:
-            coeffs = self._replace_row(slot, dots)
-            self._since_refactor += 1
-        if coeffs is None:
-            self._refactor()
-            coeffs = self._kinv[:k, :k] @ dots
-        return stored, coeffs
-
     def push(self, g: torch.Tensor) -> None:
         """Replace the oldest gradient by g, shape (d,). A non-finite g raises ValueError and leaves
-        the window unchanged. Cost: one pass over the window plus O(window^2)."""
+        the window unchanged. Cost: one pass over the window plus amortised O(window^2)."""
         self._push(g)
 
     def push_ihvp(self, g: torch.Tensor) -> torch.Tensor:
@@ -199,22 +241,35 @@ class SlidingWindowFisherInverse(FisherInverse):
         (G g, then G^T a) plus amortised O(window^2).
         """
         stored, coeffs = self._push(g)
+        if coeffs is None:
+            return self._primal_apply(stored)
         return self._window_combine(stored, coeffs)
+
+    def _primal_apply(self, x: torch.Tensor) -> torch.Tensor:
+        """F^-1 x = k (k*damp*I + G^T G)^-1 x for x of shape (d,) or (n, d) (the inverse is symmetric)."""
+        k = max(self.num_grads, 1)
+        return (x.to(torch.float64) @ self._inverse * k).to(self.dtype) if self.num_grads else x / self._damp
 
     def ihvp(self, x: torch.Tensor) -> torch.Tensor:
         x = self._check_vectors(x)
+        if self.route == "primal":
+            return self._primal_apply(x)
         k = self.num_grads
-        vectors = x.T  # (d,) or (d, n)
-        coeffs = self._kinv[:k, :k] @ self._window_dots(vectors)
-        return self._window_combine(vectors, coeffs).T.contiguous()
+        vectors = x.mT if x.dim() == 2 else x  # (d,) or (d, n)
+        coeffs = self._inverse[:k, :k] @ self._window_dots(vectors)
+        out = self._window_combine(vectors, coeffs)
+        return out.mT.contiguous() if x.dim() == 2 else out
 
     def _quadratic(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-        """Columnwise left_c^T K^-1 right_c for (k, n) float64 blocks of G."""
+        """Dual route: columnwise left_c^T K^-1 right_c for (k, n) float64 blocks of G."""
         k = self.num_grads
-        return (left * (self._kinv[:k, :k] @ right)).sum(0)
+        return (left * (self._inverse[:k, :k] @ right)).sum(0)
 
     def diag(self) -> torch.Tensor:
-        """diag(F^-1) = (1 - diag(G^T K^-1 G)) / damp, shape (d,). Cost O(d window^2)."""
+        """diag(F^-1), shape (d,). Cost O(d window^2) (dual route), O(d) (primal route)."""
+        if self.route == "primal":
+            return self._primal_apply(torch.eye(self.dim, dtype=torch.float64, device=self.device)).diagonal().clone() \
+                if self.num_grads else torch.full((self.dim,), 1.0 / self._damp, dtype=self.dtype, device=self.device)
         k, out = self.num_grads, torch.empty(self.dim, dtype=self.dtype, device=self.device)
         step = max(1, (1 << 22) // max(k, 1))
         for c0 in range(0, self.dim, step):
@@ -226,9 +281,13 @@ class SlidingWindowFisherInverse(FisherInverse):
         """[F^-1]_ij = (delta_ij - G[:, i]^T K^-1 G[:, j]) / damp. Cost O(window^2) per pair."""
         i, j = self._check_pair(i, j)
         k = self.num_grads
+        delta = (i == j).to(torch.float64)
+        if self.route == "primal":
+            values = self._inverse[i, j] * k if k else delta / self._damp
+            return values.to(self.dtype)
         gi = self._grads[:k, i.reshape(-1)].to(torch.float64)
         gj = self._grads[:k, j.reshape(-1)].to(torch.float64)
-        values = ((i.reshape(-1) == j.reshape(-1)).double() - self._quadratic(gi, gj)) / self._damp
+        values = (delta.reshape(-1) - self._quadratic(gi, gj)) / self._damp
         return values.to(self.dtype).reshape(i.shape)
 
     # Checkpointing -------------------------------------------------------------------------------
@@ -238,7 +297,7 @@ class SlidingWindowFisherInverse(FisherInverse):
         return {
             "dim": self.dim, "window": self.window, "damp": self._damp, "storage_dtype": str(self.storage_dtype),
             "refactor_every": self._refactor_every, "pushed": self._pushed, "since_refactor": self._since_refactor,
-            "grads": self._grads.clone(), "gram": self._gram.clone(), "kinv": self._kinv.clone(),
+            "grads": self._grads.clone(), "gram": self._gram.clone(), "inverse": self._inverse.clone(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -247,7 +306,7 @@ class SlidingWindowFisherInverse(FisherInverse):
         The window's size, dim, damp and storage dtype must match this object's (construct it with
         the same arguments); tensors are copied without any change of dtype.
         """
-        missing = {"dim", "window", "damp", "storage_dtype", "pushed", "since_refactor", "grads", "gram", "kinv"} - set(state)
+        missing = {"dim", "window", "damp", "storage_dtype", "pushed", "since_refactor", "grads", "gram", "inverse"} - set(state)
         if missing:
             raise ValueError(f"state dict is missing {sorted(missing)}; pass the output of state_dict()")
         for key, mine in (("dim", self.dim), ("window", self.window), ("damp", self._damp),
@@ -258,12 +317,12 @@ class SlidingWindowFisherInverse(FisherInverse):
                     f"SlidingWindowFisherInverse with the same {key} as the one that was saved"
                 )
         if state["grads"].dtype != self.storage_dtype or state["gram"].dtype != torch.float64 \
-                or state["kinv"].dtype != torch.float64:
+                or state["inverse"].dtype != torch.float64:
             raise ValueError("state dict tensors were cast to another dtype; the window must load as saved "
                              f"({self.storage_dtype} rows, float64 Gram and inverse)")
         self._grads.copy_(state["grads"])
         self._gram.copy_(state["gram"])
-        self._kinv.copy_(state["kinv"])
+        self._inverse.copy_(state["inverse"])
         self._pushed = int(state["pushed"])
         self._since_refactor = int(state["since_refactor"])
         self._refactor_every = int(state.get("refactor_every", self._refactor_every))

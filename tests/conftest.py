@@ -1,0 +1,50 @@
+"""Shared references for the tests: dense float64 inverses and condition-scaled tolerances."""
+
+import pytest
+import torch
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Parametrising over this list keeps the CUDA cases visible (as skips) on machines without a GPU.
+ALL_DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+]
+
+
+def dense_fisher(grads: torch.Tensor, damp: float) -> torch.Tensor:
+    """F = damp*I + G^T G / m in float64 (m = rows of grads; F = damp*I when there are none)."""
+    g = grads.double().cpu()
+    m, d = g.shape
+    return damp * torch.eye(d, dtype=torch.float64) + g.T @ g / max(m, 1)
+
+
+def block_dense_fisher(grads: torch.Tensor, damp: float, block_size: int) -> torch.Tensor:
+    """Block-diagonal reference: F restricted to blocks of consecutive coordinates, zero elsewhere."""
+    d = grads.shape[1]
+    out = torch.zeros(d, d, dtype=torch.float64)
+    for start in range(0, d, block_size):
+        stop = min(start + block_size, d)
+        out[start:stop, start:stop] = dense_fisher(grads[:, start:stop], damp)
+    return out
+
+
+def solve(fisher: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """F^-1 rhs for rhs (d,) or (d, n) by a float64 Cholesky solve: backward stable, so accurate to
+    eps * cond(F) even where rhs lies along F's large eigenvalues (a product with an explicit
+    inverse is not)."""
+    lower = torch.linalg.cholesky(fisher)
+    return torch.cholesky_solve(rhs.double().cpu().reshape(fisher.shape[0], -1), lower).reshape(rhs.shape)
+
+
+def tolerance(fisher: torch.Tensor, dtype: torch.dtype) -> float:
+    """Relative error a backward-stable method may show: a floor of 1e-10 (float64) or 1e-4
+    (float32 and lower), raised to 100 * eps * cond(F) when F is ill-conditioned."""
+    eigs = torch.linalg.eigvalsh(fisher)
+    cond = float(eigs[-1] / eigs[0])
+    floor = 1e-10 if dtype == torch.float64 else 1e-4
+    return max(floor, 100 * torch.finfo(dtype).eps * cond)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    return float((actual - expected).norm() / expected.norm().clamp_min(1e-300))

@@ -1,0 +1,121 @@
+"""Bad input gets a clear error naming the argument, and never changes an object's state."""
+
+import pytest
+import torch
+
+from mfac.fisher import BlockFisherInverse, DenseFisherInverse, SlidingWindowFisherInverse, StaticFisherInverse
+
+GOOD = torch.randn(4, 10)
+BUILDERS = {
+    "dense": lambda g, damp=1e-2: DenseFisherInverse(g, damp),
+    "static": lambda g, damp=1e-2: StaticFisherInverse(g, damp),
+    "block": lambda g, damp=1e-2: BlockFisherInverse(g, damp, 3),
+}
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_gradient_matrix_checks(name):
+    build = BUILDERS[name]
+    with pytest.raises(ValueError, match=r"grads must have shape \(m, d\)"):
+        build(torch.randn(10))
+    with pytest.raises(ValueError, match="grads"):
+        build(torch.randn(2, 3, 4))
+    with pytest.raises(TypeError, match="grads must have a floating dtype"):
+        build(torch.ones(4, 10, dtype=torch.int64))
+    with pytest.raises(TypeError, match="grads must be a torch.Tensor"):
+        build([[1.0, 2.0]])
+    for bad in (float("nan"), float("inf")):
+        poisoned = GOOD.clone()
+        poisoned[1, 2] = bad
+        with pytest.raises(ValueError, match="grads contains NaN or Inf"):
+            build(poisoned)
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+@pytest.mark.parametrize("damp", [0.0, -1e-3, float("nan"), float("inf")])
+def test_damp_must_be_positive_and_finite(name, damp):
+    with pytest.raises(ValueError, match="damp"):
+        BUILDERS[name](GOOD, damp)
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_damp_type(name):
+    with pytest.raises(TypeError, match="damp"):
+        BUILDERS[name](GOOD, "1e-3")
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_query_checks(name):
+    obj = BUILDERS[name](GOOD)
+    with pytest.raises(ValueError, match=r"x must have shape \(10,\) or \(k, 10\)"):
+        obj.ihvp(torch.randn(11))
+    with pytest.raises(ValueError, match="x must have shape"):
+        obj.ihvp(torch.randn(2, 3, 10))
+    with pytest.raises(TypeError, match="x must have a floating dtype"):
+        obj.ihvp(torch.ones(10, dtype=torch.int32))
+    with pytest.raises(IndexError, match="j has entries outside"):
+        obj.column(10)
+    with pytest.raises(IndexError, match="i has entries outside"):
+        obj.element(-1, 0)
+    with pytest.raises(ValueError, match="same shape"):
+        obj.element(torch.tensor([0, 1]), torch.tensor([0]))
+    with pytest.raises(TypeError, match="integer"):
+        obj.element(torch.tensor([0.5]), torch.tensor([0]))
+
+
+def test_block_size_checks():
+    for bad in (0, -3, 2.5, True, None):
+        with pytest.raises(ValueError, match="block_size must be an int >= 1"):
+            BlockFisherInverse(GOOD, 1e-2, bad)
+
+
+def test_window_constructor_checks():
+    with pytest.raises(ValueError, match="dim must be an int >= 1"):
+        SlidingWindowFisherInverse(0, 4, 1e-2)
+    with pytest.raises(ValueError, match="window must be an int >= 1"):
+        SlidingWindowFisherInverse(10, 0, 1e-2)
+    with pytest.raises(ValueError, match="damp"):
+        SlidingWindowFisherInverse(10, 4, 0.0)
+    with pytest.raises(TypeError, match="dtype must have a floating dtype"):
+        SlidingWindowFisherInverse(10, 4, 1e-2, dtype=torch.int64)
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
+        SlidingWindowFisherInverse(10, 4, 1e-2, dtype="float32")
+    with pytest.raises(ValueError, match="refactor_every"):
+        SlidingWindowFisherInverse(10, 4, 1e-2, refactor_every=0)
+
+
+def test_window_push_checks_leave_state_unchanged():
+    win = SlidingWindowFisherInverse(10, 4, 1e-2)
+    win.push(torch.randn(10))
+    before = win.state_dict()
+    with pytest.raises(ValueError, match=r"g must have shape \(10,\)"):
+        win.push(torch.randn(9))
+    with pytest.raises(ValueError, match=r"g must have shape \(10,\)"):
+        win.push(torch.randn(1, 10))
+    with pytest.raises(TypeError, match="g must have a floating dtype"):
+        win.push(torch.ones(10, dtype=torch.int64))
+    with pytest.raises(TypeError, match="g must be a torch.Tensor"):
+        win.push_ihvp([0.0] * 10)
+    after = win.state_dict()
+    assert after["pushed"] == before["pushed"] == 1
+    assert torch.equal(after["grads"], before["grads"]) and torch.equal(after["inverse"], before["inverse"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_device_mismatch_is_named():
+    obj = StaticFisherInverse(GOOD.cuda(), 1e-2)
+    with pytest.raises(ValueError, match="x is on cpu"):
+        obj.ihvp(torch.randn(10))
+
+
+def test_import_has_no_global_side_effects():
+    import subprocess
+    import sys
+
+    code = ("import torch; before = (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision(), "
+            "torch.get_default_dtype()); import logging; handlers = len(logging.getLogger().handlers); import mfac; "
+            "after = (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision(), "
+            "torch.get_default_dtype()); assert before == after; assert len(logging.getLogger().handlers) == handlers")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""

@@ -1,0 +1,176 @@
+"""The sliding-window Fisher inverse against the dense inverse of its last `window` gradients."""
+
+import pytest
+import torch
+
+from conftest import ALL_DEVICES, dense_fisher, rel_err, solve, tolerance
+from mfac.fisher import SlidingWindowFisherInverse
+from test_fisher_static import check_against
+
+
+def stream(n, d, seed=0, dtype=torch.float64, scales=None):
+    gen = torch.Generator().manual_seed(seed)
+    grads = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    if scales is not None:
+        grads = grads * scales
+    return grads.to(dtype)
+
+
+@pytest.mark.parametrize("d,window,refactor_every", [(30, 6, 3), (30, 6, None), (5, 12, 4), (1, 3, None),
+                                                     (17, 1, None)])
+@pytest.mark.parametrize("damp", [1e-6, 1e-1])
+def test_every_push_matches_dense_inverse_of_last_window(d, window, refactor_every, damp):
+    grads = stream(5 * window + 3, d)
+    win = SlidingWindowFisherInverse(d, window, damp, dtype=torch.float64, refactor_every=refactor_every)
+    for t, g in enumerate(grads):
+        held = grads[max(0, t + 1 - window): t + 1]
+        fisher = dense_fisher(held, damp)
+        tol = tolerance(fisher, torch.float64)
+        out = win.push_ihvp(g)
+        assert win.num_grads == len(held)
+        assert rel_err(out, solve(fisher, g)) <= tol, t
+    check_against(win, fisher, tol)
+
+
+@pytest.mark.parametrize("d,window,route", [(40, 8, "dual"), (6, 10, "primal")])
+def test_incremental_updates_stay_accurate_over_long_streams(d, window, route):
+    """With rebuilds only every 1000 updates, 40 windows of rank-2 updates on an ill-conditioned
+    stream (gradient scales spanning 1e3) still match the dense inverse."""
+    damp = 1e-4
+    scales = torch.logspace(-1.5, 1.5, d, dtype=torch.float64)
+    grads = stream(40 * window, d, seed=3, scales=scales)
+    win = SlidingWindowFisherInverse(d, window, damp, dtype=torch.float64, refactor_every=1000)
+    assert win.route == route
+    for g in grads:
+        win.push(g)
+    held = grads[-window:]
+    assert win.refactor_every == 1000
+    fisher = dense_fisher(held, damp)
+    check_against(win, fisher, tolerance(fisher, torch.float64))
+
+
+def test_normalises_by_gradients_held_while_filling():
+    g = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    win = SlidingWindowFisherInverse(2, 100, 0.5, dtype=torch.float64)
+    out = win.push_ihvp(g)
+    # F = 0.5 I + g g^T (k = 1, not 100): F g = (0.5 + 25) g, so F^-1 g = g / 25.5
+    assert torch.allclose(out, g / 25.5, rtol=1e-14, atol=0)
+
+
+def test_empty_window_is_scaled_identity():
+    win = SlidingWindowFisherInverse(4, 3, 0.25, dtype=torch.float64)
+    x = torch.arange(4, dtype=torch.float64)
+    assert win.num_grads == 0
+    assert torch.equal(win.ihvp(x), x * 4)
+    assert torch.equal(win.diag(), torch.full((4,), 4.0, dtype=torch.float64))
+
+
+def test_all_zero_and_duplicate_gradients_give_no_nan():
+    d, window, damp = 6, 4, 1e-3
+    win = SlidingWindowFisherInverse(d, window, damp, dtype=torch.float64)
+    g = torch.randn(d, dtype=torch.float64)
+    pushes = [torch.zeros(d, dtype=torch.float64)] * 5 + [g] * 6 + [torch.zeros(d, dtype=torch.float64)] * 3
+    for t, x in enumerate(pushes):
+        out = win.push_ihvp(x)
+        assert torch.isfinite(out).all()
+        held = torch.stack(pushes[max(0, t + 1 - window): t + 1])
+        fisher = dense_fisher(held, damp)
+        check_against(win, fisher, tolerance(fisher, torch.float64))
+
+
+def test_float32_window_matches_float64_reference():
+    d, window, damp = 50, 10, 1e-1
+    grads = stream(3 * window, d, dtype=torch.float32) / 7
+    win = SlidingWindowFisherInverse(d, window, damp)
+    assert win.dtype == win.storage_dtype == torch.float32
+    for g in grads:
+        out = win.push_ihvp(g)
+    fisher = dense_fisher(grads[-window:], damp)
+    assert out.dtype == torch.float32
+    assert rel_err(out, solve(fisher, grads[-1])) <= 1e-4
+    check_against(win, fisher, 1e-4)
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16])
+def test_half_precision_window_accumulates_in_float32(storage):
+    """The window stores rounded gradients; F is the Fisher of the rounded rows, computed in float32."""
+    d, window, damp = 300, 8, 1e-1
+    grads = stream(2 * window + 1, d, dtype=torch.float32) / 10
+    win = SlidingWindowFisherInverse(d, window, damp, dtype=storage)
+    assert (win.storage_dtype, win.dtype) == (storage, torch.float32)
+    for g in grads:
+        out = win.push_ihvp(g)
+    rounded = grads.to(storage).double()
+    fisher = dense_fisher(rounded[-window:], damp)
+    assert out.dtype == torch.float32
+    assert rel_err(out, solve(fisher, rounded[-1])) <= 1e-4
+    check_against(win, fisher, 1e-4)
+
+
+def test_state_dict_round_trip_is_bitwise():
+    d, window = 25, 5
+    grads = stream(4 * window, d, seed=7, dtype=torch.float32)
+    original = SlidingWindowFisherInverse(d, window, 1e-3, refactor_every=3)
+    for g in grads[:7]:
+        original.push(g)
+    state = original.state_dict()
+    restored = SlidingWindowFisherInverse(d, window, 1e-3, refactor_every=3)
+    restored.load_state_dict(state)
+    probe = torch.randn(d)
+    assert torch.equal(original.ihvp(probe), restored.ihvp(probe))
+    for g in grads[7:]:
+        assert torch.equal(original.push_ihvp(g), restored.push_ihvp(g))
+    assert torch.equal(original.diag(), restored.diag())
+
+
+def test_state_dict_is_a_snapshot():
+    win = SlidingWindowFisherInverse(3, 2, 1e-2)
+    win.push(torch.ones(3))
+    state = win.state_dict()
+    win.push(torch.arange(3.0))
+    assert state["pushed"] == 1 and torch.equal(state["grads"][1], torch.zeros(3))
+
+
+def test_load_state_dict_rejects_mismatches():
+    win = SlidingWindowFisherInverse(10, 4, 1e-2)
+    win.push(torch.randn(10))
+    state = win.state_dict()
+    with pytest.raises(ValueError, match="dim"):
+        SlidingWindowFisherInverse(11, 4, 1e-2).load_state_dict(state)
+    with pytest.raises(ValueError, match="window"):
+        SlidingWindowFisherInverse(10, 5, 1e-2).load_state_dict(state)
+    with pytest.raises(ValueError, match="storage_dtype"):
+        SlidingWindowFisherInverse(10, 4, 1e-2, dtype=torch.float64).load_state_dict(state)
+    cast = dict(state, inverse=state["inverse"].float())
+    target = SlidingWindowFisherInverse(10, 4, 1e-2)
+    with pytest.raises(ValueError, match="cast"):
+        target.load_state_dict(cast)
+    assert target.num_grads == 0  # a failed load changes nothing
+    with pytest.raises(ValueError, match="missing"):
+        target.load_state_dict({"dim": 10})
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_gradient_is_rejected_and_window_unchanged(bad):
+    win = SlidingWindowFisherInverse(6, 3, 1e-2)
+    for g in stream(4, 6, dtype=torch.float32):
+        win.push(g)
+    before = win.state_dict()
+    poisoned = torch.randn(6)
+    poisoned[2] = bad
+    with pytest.raises(ValueError, match="non-finite|NaN"):
+        win.push_ihvp(poisoned)
+    after = win.state_dict()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]) if isinstance(value, torch.Tensor) else value == after[key], key
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+def test_window_on_device(device):
+    d, window, damp = 64, 6, 1e-2
+    grads = stream(3 * window, d, seed=5).to(device)
+    win = SlidingWindowFisherInverse(d, window, damp, dtype=torch.float64, device=device)
+    for g in grads:
+        out = win.push_ihvp(g)
+    assert out.device.type == device
+    check_against(win, dense_fisher(grads[-window:], damp), 1e-9)
