@@ -174,3 +174,34 @@ def test_window_on_device(device):
         out = win.push_ihvp(g)
     assert out.device.type == device
     check_against(win, dense_fisher(grads[-window:], damp), 1e-9)
+
+
+@pytest.mark.parametrize("d,window", [(30, 6), (4, 9)])
+@pytest.mark.parametrize("held,n", [(0, 3), (2, 6), (4, 20)])
+def test_extend_equals_pushing_one_at_a_time(d, window, held, n):
+    grads = stream(held + n + 4, d, seed=11)
+    one, batch = (SlidingWindowFisherInverse(d, window, 1e-3, dtype=torch.float64) for _ in range(2))
+    for g in grads[:held]:
+        one.push(g)
+        batch.push(g)
+    for g in grads[held: held + n]:
+        one.push(g)
+    batch.extend(grads[held: held + n])
+    assert (batch.num_grads, batch.pushed) == (one.num_grads, one.pushed)
+    assert torch.equal(batch.state_dict()["grads"], one.state_dict()["grads"])  # same ring positions
+    for g in grads[held + n:]:  # and the two keep agreeing afterwards
+        assert rel_err(batch.push_ihvp(g), one.push_ihvp(g)) <= 1e-9
+    k = min(window, held + n + 4)
+    fisher = dense_fisher(grads[-k:], 1e-3)
+    check_against(batch, fisher, tolerance(fisher, torch.float64))
+
+
+def test_extend_rejects_non_finite_batch_whole():
+    win = SlidingWindowFisherInverse(5, 3, 1e-2)
+    bad = torch.randn(4, 5)
+    bad[3, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        win.extend(bad)
+    assert win.pushed == 0
+    with pytest.raises(ValueError, match=r"shape \(n, 5\)"):
+        win.extend(torch.randn(5))

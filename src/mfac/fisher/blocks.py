@@ -134,11 +134,12 @@ class BlockFisherInverse(FisherInverse):
         rows = x.reshape(-1, self._dim)
         out = torch.empty_like(rows)
         for b in self._batches:
-            # (k, count*size) -> (count, size, k): one batched product per batch of blocks.
-            xb = rows[:, b.start : b.stop].reshape(-1, b.count, b.size).permute(1, 2, 0)
-            coeffs = torch.bmm(b.factor, xb)
-            yb = torch.baddbmm(xb, b.factor.transpose(1, 2), coeffs, beta=b.alpha, alpha=b.scale)
-            out[:, b.start : b.stop] = yb.permute(2, 0, 1).reshape(-1, b.count * b.size)
+            # (k, count*size) -> (count, k, size): vectors as rows, which batched kernels handle
+            # markedly faster than batched matrix-vector products.
+            xb = rows[:, b.start : b.stop].reshape(-1, b.count, b.size).transpose(0, 1)
+            coeffs = torch.bmm(xb, b.factor.transpose(1, 2))
+            yb = torch.baddbmm(xb, coeffs, b.factor, beta=b.alpha, alpha=b.scale)
+            out[:, b.start : b.stop] = yb.transpose(0, 1).reshape(-1, b.count * b.size)
         return out.reshape(x.shape)
 
     def diag(self) -> torch.Tensor:
