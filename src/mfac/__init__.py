@@ -11,10 +11,12 @@ from .fisher import (
     SlidingWindowFisherInverse,
     StaticFisherInverse,
 )
+from .optim import MFAC
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MFAC",
     "FisherInverse",
     "DenseFisherInverse",
     "StaticFisherInverse",

@@ -1,0 +1,110 @@
+"""Data sets for examples, tests and benchmarks, as tensors.
+
+* Bundled with scikit-learn (no download; ``pip install mfac[examples]``): ``digits`` (8x8 images,
+  10 classes, 1,797 samples) and ``breast_cancer`` (30 features, 2 classes, 569 samples).
+* Readers for files a user already has: MNIST IDX files and a CIFAR-10 ``.npz`` (``x`` uint8
+  (n, 32, 32, 3), ``y`` uint8 (n,)).
+
+Every loader returns float32 inputs and int64 labels on the CPU.
+"""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["Split", "load_digits", "load_breast_cancer", "read_mnist_idx", "read_cifar_npz", "batches"]
+
+
+@dataclass
+class Split:
+    """A train/test split: inputs (n, ...) float32 and targets (n,) int64."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+    @property
+    def num_classes(self) -> int:
+        return int(torch.cat([self.train_y, self.test_y]).max()) + 1
+
+
+def _sklearn_dataset(name: str):
+    try:
+        import sklearn.datasets
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(f"the {name} data set ships with scikit-learn: pip install 'mfac[examples]'") from error
+    return getattr(sklearn.datasets, f"load_{name}")()
+
+
+def _split(x: torch.Tensor, y: torch.Tensor, test_fraction: float, seed: int) -> Split:
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    n_test = int(round(len(x) * test_fraction))
+    test, train = order[:n_test], order[n_test:]
+    return Split(x[train], y[train], x[test], y[test])
+
+
+def load_digits(test_fraction: float = 0.25, seed: int = 0, images: bool = False) -> Split:
+    """scikit-learn's digits, pixels scaled to [0, 1]: inputs (n, 64), or (n, 1, 8, 8) with ``images``."""
+    data = _sklearn_dataset("digits")
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    if images:
+        x = x.reshape(-1, 1, 8, 8)
+    return _split(x, torch.tensor(data.target, dtype=torch.int64), test_fraction, seed)
+
+
+def load_breast_cancer(test_fraction: float = 0.25, seed: int = 0) -> Split:
+    """scikit-learn's breast-cancer data, standardised with the training split's mean and std."""
+    data = _sklearn_dataset("breast_cancer")
+    split = _split(torch.tensor(data.data, dtype=torch.float32), torch.tensor(data.target, dtype=torch.int64),
+                   test_fraction, seed)
+    mean, std = split.train_x.mean(0), split.train_x.std(0).clamp_min(1e-8)
+    split.train_x, split.test_x = (split.train_x - mean) / std, (split.test_x - mean) / std
+    return split
+
+
+def read_mnist_idx(images_path: str | Path, labels_path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST from IDX files (gzip or not): images (n, 1, 28, 28) in [0, 1], labels (n,)."""
+    def read(path, offset):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such MNIST file: {path}")
+        raw = path.read_bytes()
+        raw = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+        return torch.frombuffer(bytearray(raw[offset:]), dtype=torch.uint8)
+
+    images = read(images_path, 16).reshape(-1, 1, 28, 28).float() / 255.0
+    labels = read(labels_path, 8).long()
+    if len(images) != len(labels):
+        raise ValueError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
+    return images, labels
+
+
+def read_cifar_npz(path: str | Path, mean=(0.491, 0.482, 0.447), std=(0.247, 0.243, 0.262)):
+    """CIFAR-10 from an .npz with ``x`` (n, 32, 32, 3) uint8 and ``y`` (n,): images (n, 3, 32, 32)
+    normalised per channel with ``mean``/``std`` (the published ResNet-20's), labels (n,)."""
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such CIFAR file: {path}")
+    with np.load(path) as data:
+        x = torch.from_numpy(data["x"]).permute(0, 3, 1, 2).float() / 255.0
+        y = torch.from_numpy(data["y"]).long()
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    return x, y
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator | None = None):
+    """Yield shuffled (inputs, targets) mini-batches forever (one epoch after another)."""
+    while True:
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x) - batch_size + 1, batch_size):
+            index = order[start: start + batch_size]
+            yield x[index], y[index]
