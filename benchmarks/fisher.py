@@ -31,13 +31,20 @@ DAMP = 1e-4
 
 
 def median_time(fn, reps: int) -> float:
-    fn()  # warm-up
-    times = []
+    return median_times([fn], reps)[0]
+
+
+def median_times(fns, reps: int) -> list[float]:
+    """Median seconds of each function, timed in alternation so that they share the machine's noise."""
+    for fn in fns:
+        fn()  # warm-up
+    times = [[] for _ in fns]
     for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, bucket in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return [statistics.median(bucket) for bucket in times]
 
 
 def once(fn) -> tuple[float, object]:
@@ -46,13 +53,14 @@ def once(fn) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def rebuild_every_push(win: SlidingWindowFisherInverse, gram: torch.Tensor, g: torch.Tensor, slot: int):
-    """The published per-push cost model: new row of the Gram matrix, then a fresh m x m Cholesky."""
-    grads = win._grads  # the same window storage the incremental path reads
-    grads[slot] = g
+def rebuild_every_push(grads: torch.Tensor, gram: torch.Tensor, g: torch.Tensor, slot: int):
+    """The published per-push cost model: new row of the Gram matrix, then a fresh m x m Cholesky.
+    (It leaves the window's rows and the saved Gram matrix alone, so that it can be timed in
+    alternation with push_ihvp; writing the row would cost one more pass over d.)"""
     dots = torch.mv(grads, g).double()
-    gram[slot], gram[:, slot] = dots, dots
+    dots[slot] = float(g @ g)  # as if g had replaced row `slot`
     kmat = gram.clone()
+    kmat[slot], kmat[:, slot] = dots, dots
     kmat.diagonal().add_(grads.shape[0] * DAMP)
     coeffs = torch.cholesky_solve(dots[:, None], torch.linalg.cholesky(kmat))[:, 0].float()
     return torch.addmv(g, grads.T, coeffs, beta=1 / DAMP, alpha=-1 / DAMP)
@@ -64,19 +72,21 @@ def measure(d: int, m: int, reps: int) -> dict:
     probes = torch.randn(reps + 2, d, generator=gen)
     x, a = probes[0], torch.randn(m, generator=gen)
     row = {"d": d, "m": m}
-    row["floor"] = median_time(lambda: (torch.mv(grads, x), torch.addmv(x, grads.T, a, beta=2.0, alpha=-1.0)), reps)
-
     win = SlidingWindowFisherInverse(d, m, DAMP)
     win.extend(grads)
     del grads
     gc.collect()
+    window = win._grads  # the floor reads the very storage push_ihvp reads
     counter = iter(range(10**9))
-    row["push_ihvp"] = median_time(lambda: win.push_ihvp(probes[next(counter) % len(probes)]), reps)
-    row["window_MB"] = win.nbytes / 2**20
     gram = win.state_dict()["gram"]
-    row["rebuild"] = median_time(lambda: rebuild_every_push(win, gram, probes[1], next(counter) % m), reps)
-    grads = win._grads.clone()
-    del win, gram
+    row["floor"], row["push_ihvp"], row["rebuild"] = median_times([
+        lambda: (torch.mv(window, x), torch.addmv(x, window.T, a, beta=2.0, alpha=-1.0)),
+        lambda: win.push_ihvp(probes[next(counter) % len(probes)]),
+        lambda: rebuild_every_push(window, gram, probes[1], next(counter) % m),
+    ], reps)
+    row["window_MB"] = win.nbytes / 2**20
+    grads = window.clone()
+    del win, gram, window
     gc.collect()
 
     row["static_setup"], static = once(lambda: StaticFisherInverse(grads, DAMP))

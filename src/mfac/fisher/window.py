@@ -21,6 +21,8 @@ the right-hand side) and one G^T a fused with the scaling. All products G x go t
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .base import FisherInverse, check_damp, check_finite, check_floating, compute_dtype
@@ -185,14 +187,18 @@ class SlidingWindowFisherInverse(FisherInverse):
     def _push(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Store g and update the state; return (the stored gradient in the compute dtype, and for
         the dual route K^-1 G g in float64)."""
-        g = self._check_gradient(g)
+        stored = self._check_gradient(g).to(self.storage_dtype).to(self.dtype)
+        # One dot product doubles as the finiteness check (NaN/Inf in g make it non-finite), which
+        # is cheaper than torch.isfinite's several passes over d.
+        if not math.isfinite(float(torch.dot(stored, stored))):
+            raise ValueError("g contains NaN or Inf (or its squared norm overflows); non-finite gradients "
+                             "cannot enter the window, which was left unchanged")
         slot = self._pushed % self.window
         filling = self._pushed < self.window
         rebuild = filling or self._since_refactor >= self._refactor_every
         old = None if filling else self._grads[slot].to(torch.float64, copy=True)  # the slot is overwritten next
-        self._grads[slot] = g
+        self._grads[slot] = stored
         self._pushed += 1
-        stored = self._grads[slot].to(self.dtype)
         if self.route == "primal":
             new = stored.to(torch.float64)
             self._gram.addr_(new, new)
@@ -225,7 +231,6 @@ class SlidingWindowFisherInverse(FisherInverse):
         check_floating("g", g.dtype)
         if g.device != self.device:
             raise ValueError(f"g is on {g.device} but the window lives on {self.device}; move it with .to('{self.device}')")
-        check_finite("g", g)
         return g
 
     def push(self, g: torch.Tensor) -> None:

@@ -189,7 +189,7 @@ class MFAC(Optimizer):
                 loss = closure()
         fisher = self._ensure_window()
         grad = self._gather_gradient()
-        if not bool(torch.isfinite(grad).all()):
+        if not math.isfinite(float(torch.dot(grad, grad))):  # one pass; NaN or Inf anywhere propagates
             self._skip_nonfinite()
             return loss
         direction = fisher.push_ihvp(grad)

@@ -1,0 +1,164 @@
+"""MFAC against SGD and Adam: cost of a step, and quality on bundled tasks.
+
+1. Overhead: time of one optimizer step (gradients already computed) on a ResNet-20 (0.27 M
+   weights) and a 5.8 M-weight MLP, for several window sizes, next to SGD and Adam in the same
+   run, with the ratio of MFAC's step to the window-read floor (one G g plus one G^T a on a window
+   of the same size, timed in alternation with the step) and the optimizer state's memory.
+2. Quality: three tasks on data bundled with scikit-learn (digits MLP, digits CNN, breast-cancer
+   logistic regression); each optimizer gets its learning rate from the same sweep (best mean final
+   training loss over seeds), then the final training loss and test accuracy are reported as
+   mean +- std over seeds.
+
+    python benchmarks/optimizer.py             # full (about 10 minutes on 2 cores)
+    python benchmarks/optimizer.py --quick     # a smaller version (about a minute)
+    python benchmarks/optimizer.py --part 2    # only the quality table
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from mfac import MFAC
+from mfac.data import batches, load_breast_cancer, load_digits
+from mfac.models import mlp, resnet20, small_cnn
+
+from fisher import median_times  # same folder: the alternating-median timer
+
+MEMORY_BUDGET = 8 * 2**30  # bytes of window this benchmark allows itself (the machine has 24 GB)
+
+
+# Part 1: overhead ------------------------------------------------------------------------------
+
+def overhead_rows(name: str, model: nn.Module, windows: list[int], reps: int) -> list[str]:
+    params = list(model.parameters())
+    d = sum(p.numel() for p in params)
+    gen = torch.Generator().manual_seed(0)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+    rows = []
+    baselines = {
+        "SGD (momentum 0.9)": torch.optim.SGD(params, lr=1e-9, momentum=0.9),
+        "Adam": torch.optim.Adam(params, lr=1e-9),
+    }
+    for label, opt in baselines.items():
+        opt.step()
+        seconds = median_times([opt.step], reps)[0]
+        state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+                    if isinstance(t, torch.Tensor))
+        rows.append(f"| {name} | {d:,} | {label} | - | {seconds * 1e3:.2f} | - | - | {state / 2**20:.1f} |")
+    for window in windows:
+        if window * d * 4 * 2 > MEMORY_BUDGET:
+            rows.append(f"| {name} | {d:,} | MFAC | {window} | not run: the window alone needs "
+                        f"{window * d * 4 / 2**30:.1f} GB | | | |")
+            continue
+        opt = MFAC(params, lr=1e-9, window=window, damp=1e-5, momentum=0.9, weight_decay=1e-4)
+        opt.step()  # creates the window
+        opt.fisher.extend(torch.randn(window, d, generator=gen) * 1e-2)  # steady state: a full window
+        storage = opt.fisher._grads
+        x, a = torch.randn(d, generator=gen), torch.randn(window, generator=gen)
+        floor, step = median_times([
+            lambda: (torch.mv(storage, x), torch.addmv(x, storage.T, a, beta=2.0, alpha=-1.0)),
+            opt.step,
+        ], reps)
+        state = opt.fisher.nbytes + sum(t.numel() * t.element_size() for t in (opt._flat_grad, opt._momentum))
+        rows.append(f"| {name} | {d:,} | MFAC | {window} | {step * 1e3:.2f} | {floor * 1e3:.2f} | "
+                    f"{step / floor:.2f} | {state / 2**20:.1f} |")
+        del opt, storage
+        gc.collect()
+    return rows
+
+
+def part_overhead(quick: bool) -> None:
+    print("\n## 1. Cost of one step (gradients given)\n")
+    print("| model | d | optimizer | window | step ms | floor ms | step / floor | state MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    windows = [64, 256] if quick else [64, 256, 1024]
+    torch.manual_seed(0)
+    for name, model, reps in (("ResNet-20", resnet20(), 5 if quick else 15),
+                              ("MLP 784-2048-2048-10", mlp(784, (2048, 2048)), 3 if quick else 7)):
+        for row in overhead_rows(name, model, windows, reps):
+            print(row, flush=True)
+
+
+# Part 2: quality -------------------------------------------------------------------------------
+
+def tasks(quick: bool):
+    steps = 150 if quick else 300
+    digits, images, cancer = load_digits(), load_digits(images=True), load_breast_cancer()
+    return [
+        ("digits MLP (2.4k weights)", lambda: mlp(64, (32,)), digits, steps),
+        ("digits CNN (38k weights)", small_cnn, images, steps),
+        ("breast-cancer logistic regression", lambda: nn.Linear(30, 2), cancer, steps // 2),
+    ]
+
+
+OPTIMIZERS = {
+    "SGD momentum 0.9": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9),
+    "Adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
+    "MFAC window 64, damp 1e-3": lambda params, lr: MFAC(params, lr=lr, window=64, damp=1e-3),
+    "MFAC window 64, damp 1e-4": lambda params, lr: MFAC(params, lr=lr, window=64, damp=1e-4),
+}
+
+
+def train(make_model, split, steps, make_opt, lr, seed):
+    torch.manual_seed(seed)
+    model = make_model()
+    opt = make_opt(model.parameters(), lr)
+    stream = batches(split.train_x, split.train_y, 32, torch.Generator().manual_seed(seed))
+    start = time.perf_counter()
+    for _ in range(steps):
+        x, y = next(stream)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        loss = float(nn.functional.cross_entropy(model(split.train_x), split.train_y))
+        accuracy = float((model(split.test_x).argmax(1) == split.test_y).float().mean())
+    return (loss if loss == loss else float("inf")), accuracy, seconds
+
+
+def mean_std(values):
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def part_quality(quick: bool) -> None:
+    lrs = [1e-3, 1e-2, 1e-1] if quick else [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
+    seeds = [0, 1] if quick else [0, 1, 2]
+    print(f"\n## 2. Quality (lr swept over {lrs}, {len(seeds)} seeds, batch 32)\n")
+    print("| task | optimizer | best lr | final train loss | test accuracy % | s / run |")
+    print("|---|---|---|---|---|---|")
+    for task, make_model, split, steps in tasks(quick):
+        for label, make_opt in OPTIMIZERS.items():
+            results = {lr: [train(make_model, split, steps, make_opt, lr, seed) for seed in seeds] for lr in lrs}
+            best = min(lrs, key=lambda lr: statistics.mean(r[0] for r in results[lr]))
+            loss, loss_sd = mean_std([r[0] for r in results[best]])
+            acc, acc_sd = mean_std([100 * r[1] for r in results[best]])
+            seconds = statistics.mean(r[2] for r in results[best])
+            print(f"| {task}, {steps} steps | {label} | {best:g} | {loss:.4f} +- {loss_sd:.4f} | "
+                  f"{acc:.1f} +- {acc_sd:.1f} | {seconds:.1f} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--part", type=int, choices=[1, 2], default=None, help="run only this part")
+    args = parser.parse_args()
+    print(f"# mfac optimizer benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.machine()}, {os.cpu_count()} CPUs, float32")
+    if args.part in (None, 1):
+        part_overhead(args.quick)
+    if args.part in (None, 2):
+        part_quality(args.quick)
+
+
+if __name__ == "__main__":
+    main()
