@@ -1,0 +1,134 @@
+"""Gradual pruning on the Zhu & Gupta cubic schedule, interleaved with training."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ..grads import cycle
+from .masks import MaskHandle, Masks
+from .oneshot import prune_oneshot, resolve_params
+
+__all__ = ["GradualPruner"]
+
+
+class GradualPruner:
+    """Prune a model step by step while it trains: call ``step()`` once after every
+    ``optimizer.step()``.
+
+    At steps start_step, start_step + every, ..., up to end_step, the sparsity target is
+
+        s(t) = final + (initial - final) * (1 - (t - start_step) / (end_step - start_step))^3
+
+    (``schedule="cubic"``; ``"linear"`` uses a first power), and the model is pruned to it with
+    :func:`~mfac.prune.prune_oneshot` (``method``, and any of its keyword arguments such as
+    ``num_grads``, ``damp``, ``block_size``, ``recompute`` (default 1 here), ``scope``, ``params``).
+    Between pruning steps the masks stay attached, so pruned weights are exactly zero throughout.
+
+    Args:
+        model: the model being trained (pruned in place).
+        final_sparsity: target at ``end_step``, in [0, 1).
+        start_step, end_step, every: the pruning steps (counting calls to ``step()`` from 1).
+        data, loss_fn: batches and loss for OBS gradients (cycled; not needed for magnitude).
+    """
+
+    def __init__(self, model: nn.Module, final_sparsity: float, start_step: int, end_step: int, every: int,
+                 data: Iterable | None = None, loss_fn=None, method: str = "obs", schedule: str = "cubic",
+                 initial_sparsity: float = 0.0, **prune_kwargs):
+        for name, value in (("start_step", start_step), ("end_step", end_step), ("every", every)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "every" else 0):
+                raise ValueError(f"{name} must be a non-negative int (every >= 1), got {value!r}")
+        if end_step < start_step:
+            raise ValueError(f"end_step ({end_step}) must not come before start_step ({start_step})")
+        for name, value in (("final_sparsity", final_sparsity), ("initial_sparsity", initial_sparsity)):
+            if not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        if initial_sparsity > final_sparsity:
+            raise ValueError("initial_sparsity must not exceed final_sparsity")
+        if schedule not in ("cubic", "linear"):
+            raise ValueError(f"schedule must be 'cubic' or 'linear', got {schedule!r}")
+        if method == "obs" and (data is None or loss_fn is None):
+            raise ValueError("method='obs' needs data and loss_fn; use method='magnitude' to prune without data")
+        prune_kwargs.setdefault("recompute", 1)
+        self.model = model
+        self.final_sparsity, self.initial_sparsity = float(final_sparsity), float(initial_sparsity)
+        self.start_step, self.end_step, self.every = start_step, end_step, every
+        self.schedule, self.method, self.loss_fn = schedule, method, loss_fn
+        self._data = data
+        self._prune_kwargs = prune_kwargs
+        self._batches = None
+        self._names = list(resolve_params(model, prune_kwargs.get("params")))
+        self.masks = Masks.dense({n: p for n, p in resolve_params(model, self._names).items()})
+        self._handle: MaskHandle | None = None
+        self._step = 0
+
+    @property
+    def current_step(self) -> int:
+        return self._step
+
+    @property
+    def sparsity(self) -> float:
+        """Sparsity of the pruned tensors now."""
+        return self.masks.sparsity()
+
+    def target_sparsity(self, step: int) -> float:
+        """The schedule's sparsity for ``step`` (0 before start_step, final after end_step)."""
+        if step < self.start_step:
+            return 0.0
+        if step >= self.end_step:
+            return self.final_sparsity
+        progress = (step - self.start_step) / (self.end_step - self.start_step)
+        power = 3 if self.schedule == "cubic" else 1
+        return self.final_sparsity + (self.initial_sparsity - self.final_sparsity) * (1 - progress) ** power
+
+    def _is_pruning_step(self, step: int) -> bool:
+        return self.start_step <= step <= self.end_step and (
+            (step - self.start_step) % self.every == 0 or step == self.end_step)
+
+    def step(self) -> bool:
+        """Advance one training step; prune if the schedule says so. Returns True if it pruned."""
+        self._step += 1
+        if not self._is_pruning_step(self._step):
+            return False
+        target = self.target_sparsity(self._step)
+        if target <= self.masks.sparsity() + 1e-12:
+            return False
+        if self.method == "obs" and self._batches is None:
+            self._batches = cycle(self._data)
+        self.detach()
+        data = _Once(self._batches) if self.method == "obs" else None
+        try:
+            self.masks = prune_oneshot(self.model, target, data, self.loss_fn, method=self.method,
+                                       masks=self.masks, **{**self._prune_kwargs, "params": self._names})
+        finally:
+            self._handle = self.masks.attach(self.model)
+        return True
+
+    def detach(self) -> None:
+        """Remove the masks from the model (pruned weights stay zero); ``step()`` re-attaches them."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def state_dict(self) -> dict:
+        return {"step": self._step, "masks": self.masks.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the step counter and masks, and attach the masks to the model."""
+        self.detach()
+        self.masks = Masks(state["masks"])
+        self._step = int(state["step"])
+        if self.masks.sparsity() > 0:
+            self._handle = self.masks.attach(self.model)
+
+
+class _Once:
+    """Wraps a shared endless iterator so prune_oneshot's cycle() continues it instead of restarting."""
+
+    def __init__(self, iterator):
+        self._iterator = iterator
+
+    def __iter__(self):
+        return self._iterator
