@@ -30,7 +30,7 @@ def train_mlp(inputs, targets, steps=300, seed=0):
         loss = nn.functional.cross_entropy(model(inputs), targets)
         loss.backward()
         opt.step()
-    return model, float(loss)
+    return model, float(loss.detach())
 
 
 def per_sample_gradients(model, inputs, targets):

@@ -1,0 +1,211 @@
+"""OBS (M-FAC inverse) against magnitude pruning: accuracy against sparsity, and the cost of OBS.
+
+Parts (run all by default, or pick with --part):
+  digits   an MLP (64-64-10) trained on scikit-learn's digits to ~98%, pruned one-shot to 50-95%
+           and 2:4 by magnitude, OBS without recomputation and OBS with 16 recomputations
+           (256 mini-batch gradients of 32 training samples, block 128, damp 1e-5); test accuracy.
+  resnet   the published CIFAR-10 ResNet-20 on the CIFAR-10 test set in ../shared/data: images
+           0-1999 give the gradients (256 per-sample gradients) and re-estimate BatchNorm
+           statistics after pruning; accuracy is measured on images 2000-9999. Dense reference
+           under the same protocol. (Images are taken in a seeded random order: the file is sorted
+           by class.) Skipped when the data is absent.
+  timing   wall time and peak memory of one-shot OBS on ResNet-20 to 90% (256 per-sample gradients,
+           block 128, 16 recomputations, damp 1e-3), split into gradient collection and linear algebra.
+
+Writes a PNG of the curves with --plot PATH (needs matplotlib).
+
+    python benchmarks/pruning.py [--part digits|resnet|timing] [--plot docs/pruning.png] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import mfac.prune.oneshot as oneshot
+from mfac.data import batches, load_digits, read_cifar_npz
+from mfac.models import load_resnet20_checkpoint, mlp
+from mfac.prune import prune_oneshot, recalibrate_batchnorm
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+# Chosen on the gradient split (images 0-1999 of the permutation) at 90% with 128 gradients and 4
+# recomputations: damp 1e-5 -> 17.5%, 1e-3 -> 40.0%, 1e-1 -> 38.4% (magnitude 33.3%). With a few
+# hundred per-sample gradients for 270k weights, a tiny damp trusts a rank-deficient curvature
+# estimate too far.
+RESNET_DAMP = 1e-3
+METHODS = {
+    "magnitude": dict(method="magnitude"),
+    "OBS, 1 step": dict(method="obs", recompute=1),
+    "OBS, 16 recomputations": dict(method="obs", recompute=16),
+}
+
+
+def accuracy(model, x, y, batch=500) -> float:
+    model.eval()
+    with torch.no_grad():
+        correct = sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum()) for i in range(0, len(x), batch))
+    return 100.0 * correct / len(x)
+
+
+def curve(name, model, evaluate, sparsities, prune_kwargs, after=None):
+    """Accuracy of each method at each sparsity (and 2:4); returns {method: [(label, sparsity, acc)]}."""
+    results = {}
+    for method, settings in METHODS.items():
+        points = []
+        for sparsity in list(sparsities) + ["2:4"]:
+            pruned = copy.deepcopy(model)
+            pattern = sparsity if isinstance(sparsity, str) else None
+            start = time.perf_counter()
+            masks = prune_oneshot(pruned, None if pattern else sparsity, pattern=pattern,
+                                  **{**prune_kwargs, **settings})
+            if after is not None:
+                after(pruned)
+            acc = evaluate(pruned)
+            points.append((str(sparsity), masks.sparsity(), acc))
+            print(f"| {name} | {method} | {sparsity if pattern else f'{sparsity:.0%}'} | {acc:.2f} | "
+                  f"{time.perf_counter() - start:.1f} |", flush=True)
+        results[method] = points
+    return results
+
+
+def part_digits(quick: bool):
+    split = load_digits()
+    torch.manual_seed(0)
+    model = mlp(64, (64,))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    stream = batches(split.train_x, split.train_y, 32, torch.Generator().manual_seed(0))
+    for _ in range(800):
+        x, y = next(stream)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    dense = accuracy(model, split.test_x, split.test_y)
+    print(f"\n## Digits MLP (4,736 prunable weights), dense test accuracy {dense:.2f}%\n")
+    print("| model | method | sparsity | test accuracy % | seconds |\n|---|---|---|---|---|")
+    data = [(split.train_x[i:i + 32], split.train_y[i:i + 32]) for i in range(0, len(split.train_x) - 31, 32)]
+    sparsities = [0.5, 0.8, 0.9] if quick else [0.5, 0.7, 0.8, 0.9, 0.95]
+    results = curve("digits MLP", model, lambda m: accuracy(m, split.test_x, split.test_y), sparsities,
+                    dict(data=data, loss_fn=nn.functional.cross_entropy))
+    return {"dense": dense, "curves": results}
+
+
+def cifar_protocol():
+    """The file is ordered by class, so the 2,000 images for gradients and BatchNorm statistics and
+    the 8,000 for evaluation come from one seeded random permutation (200 / 800 per class on average)."""
+    x, y = read_cifar_npz(SHARED / "cifar10_test_jpeg.npz")
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    x, y = x[order], y[order]
+    calib = [(x[i:i + 100], y[i:i + 100]) for i in range(0, 2000, 100)]
+    grads = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 2000 - 31, 32)]
+    model = load_resnet20_checkpoint(SHARED / "resnet20_cifar10.pth.tar")
+    return model, calib, grads, (x[2000:], y[2000:])
+
+
+def part_resnet(quick: bool):
+    if not (SHARED / "cifar10_test_jpeg.npz").exists():
+        print("\n(resnet part skipped: ../shared/data is not present)")
+        return None
+    model, calib, grads, (test_x, test_y) = cifar_protocol()
+    recalibrate_batchnorm(model, calib, len(calib))
+    dense = accuracy(model, test_x, test_y)
+    print(f"\n## ResNet-20 on CIFAR-10 (JPEG test copy), dense {dense:.2f}% on images 2000-9999 "
+          f"after BatchNorm re-estimation on images 0-1999\n")
+    print("| model | method | sparsity | accuracy % | seconds |\n|---|---|---|---|---|")
+    sparsities = [0.7, 0.9] if quick else [0.5, 0.7, 0.9]
+    results = curve("ResNet-20", model, lambda m: accuracy(m, test_x, test_y), sparsities,
+                    dict(data=grads, loss_fn=nn.functional.cross_entropy, per_sample=True, num_grads=256,
+                         damp=RESNET_DAMP),
+                    after=lambda m: recalibrate_batchnorm(m, calib, len(calib)))
+    return {"dense": dense, "curves": results}
+
+
+def part_timing():
+    if not (SHARED / "cifar10_test_jpeg.npz").exists():
+        print("\n(timing part skipped: ../shared/data is not present)")
+        return None
+    model, calib, grads, _ = cifar_protocol()
+    spent = {"gradients": 0.0}
+    collect = oneshot.collect_gradients
+
+    def timed_collect(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return collect(*args, **kwargs)
+        finally:
+            spent["gradients"] += time.perf_counter() - start
+
+    oneshot.collect_gradients = timed_collect
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    try:
+        masks = prune_oneshot(model, 0.9, grads, nn.functional.cross_entropy, per_sample=True, num_grads=256,
+                              block_size=128, recompute=16, damp=RESNET_DAMP)
+    finally:
+        oneshot.collect_gradients = collect
+    total = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print("\n## One-shot OBS on ResNet-20 to 90% (256 per-sample gradients, block 128, 16 recomputations)\n")
+    print("| total s | gradient collection s | linear algebra and updates s | peak RSS MB (process) | "
+          "RSS growth MB | sparsity |\n|---|---|---|---|---|---|")
+    print(f"| {total:.1f} | {spent['gradients']:.1f} | {total - spent['gradients']:.1f} | {peak / 1024:.0f} | "
+          f"{(peak - rss_before) / 1024:.0f} | {masks.sparsity():.4f} |")
+    return {"total_s": total, "gradients_s": spent["gradients"], "peak_rss_mb": peak / 1024}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(k, v) for k, v in results.items() if v is not None and "curves" in v]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (title, result) in zip(axes[0], panels):
+        for method, points in result["curves"].items():
+            unstructured = [(s, a) for label, s, a in points if label != "2:4"]
+            line, = ax.plot([100 * s for s, _ in unstructured], [a for _, a in unstructured], "o-", label=method)
+            nm = [(s, a) for label, s, a in points if label == "2:4"]
+            ax.plot([100 * s for s, _ in nm], [a for _, a in nm], "s", color=line.get_color(), markersize=9,
+                    markerfacecolor="none")
+        ax.axhline(result["dense"], color="gray", linestyle="--", label="dense")
+        ax.set_xlabel("sparsity % (open squares: 2:4)")
+        ax.set_ylabel("accuracy %")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"\nplot written to {path}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["digits", "resnet", "timing"], default=None)
+    parser.add_argument("--plot", type=Path, default=None, help="write the accuracy curves to this PNG")
+    parser.add_argument("--json", type=Path, default=None, help="write every figure to this JSON file")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    print(f"# mfac pruning benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads")
+    results = {}
+    if args.part in (None, "timing"):
+        results["timing"] = part_timing()  # first, so the process's peak memory is this run's
+    if args.part in (None, "digits"):
+        results["digits MLP"] = part_digits(args.quick)
+    if args.part in (None, "resnet"):
+        results["ResNet-20 / CIFAR-10"] = part_resnet(args.quick)
+    if args.plot:
+        plot(results, args.plot)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
