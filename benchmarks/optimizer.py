@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from mfac import MFAC
-from mfac.data import batches, load_breast_cancer, load_digits
+from mfac.data import load_breast_cancer, load_digits
 from mfac.models import mlp, resnet20, small_cnn
+from mfac.training import accuracy, mean_loss, train_classifier
 
 from fisher import median_times  # same folder: the alternating-median timer
 
@@ -117,18 +118,11 @@ def train(make_model, split, steps, make_opt, lr, seed):
     torch.manual_seed(seed)
     model = make_model()
     opt = make_opt(model.parameters(), lr)
-    stream = batches(split.train_x, split.train_y, 32, torch.Generator().manual_seed(seed))
     start = time.perf_counter()
-    for _ in range(steps):
-        x, y = next(stream)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+    train_classifier(model, split.train_x, split.train_y, opt, steps, batch_size=32, seed=seed)
     seconds = time.perf_counter() - start
-    with torch.no_grad():
-        loss = float(nn.functional.cross_entropy(model(split.train_x), split.train_y))
-        accuracy = float((model(split.test_x).argmax(1) == split.test_y).float().mean())
-    return (loss if loss == loss else float("inf")), accuracy, seconds
+    loss = mean_loss(model, split.train_x, split.train_y)
+    return (loss if loss == loss else float("inf")), accuracy(model, split.test_x, split.test_y), seconds
 
 
 def mean_std(values):

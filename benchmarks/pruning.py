@@ -30,9 +30,10 @@ import torch
 from torch import nn
 
 import mfac.prune.oneshot as oneshot
-from mfac.data import batches, load_digits, read_cifar_npz
+from mfac.data import load_digits, read_cifar_npz
 from mfac.models import load_resnet20_checkpoint, mlp
 from mfac.prune import prune_oneshot, recalibrate_batchnorm
+from mfac.training import accuracy as accuracy_fraction, train_classifier
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 # Chosen on the gradient split (images 0-1999 of the permutation) at 90% with 128 gradients and 4
@@ -47,11 +48,8 @@ METHODS = {
 }
 
 
-def accuracy(model, x, y, batch=500) -> float:
-    model.eval()
-    with torch.no_grad():
-        correct = sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum()) for i in range(0, len(x), batch))
-    return 100.0 * correct / len(x)
+def accuracy(model, x, y) -> float:
+    return 100.0 * accuracy_fraction(model, x, y)
 
 
 def curve(name, model, evaluate, sparsities, prune_kwargs, after=None):
@@ -79,13 +77,7 @@ def part_digits(quick: bool):
     split = load_digits()
     torch.manual_seed(0)
     model = mlp(64, (64,))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    stream = batches(split.train_x, split.train_y, 32, torch.Generator().manual_seed(0))
-    for _ in range(800):
-        x, y = next(stream)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+    train_classifier(model, split.train_x, split.train_y, torch.optim.Adam(model.parameters(), lr=3e-3), 800)
     dense = accuracy(model, split.test_x, split.test_y)
     print(f"\n## Digits MLP (4,736 prunable weights), dense test accuracy {dense:.2f}%\n")
     print("| model | method | sparsity | test accuracy % | seconds |\n|---|---|---|---|---|")

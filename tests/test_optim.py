@@ -269,26 +269,16 @@ def test_dtypes_and_devices(device, dtype):
 
 def test_mfac_trains_an_mlp_on_digits():
     """A real, seeded run: 150 mini-batch steps of MFAC take the training loss from ~2.3 to below 0.5."""
-    from mfac.data import batches, load_digits
+    from mfac.data import load_digits
+    from mfac.training import accuracy, mean_loss, train_classifier
 
     split = load_digits()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     opt = MFAC(model.parameters(), lr=0.01, window=32, damp=1e-3)
-    stream = batches(split.train_x, split.train_y, 32, torch.Generator().manual_seed(0))
-
-    def train_loss():
-        with torch.no_grad():
-            return float(nn.functional.cross_entropy(model(split.train_x), split.train_y))
-
-    initial = train_loss()
-    for _ in range(150):
-        x, y = next(stream)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    final = train_loss()
+    initial = mean_loss(model, split.train_x, split.train_y)
+    train_classifier(model, split.train_x, split.train_y, opt, 150)
+    final = mean_loss(model, split.train_x, split.train_y)
     assert initial > 2.0
     assert final < 0.5, (initial, final)
-    accuracy = float((model(split.test_x).argmax(1) == split.test_y).float().mean())
-    assert accuracy > 0.85
+    assert accuracy(model, split.test_x, split.test_y) > 0.85

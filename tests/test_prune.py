@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import dense_fisher, solve
+from conftest import dense_fisher
 from mfac import MFAC
 from mfac.grads import collect_gradients, cycle
 from mfac.prune import GradualPruner, Masks, prune_oneshot, recalibrate_batchnorm
@@ -234,23 +234,17 @@ def test_obs_beats_magnitude_on_digits_at_90_percent():
     OBS (default recomputation and settings) keeps >= 93%, at least 20 points above magnitude."""
     import copy
 
-    from mfac.data import batches, load_digits
+    from mfac.data import load_digits
     from mfac.models import mlp
+    from mfac.training import accuracy as accuracy_of, train_classifier
 
     split = load_digits()
     torch.manual_seed(0)
     model = mlp(64, (64,))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    stream = batches(split.train_x, split.train_y, 32, torch.Generator().manual_seed(0))
-    for _ in range(800):
-        x, y = next(stream)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+    train_classifier(model, split.train_x, split.train_y, torch.optim.Adam(model.parameters(), lr=3e-3), 800)
 
     def accuracy(net):
-        with torch.no_grad():
-            return float((net(split.test_x).argmax(1) == split.test_y).float().mean())
+        return accuracy_of(net, split.test_x, split.test_y)
 
     assert accuracy(model) >= 0.97
     data = [(split.train_x[i:i + 32], split.train_y[i:i + 32]) for i in range(0, len(split.train_x) - 31, 32)]
