@@ -31,6 +31,7 @@ from torch import nn
 
 import mfac.prune.oneshot as oneshot
 from mfac.data import load_digits, read_cifar_npz
+from mfac.grads import prunable_parameters
 from mfac.models import load_resnet20_checkpoint, mlp
 from mfac.prune import prune_oneshot, recalibrate_batchnorm
 from mfac.training import accuracy as accuracy_fraction, train_classifier
@@ -53,7 +54,8 @@ def accuracy(model, x, y) -> float:
 
 
 def curve(name, model, evaluate, sparsities, prune_kwargs, after=None):
-    """Accuracy of each method at each sparsity (and 2:4); returns {method: [(label, sparsity, acc)]}."""
+    """Accuracy of each method at each sparsity (and 2:4, on every tensor whose rows divide by 4: all
+    but ResNet-20's first convolution); returns {method: [(label, sparsity, acc)]}."""
     results = {}
     for method, settings in METHODS.items():
         points = []
@@ -61,8 +63,10 @@ def curve(name, model, evaluate, sparsities, prune_kwargs, after=None):
             pruned = copy.deepcopy(model)
             pattern = sparsity if isinstance(sparsity, str) else None
             start = time.perf_counter()
-            masks = prune_oneshot(pruned, None if pattern else sparsity, pattern=pattern,
-                                  **{**prune_kwargs, **settings})
+            kwargs = {**prune_kwargs, **settings}
+            if pattern:  # N:M applies to the tensors whose rows split into groups of M
+                kwargs["params"] = [n for n, p in prunable_parameters(pruned).items() if p[0].numel() % 4 == 0]
+            masks = prune_oneshot(pruned, None if pattern else sparsity, pattern=pattern, **kwargs)
             if after is not None:
                 after(pruned)
             acc = evaluate(pruned)

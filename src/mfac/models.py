@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["mlp", "small_cnn", "resnet20", "load_resnet20_checkpoint"]
+__all__ = ["mlp", "small_cnn", "resnet20", "load_checkpoint", "load_resnet20_checkpoint"]
 
 
 def mlp(in_features: int = 64, hidden: tuple[int, ...] = (32,), num_classes: int = 10) -> nn.Sequential:
@@ -26,11 +26,12 @@ def mlp(in_features: int = 64, hidden: tuple[int, ...] = (32,), num_classes: int
     return nn.Sequential(*layers)
 
 
-def small_cnn(num_classes: int = 10, channels: int = 16) -> nn.Sequential:
-    """A two-convolution network for (n, 1, 8, 8) inputs (digits as images)."""
+def small_cnn(num_classes: int = 10, channels: int = 16, in_channels: int = 1) -> nn.Sequential:
+    """A two-convolution network for (n, in_channels, H, W) images; designed for 8x8 digits (38k
+    weights), it pools any larger image down to 4x4 before the classifier."""
     return nn.Sequential(
-        nn.Conv2d(1, channels, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(channels, 2 * channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(in_channels, channels, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(channels, 2 * channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(4),
         nn.Flatten(), nn.Linear(2 * channels * 16, 64), nn.ReLU(), nn.Linear(64, num_classes),
     )
 
@@ -79,16 +80,23 @@ def resnet20(num_classes: int = 10) -> ResNet20:
     return ResNet20(num_classes)
 
 
-def load_resnet20_checkpoint(path: str | Path, model: ResNet20 | None = None) -> ResNet20:
-    """Load the published CIFAR-10 ResNet-20 checkpoint (a dict with ``state_dict`` whose keys carry
-    a ``module.`` prefix) into ``model`` (default: a new ResNet-20). Raises if any key is missing
-    or unexpected, or a shape differs."""
+def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load weights saved as a state dict, or as a dict holding one under ``state_dict`` or
+    ``model`` (keys may carry the ``module.`` prefix of DataParallel). Raises FileNotFoundError, or
+    RuntimeError naming the missing/unexpected keys or mismatched shapes."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such checkpoint: {path}")
     raw = torch.load(path, map_location="cpu", weights_only=False)
-    state = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
-    state = {key.removeprefix("module."): value for key, value in state.items()}
-    model = model if model is not None else resnet20()
-    model.load_state_dict(state, strict=True)
+    if isinstance(raw, dict) and isinstance(raw.get("state_dict", raw.get("model")), dict):
+        raw = raw.get("state_dict", raw.get("model"))
+    if not isinstance(raw, dict):
+        raise RuntimeError(f"{path} holds a {type(raw).__name__}, not a state dict")
+    model.load_state_dict({key.removeprefix("module."): value for key, value in raw.items()}, strict=True)
     return model
+
+
+def load_resnet20_checkpoint(path: str | Path, model: ResNet20 | None = None) -> ResNet20:
+    """Load the published CIFAR-10 ResNet-20 checkpoint (a dict with ``state_dict`` whose keys carry
+    a ``module.`` prefix) into ``model`` (default: a new ResNet-20)."""
+    return load_checkpoint(model if model is not None else resnet20(), path)

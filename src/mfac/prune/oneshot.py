@@ -121,7 +121,7 @@ def _geometric_counts(size: int, pruned_now: int, sparsity: float, steps: int) -
 def prune_oneshot(model: nn.Module, sparsity: float | None = None, data: Iterable | None = None, loss_fn=None,
                   method: str = "obs", num_grads: int = 256, damp: float = 1e-5, block_size: int | None = 128,
                   recompute: int = 16, per_sample: bool = False, scope: str = "global", pattern: str | None = None,
-                  params=None, masks: Masks | None = None) -> Masks:
+                  params=None, masks: Masks | None = None, callback=None) -> Masks:
     """Prune ``model`` in place and return the masks (True = kept).
 
     Args:
@@ -140,6 +140,7 @@ def prune_oneshot(model: nn.Module, sparsity: float | None = None, data: Iterabl
             weights of each row (Linear: along in_features; Conv: along in_channels*kh*kw).
         params: names or Parameters to prune (default: the weights of every Linear and Conv layer).
         masks: masks from an earlier pruning; pruned entries stay pruned.
+        callback: called as ``callback(done, total, sparsity)`` after every sub-step (progress).
 
     Cost per OBS sub-step: ``num_grads`` gradient evaluations, then O(d * num_grads * min(block, num_grads))
     for the inverse, its diagonal and one ihvp. Bad arguments raise before the model is touched; an
@@ -196,9 +197,11 @@ def prune_oneshot(model: nn.Module, sparsity: float | None = None, data: Iterabl
     batches = cycle(data) if method == "obs" else None
     weights = original.clone()
     try:
-        for counts, per_group in plan:
+        for done, (counts, per_group) in enumerate(plan, start=1):
             weights, alive = _prune_step(model, segments, weights, alive, counts, per_group, method, batches,
                                          loss_fn, num_grads, damp, block_size, per_sample)
+            if callback is not None:
+                callback(done, len(plan), 1.0 - float(alive.float().mean()))
     except BaseException:
         _write(segments, original)
         raise
