@@ -57,12 +57,14 @@ def test_normalises_by_gradients_held_while_filling():
     assert torch.allclose(out, g / 25.5, rtol=1e-14, atol=0)
 
 
-def test_empty_window_is_scaled_identity():
-    win = SlidingWindowFisherInverse(4, 3, 0.25, dtype=torch.float64)
+@pytest.mark.parametrize("window,route", [(3, "dual"), (9, "primal")])
+def test_empty_window_is_scaled_identity(window, route):
+    win = SlidingWindowFisherInverse(4, window, 0.25, dtype=torch.float64)
     x = torch.arange(4, dtype=torch.float64)
-    assert win.num_grads == 0
+    assert win.num_grads == 0 and win.route == route
     assert torch.equal(win.ihvp(x), x * 4)
     assert torch.equal(win.diag(), torch.full((4,), 4.0, dtype=torch.float64))
+    assert float(win.element(1, 1)) == 4.0 and float(win.element(1, 2)) == 0.0
 
 
 def test_all_zero_and_duplicate_gradients_give_no_nan():

@@ -206,7 +206,7 @@ class SlidingWindowFisherInverse(FisherInverse):
                 self._gram.addr_(old, old, alpha=-1.0)
             if rebuild or not self._swap_outer(new, old):
                 self._refactor(exact_gram=not filling)
-            elif not filling:
+            else:
                 self._since_refactor += 1
             return stored, None
         dots = self._window_dots(stored)
@@ -275,8 +275,9 @@ class SlidingWindowFisherInverse(FisherInverse):
 
     def _primal_apply(self, x: torch.Tensor) -> torch.Tensor:
         """F^-1 x = k (k*damp*I + G^T G)^-1 x for x of shape (d,) or (n, d) (the inverse is symmetric)."""
-        k = max(self.num_grads, 1)
-        return (x.to(torch.float64) @ self._inverse * k).to(self.dtype) if self.num_grads else x / self._damp
+        if not self.num_grads:
+            return (x / self._damp).to(self.dtype)
+        return (x.to(torch.float64) @ self._inverse * self.num_grads).to(self.dtype)
 
     def ihvp(self, x: torch.Tensor) -> torch.Tensor:
         x = self._check_vectors(x)
@@ -296,8 +297,9 @@ class SlidingWindowFisherInverse(FisherInverse):
     def diag(self) -> torch.Tensor:
         """diag(F^-1), shape (d,). Cost O(d window^2) (dual route), O(d) (primal route)."""
         if self.route == "primal":
-            return self._primal_apply(torch.eye(self.dim, dtype=torch.float64, device=self.device)).diagonal().clone() \
-                if self.num_grads else torch.full((self.dim,), 1.0 / self._damp, dtype=self.dtype, device=self.device)
+            if not self.num_grads:
+                return torch.full((self.dim,), 1.0 / self._damp, dtype=self.dtype, device=self.device)
+            return (self._inverse.diagonal() * self.num_grads).to(self.dtype)
         k, out = self.num_grads, torch.empty(self.dim, dtype=self.dtype, device=self.device)
         step = max(1, (1 << 22) // max(k, 1))
         for c0 in range(0, self.dim, step):
