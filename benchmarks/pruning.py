@@ -114,7 +114,7 @@ def part_resnet(quick: bool):
     print(f"\n## ResNet-20 on CIFAR-10 (JPEG test copy), dense {dense:.2f}% on images 2000-9999 "
           f"after BatchNorm re-estimation on images 0-1999\n")
     print("| model | method | sparsity | accuracy % | seconds |\n|---|---|---|---|---|")
-    sparsities = [0.7, 0.9] if quick else [0.5, 0.7, 0.9]
+    sparsities = [0.7, 0.9] if quick else [0.5, 0.7, 0.8, 0.9, 0.95]
     results = curve("ResNet-20", model, lambda m: accuracy(m, test_x, test_y), sparsities,
                     dict(data=grads, loss_fn=nn.functional.cross_entropy, per_sample=True, num_grads=256,
                          damp=RESNET_DAMP),

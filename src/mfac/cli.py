@@ -36,6 +36,7 @@ from .models import load_checkpoint, mlp, resnet20, small_cnn
 from .optim import MFAC
 from .progress import Progress
 from .prune import prune_oneshot, recalibrate_batchnorm
+from .prune.oneshot import parse_pattern
 from .training import accuracy, mean_loss, train_classifier
 
 __all__ = ["main"]
@@ -400,18 +401,29 @@ def run_train(args) -> int:
     with Progress(args.steps, f"train {args.model} with {args.optimizer}", args.quiet) as bar:
         losses = train_classifier(model, split.train_x, split.train_y, opt, args.steps, args.batch_size, args.seed,
                                   on_step=lambda step, loss: bar.update(1, loss=loss))
-    report = {"command": "train", "environment": environment(args.seed), "data": task.description,
-              "model": args.model, "settings": {k: v for k, v in vars(args).items() if k not in ("func", "quiet")},
+    report = {**_run_header("train", args, task),
               "initial_train_loss": initial, "final_train_loss": mean_loss(model, split.train_x, split.train_y),
               "test_accuracy": accuracy(model, split.test_x, split.test_y), "seconds": time.perf_counter() - start,
-              "batch_losses": losses, "files": {"weights": "model.pt", "report": "report.json"}}
-    with staged_output(out) as staging:
-        torch.save(model.state_dict(), staging / "model.pt")
-        write_json(staging / "report.json", report)
+              "batch_losses": losses}
     print(f"trained {args.model} on {task.description} with {args.optimizer} for {args.steps} steps: train loss "
           f"{initial:.4f} -> {report['final_train_loss']:.4f}, test accuracy {100 * report['test_accuracy']:.1f}%")
-    print(f"written to {out}/: model.pt, report.json")
+    _save_run(out, {"model.pt": model.state_dict()}, report)
     return 0
+
+
+def _run_header(command: str, args, task: Task) -> dict:
+    return {"command": command, "environment": environment(args.seed), "data": task.description, "model": args.model,
+            "settings": {k: v for k, v in vars(args).items() if k not in ("func", "quiet")}}
+
+
+def _save_run(out: Path, tensors: dict, report: dict) -> None:
+    """Write each object with torch.save and the report, through a staging folder."""
+    report["files"] = [*tensors, "report.json"]
+    with staged_output(out) as staging:
+        for name, obj in tensors.items():
+            torch.save(obj, staging / name)
+        write_json(staging / "report.json", report)
+    print(f"written to {out}/: {', '.join(report['files'])}")
 
 
 def run_prune(args) -> int:
@@ -423,10 +435,11 @@ def run_prune(args) -> int:
     before = accuracy(model, split.test_x, split.test_y)
     data = [(split.train_x[i:i + args.batch_size], split.train_y[i:i + args.batch_size])
             for i in range(0, len(split.train_x) - args.batch_size + 1, args.batch_size)]
-    steps = 1
-    if args.method == "obs":
-        steps = min(args.recompute, int(args.pattern.split(":")[0])) if args.pattern and ":" in args.pattern \
-            and args.pattern.split(":")[0].strip().isdigit() else args.recompute
+    try:
+        nm = parse_pattern(args.pattern)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    steps = (min(args.recompute, nm[0]) if nm else args.recompute) if args.method == "obs" else 1
     start = time.perf_counter()
     try:
         with Progress(steps, f"prune {args.model} ({args.method})", args.quiet) as bar:
@@ -439,19 +452,13 @@ def run_prune(args) -> int:
         raise CliError(str(error)) from None
     if args.calibrate_bn:
         recalibrate_batchnorm(model, data, args.calibrate_bn)
-    report = {"command": "prune", "environment": environment(args.seed), "data": task.description,
-              "model": args.model, "settings": {k: v for k, v in vars(args).items() if k not in ("func", "quiet")},
+    report = {**_run_header("prune", args, task),
               "test_accuracy_before": before, "test_accuracy_after": accuracy(model, split.test_x, split.test_y),
               "sparsity": masks.sparsity(), "per_tensor_sparsity": masks.per_tensor_sparsity(),
-              "seconds": time.perf_counter() - start,
-              "files": {"weights": "pruned.pt", "masks": "masks.pt", "report": "report.json"}}
-    with staged_output(out) as staging:
-        torch.save(model.state_dict(), staging / "pruned.pt")
-        torch.save(masks.state_dict(), staging / "masks.pt")
-        write_json(staging / "report.json", report)
+              "seconds": time.perf_counter() - start}
     print(f"pruned {args.model} with {args.method} to sparsity {masks.sparsity():.4f}: test accuracy "
           f"{100 * before:.1f}% -> {100 * report['test_accuracy_after']:.1f}%")
-    print(f"written to {out}/: pruned.pt, masks.pt, report.json")
+    _save_run(out, {"pruned.pt": model.state_dict(), "masks.pt": masks.state_dict()}, report)
     return 0
 
 
