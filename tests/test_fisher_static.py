@@ -149,3 +149,11 @@ def test_nbytes_reports_state():
     assert StaticFisherInverse(grads, 1e-2).nbytes == 8 * 100 * 4
     assert BlockFisherInverse(grads, 1e-2, 4).nbytes == 25 * 4 * 4 * 4  # primal: 25 blocks of 4 x 4
     assert DenseFisherInverse(grads, 1e-2).nbytes == 100 * 100 * 4
+
+
+@pytest.mark.parametrize("cls", [DenseFisherInverse, StaticFisherInverse])
+def test_damp_below_float64_resolution_does_not_raise(cls):
+    grads = torch.randn(1, 50, dtype=torch.float64).repeat(8, 1)
+    obj = cls(grads, 1e-17)
+    assert torch.isfinite(obj.diag()).all()
+    assert torch.isfinite(BlockFisherInverse(grads, 1e-17, 7).ihvp(grads[0])).all()

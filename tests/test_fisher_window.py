@@ -207,3 +207,31 @@ def test_extend_rejects_non_finite_batch_whole():
     assert win.pushed == 0
     with pytest.raises(ValueError, match=r"shape \(n, 5\)"):
         win.extend(torch.randn(5))
+
+
+def test_round_off_indefinite_gram_does_not_break_the_window():
+    """Identical float32 gradients and a damp far below their scale: the float32 Gram matrix plus
+    k*damp*I is indefinite after round-off. Pushing must neither raise nor produce NaN, and the
+    window's counters must stay consistent."""
+    g = torch.randn(2000, generator=torch.Generator().manual_seed(0))
+    win = SlidingWindowFisherInverse(2000, 16, 1e-10)
+    for step in range(40):
+        out = win.push_ihvp(g)
+        assert torch.isfinite(out).all(), step
+    assert (win.pushed, win.num_grads) == (40, 16)
+    assert torch.isfinite(win.diag()).all()
+
+
+def test_robust_cholesky_repairs_only_failed_matrices():
+    from mfac.fisher.base import robust_cholesky
+
+    good = torch.eye(3, dtype=torch.float64) * 2
+    v = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
+    bad = torch.outer(v, v) - 1e-9 * torch.eye(3, dtype=torch.float64)  # indefinite: eigenvalues 3, -1e-9, -1e-9
+    lower = robust_cholesky(torch.stack([good, bad]), floor=1e-6)
+    assert torch.equal(lower[0], torch.linalg.cholesky(good))
+    rebuilt = lower[1] @ lower[1].T
+    eigenvalues = torch.linalg.eigvalsh(rebuilt)
+    assert float(eigenvalues.min()) >= 1e-6 * (1 - 1e-6)
+    assert torch.allclose(rebuilt, bad, atol=2e-6)
+    assert torch.equal(robust_cholesky(good, 1e-6), torch.linalg.cholesky(good))

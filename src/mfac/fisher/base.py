@@ -85,6 +85,32 @@ def check_index(name: str, index, dim: int) -> torch.Tensor:
     return index
 
 
+def robust_cholesky(matrix: torch.Tensor, floor: float) -> torch.Tensor:
+    """Lower Cholesky factor of a symmetric matrix, or a batch of them, whose eigenvalues are
+    >= ``floor`` > 0 in exact arithmetic (damp*I plus a Gram matrix).
+
+    Round-off can still make such a matrix indefinite: a Gram matrix accumulated in float32, or a
+    damp far below the gradients' scale. Where the plain factorisation fails, the eigenvalues are
+    clamped from below (to ``floor``, raised if need be to what float64 can resolve at the matrix's
+    scale), which is the nearest matrix that has the property the exact one has. Cost: one Cholesky,
+    plus an eigendecomposition of the failed matrices only.
+    """
+    lower, info = torch.linalg.cholesky_ex(matrix)
+    failed = info != 0
+    if not bool(failed.any()):
+        return lower
+    batched = matrix.dim() > 2
+    bad = matrix[failed] if batched else matrix[None]
+    values, vectors = torch.linalg.eigh(bad)
+    resolution = 16 * bad.shape[-1] * torch.finfo(bad.dtype).eps * values.abs().amax(-1, keepdim=True)
+    values = torch.maximum(values, resolution.clamp_min(floor))
+    repaired = torch.linalg.cholesky((vectors * values.unsqueeze(-2)) @ vectors.mT)
+    if not batched:
+        return repaired[0]
+    lower[failed] = repaired
+    return lower
+
+
 class FisherInverse(ABC):
     """Abstract protocol shared by all Fisher-inverse objects; see the module docstring."""
 

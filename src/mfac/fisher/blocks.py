@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import FisherInverse, check_damp, check_gradients, compute_dtype
+from .base import FisherInverse, check_damp, check_gradients, compute_dtype, robust_cholesky
 
 __all__ = ["BlockFisherInverse", "StaticFisherInverse"]
 
@@ -67,7 +67,7 @@ def _factor_blocks(blocks: torch.Tensor, damp: float, out_dtype: torch.dtype) ->
             tile = blocks[:, r0 : r0 + rows].to(f64)
             fisher.baddbmm_(tile.transpose(1, 2), tile)
         fisher.div_(m).diagonal(dim1=1, dim2=2).add_(damp)
-        lower = torch.linalg.cholesky(fisher)
+        lower = robust_cholesky(fisher, damp)
         eye = torch.eye(size, dtype=f64, device=blocks.device).expand(nb, size, size)
         return torch.linalg.solve_triangular(lower, eye, upper=False).to(out_dtype), 0.0, 1.0
     cols = max(1, _TILE_ELEMENTS // (nb * m))
@@ -76,7 +76,7 @@ def _factor_blocks(blocks: torch.Tensor, damp: float, out_dtype: torch.dtype) ->
         tile = blocks[:, :, c0 : c0 + cols].to(f64)
         gram.baddbmm_(tile, tile.transpose(1, 2))
     gram.diagonal(dim1=1, dim2=2).add_(m * damp)
-    lower = torch.linalg.cholesky(gram)
+    lower = robust_cholesky(gram, m * damp)
     factor = torch.empty((nb, m, size), dtype=out_dtype, device=blocks.device)
     for c0 in range(0, size, cols):
         tile = blocks[:, :, c0 : c0 + cols].to(f64)

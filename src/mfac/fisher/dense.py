@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import FisherInverse, check_damp, check_gradients, compute_dtype
+from .base import FisherInverse, check_damp, check_gradients, compute_dtype, robust_cholesky
 
 __all__ = ["DenseFisherInverse"]
 
@@ -31,7 +31,7 @@ class DenseFisherInverse(FisherInverse):
         g64 = grads.to(torch.float64)
         fisher = g64.T @ g64 / max(self._num_grads, 1)
         fisher.diagonal().add_(self._damp)
-        self._inverse = torch.cholesky_inverse(torch.linalg.cholesky(fisher)).to(self._dtype)
+        self._inverse = torch.cholesky_inverse(robust_cholesky(fisher, self._damp)).to(self._dtype)
 
     dim = property(lambda self: self._dim)
     num_grads = property(lambda self: self._num_grads)

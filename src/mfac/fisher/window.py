@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from .base import FisherInverse, check_damp, check_finite, check_floating, compute_dtype
+from .base import FisherInverse, check_damp, check_finite, check_floating, compute_dtype, robust_cholesky
 
 __all__ = ["SlidingWindowFisherInverse"]
 
@@ -132,7 +132,7 @@ class SlidingWindowFisherInverse(FisherInverse):
         shifted = self._gram[:size, :size].clone()
         shifted.diagonal().add_(k * self._damp)
         self._inverse.zero_()
-        self._inverse[:size, :size] = torch.cholesky_inverse(torch.linalg.cholesky(shifted))
+        self._inverse[:size, :size] = torch.cholesky_inverse(robust_cholesky(shifted, k * self._damp))
         self._since_refactor = 0
 
     def _replace_row(self, slot: int, dots: torch.Tensor) -> torch.Tensor | None:
