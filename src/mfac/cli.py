@@ -247,11 +247,10 @@ def run_demo(args) -> int:
             pattern = target if isinstance(target, str) else None
             label = f"{method} {target if pattern else f'{target:.0%}'}"
             sub_steps = (min(settings["recompute"], 2) if pattern else settings["recompute"]) if method == "obs" else 1
-            with Progress(sub_steps, f"prune {label}", args.quiet) as bar:
+            with _pruning_progress(method, sub_steps, settings["num_grads"], f"prune {label}", args.quiet) as hooks:
                 masks = prune_oneshot(model, None if pattern else target, data, nn.functional.cross_entropy,
                                       method=method, pattern=pattern, num_grads=settings["num_grads"],
-                                      recompute=settings["recompute"],
-                                      callback=lambda done, total, s: bar.update(1, sparsity=s))
+                                      recompute=settings["recompute"], **hooks)
             curves[method].append({"target": str(target), "sparsity": masks.sparsity(),
                                    "test_accuracy": accuracy(model, flat.test_x, flat.test_y)})
             if method == "obs" and target == 0.9:
@@ -284,6 +283,26 @@ def run_demo(args) -> int:
         write_json(staging / "report.json", report)
     _print_demo_summary(report, out)
     return 0
+
+
+@contextmanager
+def _pruning_progress(method: str, sub_steps: int, num_grads: int, desc: str, quiet: bool):
+    """One bar for a pruning call: OBS counts gradient rows (the slow part) over all sub-steps and
+    shows the sparsity reached; magnitude has a single step."""
+    if method != "obs":
+        with Progress(1, desc, quiet) as bar:
+            yield {"callback": lambda done, total, sparsity: bar.update(1, sparsity=sparsity)}
+        return
+    with Progress(sub_steps * num_grads, f"{desc}, gradients", quiet) as bar:
+        state = {"sparsity": 0.0}
+
+        def on_rows(n):
+            bar.update(n, sparsity=state["sparsity"])
+
+        def after_step(done, total, sparsity):
+            state["sparsity"] = sparsity
+
+        yield {"callback": after_step, "on_gradient_rows": on_rows}
 
 
 def _demo_files(folder: Path, report: dict) -> dict:
@@ -432,9 +451,11 @@ def run_prune(args) -> int:
     out = Path(args.out) if args.out else default_out("prune")
     torch.manual_seed(args.seed)
     task, model, split = _prepare(args)
-    before = accuracy(model, split.test_x, split.test_y)
     data = [(split.train_x[i:i + args.batch_size], split.train_y[i:i + args.batch_size])
             for i in range(0, len(split.train_x) - args.batch_size + 1, args.batch_size)]
+    if args.calibrate_bn:  # the dense model gets the same BatchNorm treatment as the pruned one
+        recalibrate_batchnorm(model, data, args.calibrate_bn)
+    before = accuracy(model, split.test_x, split.test_y)
     try:
         nm = parse_pattern(args.pattern)
     except ValueError as error:
@@ -442,12 +463,12 @@ def run_prune(args) -> int:
     steps = (min(args.recompute, nm[0]) if nm else args.recompute) if args.method == "obs" else 1
     start = time.perf_counter()
     try:
-        with Progress(steps, f"prune {args.model} ({args.method})", args.quiet) as bar:
+        with _pruning_progress(args.method, steps, args.num_grads, f"prune {args.model} ({args.method})",
+                               args.quiet) as hooks:
             masks = prune_oneshot(model, None if args.pattern else args.sparsity, data, nn.functional.cross_entropy,
                                   method=args.method, num_grads=args.num_grads, damp=args.damp,
                                   block_size=args.block_size or None, recompute=args.recompute,
-                                  per_sample=args.per_sample, scope=args.scope, pattern=args.pattern,
-                                  callback=lambda done, total, s: bar.update(1, sparsity=s))
+                                  per_sample=args.per_sample, scope=args.scope, pattern=args.pattern, **hooks)
     except ValueError as error:
         raise CliError(str(error)) from None
     if args.calibrate_bn:
@@ -530,7 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--damp", type=float, default=1e-5, help="damping lambda of the Fisher")
     prune.add_argument("--block-size", type=int, default=128, help="block size of the inverse (0: one block)")
     prune.add_argument("--recompute", type=int, default=16, help="OBS sub-steps with fresh gradients")
-    prune.add_argument("--calibrate-bn", type=int, default=0, help="re-estimate BatchNorm on this many batches")
+    prune.add_argument("--calibrate-bn", type=int, default=0,
+                       help="re-estimate BatchNorm statistics on this many training batches, before and after pruning")
     common(prune)
     prune.set_defaults(func=run_prune)
 

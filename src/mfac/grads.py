@@ -40,7 +40,7 @@ def cycle(data: Iterable) -> Iterator:
 
 def collect_gradients(model: nn.Module, params: Mapping[str, torch.Tensor], batches: Iterator, loss_fn,
                       num_grads: int, per_sample: bool = False,
-                      masks: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+                      masks: Mapping[str, torch.Tensor] | None = None, on_rows=None) -> torch.Tensor:
     """Rows of G for the named ``params`` of ``model``: shape (num_grads, d), d = total numel,
     in the parameters' dtype and device.
 
@@ -50,6 +50,7 @@ def collect_gradients(model: nn.Module, params: Mapping[str, torch.Tensor], batc
         num_grads: rows to collect. Mini-batch mode uses one batch per row; per-sample mode uses
             every sample of each batch as a row (the last batch is cut to fit).
         masks: optional name -> bool tensor; gradients are zeroed where the mask is False.
+        on_rows: optional ``on_rows(n)`` called after each batch with the rows it added (progress).
 
     The model is put in eval mode (so BatchNorm uses its running statistics and dropout is off)
     and restored afterwards. Cost: num_grads forward/backward passes (mini-batch) or
@@ -79,6 +80,8 @@ def collect_gradients(model: nn.Module, params: Mapping[str, torch.Tensor], batc
                                   for n, g in zip(names, grads)])[None]
             out[row: row + len(rows)] = rows
             row += len(rows)
+            if on_rows is not None:
+                on_rows(len(rows))
     finally:
         model.train(was_training)
     if flat_mask is not None:

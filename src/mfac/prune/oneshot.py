@@ -121,7 +121,7 @@ def _geometric_counts(size: int, pruned_now: int, sparsity: float, steps: int) -
 def prune_oneshot(model: nn.Module, sparsity: float | None = None, data: Iterable | None = None, loss_fn=None,
                   method: str = "obs", num_grads: int = 256, damp: float = 1e-5, block_size: int | None = 128,
                   recompute: int = 16, per_sample: bool = False, scope: str = "global", pattern: str | None = None,
-                  params=None, masks: Masks | None = None, callback=None) -> Masks:
+                  params=None, masks: Masks | None = None, callback=None, on_gradient_rows=None) -> Masks:
     """Prune ``model`` in place and return the masks (True = kept).
 
     Args:
@@ -141,6 +141,7 @@ def prune_oneshot(model: nn.Module, sparsity: float | None = None, data: Iterabl
         params: names or Parameters to prune (default: the weights of every Linear and Conv layer).
         masks: masks from an earlier pruning; pruned entries stay pruned.
         callback: called as ``callback(done, total, sparsity)`` after every sub-step (progress).
+        on_gradient_rows: called as ``on_gradient_rows(n)`` whenever n more gradient rows are in.
 
     Cost per OBS sub-step: ``num_grads`` gradient evaluations, then O(d * num_grads * min(block, num_grads))
     for the inverse, its diagonal and one ihvp. Bad arguments raise before the model is touched; an
@@ -199,7 +200,7 @@ def prune_oneshot(model: nn.Module, sparsity: float | None = None, data: Iterabl
     try:
         for done, (counts, per_group) in enumerate(plan, start=1):
             weights, alive = _prune_step(model, segments, weights, alive, counts, per_group, method, batches,
-                                         loss_fn, num_grads, damp, block_size, per_sample)
+                                         loss_fn, num_grads, damp, block_size, per_sample, on_gradient_rows)
             if callback is not None:
                 callback(done, len(plan), 1.0 - float(alive.float().mean()))
     except BaseException:
@@ -214,12 +215,13 @@ def _write(segments: list[_Segment], flat: torch.Tensor) -> None:
 
 
 def _prune_step(model, segments, weights, alive, counts, per_group, method, batches, loss_fn, num_grads, damp,
-                block_size, per_sample):
+                block_size, per_sample, on_gradient_rows):
     """One sub-step: rank, remove, and (OBS) update the survivors; returns (weights, alive)."""
     if method == "obs":
         named = {s.name: s.param for s in segments}
         flat_masks = {s.name: alive[s.start: s.stop].view_as(s.param) for s in segments}
-        grads = collect_gradients(model, named, batches, loss_fn, num_grads, per_sample, masks=flat_masks)
+        grads = collect_gradients(model, named, batches, loss_fn, num_grads, per_sample, masks=flat_masks,
+                                  on_rows=on_gradient_rows)
         finv = StaticFisherInverse(grads, damp) if block_size is None else BlockFisherInverse(grads, damp, block_size)
         del grads
         diag = finv.diag().to(weights.dtype)
