@@ -46,6 +46,15 @@ class CliError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the uninformative None and False ones."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of usage + message
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -502,7 +511,7 @@ def run_bench(args) -> int:
 # Entry point -------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    formatter = argparse.ArgumentDefaultsHelpFormatter
+    formatter = _Formatter
     parser = _Parser(prog="mfac", description="M-FAC second-order optimization and pruning for PyTorch.",
                      formatter_class=formatter)
     parser.add_argument("--version", action="version", version=f"mfac {__version__}")
@@ -516,8 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the main job: train with MFAC/Adam/SGD, prune with OBS/magnitude",
                                formatter_class=formatter,
                                description="Train an MLP on scikit-learn's digits with MFAC, Adam and SGD, prune the "
-                                           "MFAC-trained model one-shot with OBS and magnitude (50-95%% and 2:4), "
-                                           "fine-tune the 90%% OBS model, and write report.json, report.md and plots.")
+                                           "MFAC-trained model one-shot with OBS and magnitude (50-95% and 2:4), "
+                                           "fine-tune the 90% OBS model, and write report.json, report.md and plots.")
     demo.add_argument("--quick", action="store_true", help="a shorter run (under a minute)")
     common(demo)
     demo.set_defaults(func=run_demo)
