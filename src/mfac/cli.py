@@ -319,18 +319,21 @@ def _demo_files(folder: Path, report: dict) -> dict:
     if plt is None:
         return {"report": "report.json", "summary": "report.md",
                 "plots": "not written: matplotlib is not installed (pip install 'mfac[cli]')"}
+    def save(fig, ax, xlabel, ylabel, title, name):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(folder / name, dpi=110)
+        plt.close(fig)
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, result in report["training"].items():
         ax.plot([p["step"] for p in result["curve"]], [p["train_loss"] for p in result["curve"]], label=name)
     ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (full training set)")
-    ax.set_title("digits MLP: training loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(folder / "loss_curves.png", dpi=110)
-    plt.close(fig)
+    save(fig, ax, "step", "training loss (full training set)", "digits MLP: training loss", "loss_curves.png")
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, points in report["pruning"]["curves"].items():
         unstructured = [p for p in points if p["target"] != "2:4"]
@@ -340,14 +343,7 @@ def _demo_files(folder: Path, report: dict) -> dict:
         ax.plot([100 * p["sparsity"] for p in nm], [100 * p["test_accuracy"] for p in nm], "s",
                 color=line.get_color(), markerfacecolor="none", markersize=9)
     ax.axhline(100 * report["pruning"]["dense_test_accuracy"], color="gray", linestyle="--", label="dense")
-    ax.set_xlabel("sparsity % (open squares: 2:4)")
-    ax.set_ylabel("test accuracy %")
-    ax.set_title("digits MLP: one-shot pruning")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(folder / "pruning.png", dpi=110)
-    plt.close(fig)
+    save(fig, ax, "sparsity % (open squares: 2:4)", "test accuracy %", "digits MLP: one-shot pruning", "pruning.png")
     return {"report": "report.json", "summary": "report.md", "plots": ["loss_curves.png", "pruning.png"]}
 
 

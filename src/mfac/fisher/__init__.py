@@ -10,13 +10,14 @@ protocol of :class:`FisherInverse` (``ihvp``, ``diag``, ``element``, ``column``,
 * :class:`SlidingWindowFisherInverse`: the last m gradients of a stream (the optimizer).
 """
 
-from .base import FisherInverse
+from .base import FisherInverse, NonFiniteGradientError
 from .blocks import BlockFisherInverse, StaticFisherInverse
 from .dense import DenseFisherInverse
 from .window import SlidingWindowFisherInverse
 
 __all__ = [
     "FisherInverse",
+    "NonFiniteGradientError",
     "DenseFisherInverse",
     "StaticFisherInverse",
     "BlockFisherInverse",

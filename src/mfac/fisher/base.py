@@ -23,9 +23,13 @@ from abc import ABC, abstractmethod
 
 import torch
 
-__all__ = ["FisherInverse"]
+__all__ = ["FisherInverse", "NonFiniteGradientError"]
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
+
+
+class NonFiniteGradientError(ValueError):
+    """A gradient holding NaN or Inf was refused; the object that refused it is unchanged."""
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -53,7 +57,7 @@ def check_floating(name: str, dtype: torch.dtype) -> None:
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
     if not bool(torch.isfinite(tensor).all()):
-        raise ValueError(f"{name} contains NaN or Inf; non-finite gradients cannot enter a Fisher estimate")
+        raise NonFiniteGradientError(f"{name} contains NaN or Inf; non-finite gradients cannot enter a Fisher estimate")
 
 
 def check_gradients(grads) -> torch.Tensor:

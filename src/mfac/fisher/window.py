@@ -25,7 +25,8 @@ import math
 
 import torch
 
-from .base import FisherInverse, check_damp, check_finite, check_floating, compute_dtype, robust_cholesky
+from .base import (FisherInverse, NonFiniteGradientError, check_damp, check_finite, check_floating, compute_dtype,
+                   robust_cholesky)
 
 __all__ = ["SlidingWindowFisherInverse"]
 
@@ -191,7 +192,7 @@ class SlidingWindowFisherInverse(FisherInverse):
         # One dot product doubles as the finiteness check (NaN/Inf in g make it non-finite), which
         # is cheaper than torch.isfinite's several passes over d.
         if not math.isfinite(float(torch.dot(stored, stored))):
-            raise ValueError("g contains NaN or Inf (or its squared norm overflows); non-finite gradients "
+            raise NonFiniteGradientError("g contains NaN or Inf (or its squared norm overflows); non-finite gradients "
                              "cannot enter the window, which was left unchanged")
         slot = self._pushed % self.window
         filling = self._pushed < self.window

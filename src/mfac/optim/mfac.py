@@ -23,7 +23,7 @@ import warnings
 import torch
 from torch.optim import Optimizer
 
-from ..fisher import SlidingWindowFisherInverse
+from ..fisher import NonFiniteGradientError, SlidingWindowFisherInverse
 from ..fisher.base import check_damp, compute_dtype
 
 __all__ = ["MFAC"]
@@ -188,11 +188,11 @@ class MFAC(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         fisher = self._ensure_window()
-        grad = self._gather_gradient()
-        if not math.isfinite(float(torch.dot(grad, grad))):  # one pass; NaN or Inf anywhere propagates
+        try:
+            direction = fisher.push_ihvp(self._gather_gradient())
+        except NonFiniteGradientError:  # the window refused it and is unchanged
             self._skip_nonfinite()
             return loss
-        direction = fisher.push_ihvp(grad)
         if self._momentum is None and any(group["momentum"] for group in self.param_groups):
             self._momentum = torch.zeros_like(direction)
         offset = 0
