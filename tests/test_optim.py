@@ -191,6 +191,8 @@ def test_state_dict_from_another_model_fails_clearly():
         other.load_state_dict(opt.state_dict())
     with pytest.raises(ValueError, match="window = 2"):
         MFAC(model.parameters(), window=3).load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match="construct MFAC with the same damp"):
+        MFAC(model.parameters(), window=2, damp=1e-3).load_state_dict(opt.state_dict())
     with pytest.raises(ValueError, match="no 'mfac' entry"):
         MFAC(model.parameters(), window=2).load_state_dict(torch.optim.SGD(model.parameters()).state_dict())
 

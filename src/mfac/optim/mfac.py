@@ -238,6 +238,9 @@ class MFAC(Optimizer):
                              f"optimizer's parameters have d = {self.dim:,}; load it into an MFAC built on the "
                              f"same model")
         window_state = extra["window"]
+        if window_state is not None and window_state["damp"] != self._damp:
+            raise ValueError(f"the state dict has damp = {window_state['damp']:g} but this optimizer has "
+                             f"damp = {self._damp:g}; construct MFAC with the same damp to resume")
         if window_state is not None:
             fresh = SlidingWindowFisherInverse(self.dim, window_state["window"], self._damp,
                                                dtype=getattr(torch, window_state["storage_dtype"].split(".")[-1]),
