@@ -197,10 +197,12 @@ class SlidingWindowFisherInverse(FisherInverse):
         slot = self._pushed % self.window
         filling = self._pushed < self.window
         rebuild = filling or self._since_refactor >= self._refactor_every
-        old = None if filling else self._grads[slot].to(torch.float64, copy=True)  # the slot is overwritten next
+        primal = self.route == "primal"
+        # The primal route subtracts the outgoing row's outer product: copy it before it is overwritten.
+        old = self._grads[slot].to(torch.float64, copy=True) if primal and not filling else None
         self._grads[slot] = stored
         self._pushed += 1
-        if self.route == "primal":
+        if primal:
             new = stored.to(torch.float64)
             self._gram.addr_(new, new)
             if old is not None:
