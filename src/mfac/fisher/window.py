@@ -140,10 +140,12 @@ class SlidingWindowFisherInverse(FisherInverse):
         """Dual route: update K^-1 after row ``slot`` of a full window changed, its new dot products
         with the window being ``dots``; return K^-1 dots, or None if a pivot says to rebuild instead.
 
-        Downdate: removing row j leaves A^-1 = P_{-j,-j} - p p^T / pi (p = P[:, j], pi = p_j).
-        Border: with b = the new row of S off the diagonal, u = A^-1 b and
-        gamma = shift + S_jj - b.u (>= shift > 0 in exact arithmetic), the new inverse is
-        A^-1 + u u^T / gamma off row j, and -u / gamma, 1 / gamma on row and column j.
+        Downdate: removing row j leaves A^-1 = P_{-j,-j} - p p^T / pi (p = P[:, j], pi = p_j), and
+        zeros in row and column j of P - p p^T / pi. Border: with b = the new row of S off the
+        diagonal, u = A^-1 b (u_j = 0) and gamma = shift + S_jj - b.u (>= shift > 0 in exact
+        arithmetic), the new inverse is A^-1 + u u^T / gamma off row j, and -u / gamma, 1 / gamma
+        on row and column j. With v = u - e_j both steps are one symmetric rank-2 update:
+        P_new = P - p p^T / pi + v v^T / gamma, a single read and write of the m x m matrix.
         """
         shift = self.window * self._damp
         kinv = self._inverse
@@ -153,21 +155,19 @@ class SlidingWindowFisherInverse(FisherInverse):
             return None
         off = dots.clone()
         off[slot] = 0
-        u = kinv @ off
-        u.sub_(p, alpha=float(p @ off) / pivot)
-        u[slot] = 0
-        gamma = shift + float(dots[slot]) - float(off @ u)
+        v = kinv @ off
+        v.sub_(p, alpha=float(p @ off) / pivot)
+        v[slot] = 0
+        gamma = shift + float(dots[slot]) - float(off @ v)
         if not gamma >= 0.5 * shift:
             return None
-        factors = torch.stack([p, u], dim=1)
+        v[slot] = -1.0
+        factors = torch.stack([p, v], dim=1)
         weights = torch.tensor([-1.0 / pivot, 1.0 / gamma], dtype=torch.float64, device=kinv.device)
         kinv.addmm_(factors * weights, factors.T)
-        kinv[:, slot] = u * (-1.0 / gamma)
-        kinv[slot, :] = kinv[:, slot]
-        kinv[slot, slot] = 1.0 / gamma
-        # K_new^-1 dots in closed form: the row-j block of dots is b, so A^-1 b = u is already known.
-        coeffs = u * (shift / gamma)
-        coeffs[slot] = 1.0 - shift / gamma
+        # K_new^-1 dots in closed form: the off-diagonal part of dots is b, and A^-1 b = u is known.
+        coeffs = v * (shift / gamma)
+        coeffs[slot] += 1.0
         return coeffs
 
     def _swap_outer(self, new: torch.Tensor, old: torch.Tensor) -> bool:
