@@ -218,7 +218,7 @@ def run_demo(args) -> int:
     started = time.perf_counter()
     task = load_task("digits", args.seed)
     split = task.split
-    flat = Split(split.train_x.flatten(1), split.train_y, split.test_x.flatten(1), split.test_y)
+    flat = split.flattened()
     report = {"command": "demo", "mode": mode, "environment": environment(args.seed),
               "data": {"name": "digits", "train": len(flat.train_x), "test": len(flat.test_x)},
               "model": "MLP 64-64-10", "settings": {**settings, "optimizers": DEMO_OPTIMIZERS},
@@ -408,7 +408,7 @@ def _prepare(args) -> tuple[Task, nn.Module, Split]:
         load_weights(model, args.checkpoint, args.model)
     split = task.split
     if args.model == "mlp":
-        split = Split(split.train_x.flatten(1), split.train_y, split.test_x.flatten(1), split.test_y)
+        split = split.flattened()
     return task, model, split
 
 

@@ -28,6 +28,10 @@ class Split:
     test_x: torch.Tensor
     test_y: torch.Tensor
 
+    def flattened(self) -> "Split":
+        """The same split with every input flattened to a vector, (n, ...) -> (n, features)."""
+        return Split(self.train_x.flatten(1), self.train_y, self.test_x.flatten(1), self.test_y)
+
     @property
     def num_classes(self) -> int:
         return int(torch.cat([self.train_y, self.test_y]).max()) + 1
