@@ -148,7 +148,7 @@ def test_nbytes_reports_state():
     grads = torch.randn(8, 100)
     assert StaticFisherInverse(grads, 1e-2).nbytes == 8 * 100 * 4
     assert BlockFisherInverse(grads, 1e-2, 4).nbytes == 25 * 4 * 4 * 4  # primal: 25 blocks of 4 x 4
-    assert DenseFisherInverse(grads, 1e-2).nbytes == 100 * 100 * 4
+    assert DenseFisherInverse(grads, 1e-2).nbytes == 2 * 100 * 100 * 4  # factor and explicit inverse
 
 
 @pytest.mark.parametrize("cls", [DenseFisherInverse, StaticFisherInverse])

@@ -178,7 +178,7 @@ def test_checkpoint_keeps_window_dtype_and_float64_state():
     opt2.load_state_dict(state)
     saved = opt2.state_dict()["mfac"]
     assert saved["window"]["grads"].dtype == torch.float32
-    assert saved["window"]["inverse"].dtype == torch.float64
+    assert saved["window"]["gram"].dtype == torch.float64
     assert saved["momentum"].dtype == torch.float32
 
 

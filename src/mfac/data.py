@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Split", "load_digits", "load_breast_cancer", "read_mnist_idx", "read_cifar_npz", "batches"]
+__all__ = ["Split", "load_digits", "load_breast_cancer", "read_mnist_idx", "read_cifar_npz", "batches", "ShuffledBatches"]
 
 
 @dataclass
@@ -105,10 +105,74 @@ def read_cifar_npz(path: str | Path, mean=(0.491, 0.482, 0.447), std=(0.247, 0.2
     return x, y
 
 
-def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator | None = None):
-    """Yield shuffled (inputs, targets) mini-batches forever (one epoch after another)."""
-    while True:
-        order = torch.randperm(len(x), generator=generator)
-        for start in range(0, len(x) - batch_size + 1, batch_size):
-            index = order[start: start + batch_size]
-            yield x[index], y[index]
+class ShuffledBatches:
+    """An endless iterator of shuffled (inputs, targets) mini-batches, one epoch after another,
+    that can save and restore its position (``state_dict``), so a resumed training run sees exactly
+    the batches an uninterrupted one would.
+
+    Each epoch draws a permutation from ``generator`` and yields ``len(x) // batch_size`` batches
+    (the remainder of an epoch is dropped). Memory: one permutation of len(x) indices.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator | None = None):
+        if len(x) != len(y):
+            raise ValueError(f"x has {len(x)} samples but y has {len(y)}; they must match")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= len(x):
+            raise ValueError(f"batch_size must be an int in [1, {len(x)}] (the number of samples), got {batch_size!r}")
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(
+            int(torch.randint(0, 2**62, (1,))))
+        self._epoch_start_state = self.generator.get_state()
+        self._order = torch.randperm(len(x), generator=self.generator)
+        self._position = 0
+        self._epoch = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._position + self.batch_size > len(self.x):
+            self._epoch_start_state = self.generator.get_state()
+            self._order = torch.randperm(len(self.x), generator=self.generator)
+            self._position = 0
+            self._epoch += 1
+        index = self._order[self._position: self._position + self.batch_size]
+        self._position += self.batch_size
+        return self.x[index], self.y[index]
+
+    def state_dict(self) -> dict:
+        """Where the stream is: the generator's state at the start of this epoch, the epoch and the
+        position in it (plain tensors and ints, loadable with ``weights_only=True``)."""
+        return {"epoch": self._epoch, "position": self._position, "batch_size": self.batch_size,
+                "num_samples": len(self.x), "generator_state": self._epoch_start_state.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a ``state_dict``; checks that it describes the same data and batch size."""
+        for key in ("epoch", "position", "batch_size", "num_samples", "generator_state"):
+            if key not in state:
+                raise ValueError(f"batch stream state is missing {key!r}; pass the output of state_dict()")
+        if state["num_samples"] != len(self.x) or state["batch_size"] != self.batch_size:
+            raise ValueError(f"batch stream state is for {state['num_samples']} samples in batches of "
+                             f"{state['batch_size']}, but this stream has {len(self.x)} in batches of {self.batch_size}")
+        position = state["position"]
+        if isinstance(position, bool) or not isinstance(position, int) or not 0 <= position <= len(self.x):
+            raise ValueError(f"batch stream state has position {position!r}, outside [0, {len(self.x)}]")
+        generator_state = state["generator_state"]
+        if not isinstance(generator_state, torch.Tensor) or generator_state.dtype != torch.uint8:
+            raise ValueError("batch stream state has no valid generator_state (a uint8 tensor)")
+        probe = torch.Generator()
+        try:
+            probe.set_state(generator_state)
+        except RuntimeError as error:
+            raise ValueError(f"batch stream state has an invalid generator_state: {error}") from None
+        order = torch.randperm(len(self.x), generator=probe)
+        self.generator.set_state(probe.get_state())
+        self._epoch_start_state, self._order = generator_state.clone(), order
+        self._position, self._epoch = position, int(state["epoch"])
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int,
+            generator: torch.Generator | None = None) -> ShuffledBatches:
+    """Shuffled (inputs, targets) mini-batches forever (one epoch after another); see
+    :class:`ShuffledBatches`. ``batch_size`` must be between 1 and the number of samples."""
+    return ShuffledBatches(x, y, batch_size, generator)

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from . import resources
+
 __all__ = ["prunable_parameters", "collect_gradients", "cycle"]
 
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -59,6 +61,9 @@ def collect_gradients(model: nn.Module, params: Mapping[str, torch.Tensor], batc
     names = list(params)
     first = params[names[0]]
     dim = sum(params[n].numel() for n in names)
+    resources.check_fits(num_grads * dim * first.element_size(), first.device,
+                         f"a gradient matrix of {num_grads} rows of {dim:,} coordinates",
+                         "lower num_grads or prune fewer parameters at once")
     out = torch.empty(num_grads, dim, dtype=first.dtype, device=first.device)
     flat_mask = None
     if masks is not None:

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint import load_weights
+
 __all__ = ["mlp", "small_cnn", "resnet20", "load_checkpoint", "load_resnet20_checkpoint"]
 
 
@@ -81,17 +83,13 @@ def resnet20(num_classes: int = 10) -> ResNet20:
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load weights saved as a state dict, or as a dict holding one under ``state_dict`` or
-    ``model`` (keys may carry the ``module.`` prefix of DataParallel). Raises FileNotFoundError, or
-    RuntimeError naming the missing/unexpected keys or mismatched shapes."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such checkpoint: {path}")
-    raw = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(raw, dict) and isinstance(raw.get("state_dict", raw.get("model")), dict):
-        raw = raw.get("state_dict", raw.get("model"))
-    if not isinstance(raw, dict):
-        raise RuntimeError(f"{path} holds a {type(raw).__name__}, not a state dict")
+    """Load weights from a safetensors file or a torch file holding a state dict (or a dict with one
+    under ``state_dict`` or ``model``; keys may carry DataParallel's ``module.`` prefix). Files are
+    read without running code (see :mod:`mfac.checkpoint`). Raises FileNotFoundError,
+    :class:`~mfac.checkpoint.UnsafeFileError` or :class:`~mfac.checkpoint.CorruptFileError` for a
+    file that is not a plain state dict, or RuntimeError naming missing/unexpected keys or
+    mismatched shapes."""
+    raw = load_weights(path)
     model.load_state_dict({key.removeprefix("module."): value for key, value in raw.items()}, strict=True)
     return model
 

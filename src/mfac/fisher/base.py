@@ -37,13 +37,19 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _HALF_TYPES else dtype
 
 
-def check_damp(damp) -> float:
-    """Return ``damp`` as a float, or raise if it is not a finite number > 0."""
+def check_damp(damp, dtype: torch.dtype | None = None) -> float:
+    """Return ``damp`` as a float, or raise if it is not a finite number > 0; with ``dtype`` (the
+    dtype results are computed in), also if 1/damp would overflow there (damp below the smallest
+    normal number, e.g. 1.2e-38 for float32)."""
     if isinstance(damp, bool) or not isinstance(damp, (int, float)):
         raise TypeError(f"damp must be a positive number, got {type(damp).__name__}")
     damp = float(damp)
     if not math.isfinite(damp) or damp <= 0:
         raise ValueError(f"damp must be a finite number > 0 (it is the lambda in lambda*I + G^T G/m), got {damp}")
+    if dtype is not None and damp < torch.finfo(dtype).tiny:
+        raise ValueError(f"damp = {damp:g} is below the smallest normal {dtype} number "
+                         f"({torch.finfo(dtype).tiny:.3g}), so F^-1 = 1/damp on the complement of the gradients "
+                         f"overflows; use damp >= {torch.finfo(dtype).tiny:.3g} or compute in float64")
     return damp
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import resources
 from .base import FisherInverse, check_damp, check_gradients, compute_dtype, robust_cholesky
 
 __all__ = ["BlockFisherInverse", "StaticFisherInverse"]
@@ -104,6 +105,14 @@ class BlockFisherInverse(FisherInverse):
         self._damp = check_damp(damp)
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+        m, d = grads.shape
+        rank = min(block_size, d, m) if m else 0
+        element = torch.empty(0, dtype=compute_dtype(grads.dtype)).element_size()
+        # factors (d x rank) plus, while factorising, float64 work of the same size and two tiles
+        needed = d * rank * (element + 2 * 8) + 2 * 8 * _TILE_ELEMENTS
+        resources.check_fits(needed, grads.device,
+                             f"a block-diagonal Fisher inverse of {m} gradients of {d:,} coordinates "
+                             f"(block_size {block_size})", "lower block_size or the number of gradients")
         self._num_grads, self._dim = grads.shape
         self._dtype = compute_dtype(grads.dtype)
         self._block_size = min(block_size, self._dim)

@@ -5,32 +5,45 @@ object answers F^-1 x for F = damp*I + G^T G / k through the Woodbury identity
 
     F^-1 x = (x - G^T K^-1 G x) / damp,        K = k*damp*I + G G^T   (k x k).
 
-It keeps two small float64 matrices whatever the window's storage dtype: the Gram matrix
-S = G G^T and the inverse K^-1. Pushing a gradient into slot j changes one row and one column of
-S; K^-1 then changes by a symmetric rank-2 correction (remove the old row by a Schur-complement
-downdate, border with the new one), done in O(k^2) instead of the O(k^3) refactorisation of the
-published algorithm. K^-1 is rebuilt from S every ``refactor_every`` pushes, and whenever a pivot
-loses positivity, so round-off cannot drift; the rebuild costs O(k^3) and no pass over G. While the
-window is filling the shift k*damp changes with every push, which no low-rank update captures, so
-each of the first ``window`` pushes rebuilds K^-1 (O(k^3) with k growing to ``window``).
+It keeps the float64 Gram matrix S = G G^T, whatever the window's storage dtype (each entry is one
+dot product, so S is exact up to the rounding of that product), and the Cholesky factor L of K,
+refactorised from S after every push (O(k^3 / 3); 17 ms at k = 1024 on two CPU cores, a few
+percent of the two window passes once d reaches about 1M). Every product with K^-1 is a pair of
+triangular solves with L. This is what makes the window backward stable, like the static inverse:
+an explicit K^-1, updated by low-rank corrections, is accurate only to eps * cond(K), and the
+Woodbury subtraction then multiplies that error by cond(F) again, which for nearly collinear
+gradients (late in training) gave errors of 10^2 to 10^9 times eps * cond(F).
 
-``push_ihvp(g)`` reads the window exactly twice: one G g (which gives both the new row of S and
-the right-hand side) and one G^T a fused with the scaling. All products G x go through
-``_window_dots``, the single place where a sharded window would all-reduce an m-vector.
+For the gradient just pushed, g = G^T e_j, the product needs no subtraction at all:
+
+    F^-1 g = k * G^T K^-1 e_j,
+
+so ``push_ihvp`` reads the window exactly twice (G g for the new row of S, then G^T a) and adds
+no cancellation. A push is staged first (nothing changes), then committed only when the gradient,
+its dot products and the result are finite: a refused push leaves the window bitwise unchanged.
+All products G x go through ``_window_dots``, the single place where a sharded window would
+all-reduce an m-vector.
+
+When d <= window (``route == "primal"``) the k x k matrix K is rank-deficient beyond d and far worse
+conditioned than F, so the window factors the d x d matrix k*damp*I + G^T G instead, recomputed
+exactly from the rows (O(k d^2) <= O(k^3)); then F^-1 x = k (k*damp*I + G^T G)^-1 x.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
+from .. import resources
 from .base import (FisherInverse, NonFiniteGradientError, check_damp, check_finite, check_floating, compute_dtype,
                    robust_cholesky)
 
 __all__ = ["SlidingWindowFisherInverse"]
 
 _HALF_CHUNK_ROWS = 64  # half-precision rows upcast to float32 at a time in window products
+_LEGACY_KEYS = {"inverse", "since_refactor", "refactor_every"}  # written by mfac 0.1.0; no longer needed
 
 
 def _check_positive_int(name: str, value) -> int:
@@ -39,43 +52,53 @@ def _check_positive_int(name: str, value) -> int:
     return value
 
 
+@dataclass
+class _StagedPush:
+    """A push computed but not yet applied: everything ``_commit`` needs, and the result."""
+
+    slot: int
+    stored: torch.Tensor  # g rounded to the storage dtype, in the compute dtype
+    dots: torch.Tensor  # (k,) float64: the new row and column of S
+    lower: torch.Tensor  # (k, k) float64 Cholesky factor of k*damp*I + S_new
+    direction: torch.Tensor | None = None  # F^-1 g with g in the window, when asked for
+
+
 class SlidingWindowFisherInverse(FisherInverse):
-    """F^-1 over the last ``window`` gradients pushed, updated in O(d*window + window^2) per push.
+    """F^-1 over the last ``window`` gradients pushed, updated in O(d*window + window^3) per push.
 
     Args:
         dim: d, the length of every gradient.
         window: m, how many of the most recent gradients are kept.
-        damp: lambda > 0.
+        damp: lambda > 0 (at least the smallest normal number of the compute dtype, so that
+            1 / damp is finite there).
         dtype: storage dtype of the window: float32, float64, bfloat16 or float16. Products with
             half-precision windows accumulate in float32, and results come back in float32
             (``dtype`` reports the result dtype, ``storage_dtype`` the window's).
         device: where the window lives (default: the current default device).
-        refactor_every: rebuild the small inverse from scratch after this many incremental updates
-            (default: ``window``, which keeps the rebuild's amortised cost O(window^2) per push).
 
-    Memory: window*d numbers in ``dtype`` plus 2*min(d, window)^2 float64 numbers.
+    Memory: window*d numbers in ``dtype`` plus 3*window^2 float64 numbers (S, its factor, and the
+    staged factor of a push). The constructor refuses, before allocating, a window that does not
+    fit in the memory available on ``device``.
     Until ``window`` gradients have arrived, F is normalised by the number held, never by ``window``.
-    When d <= window the object works with d x d matrices instead (``route == "primal"``): then
-    (k*damp*I + G^T G) is the better-conditioned matrix to invert, and also the smaller one; its
-    inverse gets a Sherman-Morrison update per push (add the new row, remove the old one).
+    Accuracy: backward stable, relative error within a small multiple of eps * cond(F) for every
+    input (eps of the compute dtype), as the static inverse.
     """
 
-    def __init__(self, dim: int, window: int, damp: float, dtype: torch.dtype = torch.float32,
-                 device=None, refactor_every: int | None = None):
+    def __init__(self, dim: int, window: int, damp: float, dtype: torch.dtype = torch.float32, device=None):
         dim = _check_positive_int("dim", dim)
         window = _check_positive_int("window", window)
-        self._damp = check_damp(damp)
         if not isinstance(dtype, torch.dtype):
             raise TypeError(f"dtype must be a torch.dtype such as torch.float32, got {dtype!r}")
         check_floating("dtype", dtype)
-        self._refactor_every = _check_positive_int("refactor_every", window if refactor_every is None else refactor_every)
+        self._damp = check_damp(damp, compute_dtype(dtype))
+        device = torch.device(device) if device is not None else torch.empty(0).device
+        resources.check_fits(window_nbytes(dim, window, dtype), device,
+                   f"a sliding window of {window} gradients of {dim:,} coordinates in {dtype}",
+                   "lower window, or store it in a half precision (dtype=torch.bfloat16)")
         self._grads = torch.zeros(window, dim, dtype=dtype, device=device)
-        small = min(dim, window)
-        # dual route: G G^T and (k*damp*I + G G^T)^-1, k x k; primal route: G^T G and its shifted inverse, d x d.
-        self._gram = torch.zeros(small, small, dtype=torch.float64, device=self._grads.device)
-        self._inverse = torch.zeros_like(self._gram)
+        self._gram = torch.zeros(window, window, dtype=torch.float64, device=device)
+        self._lower = torch.zeros(0, 0, dtype=torch.float64, device=device)
         self._pushed = 0
-        self._since_refactor = 0
 
     dim = property(lambda self: self._grads.shape[1])
     window = property(lambda self: self._grads.shape[0], doc="m, the capacity of the window.")
@@ -85,30 +108,33 @@ class SlidingWindowFisherInverse(FisherInverse):
     device = property(lambda self: self._grads.device)
     storage_dtype = property(lambda self: self._grads.dtype)
     dtype = property(lambda self: compute_dtype(self._grads.dtype))
-    refactor_every = property(lambda self: self._refactor_every)
     route = property(lambda self: "primal" if self.dim <= self.window else "dual",
-                     doc="'dual' (window x window matrices, d > window) or 'primal' (d x d, d <= window).")
-    nbytes = property(lambda self: sum(t.numel() * t.element_size() for t in (self._grads, self._gram, self._inverse)))
+                     doc="'dual' (k x k factor, d > window) or 'primal' (d x d factor, d <= window).")
+    nbytes = property(lambda self: sum(t.numel() * t.element_size() for t in (self._grads, self._gram, self._lower)))
 
     # Window products: the only passes over G ------------------------------------------------------
 
-    def _window_dots(self, vectors: torch.Tensor) -> torch.Tensor:
-        """G x for x of shape (d,) or (d, n): returns (k,) or (k, n) in float64.
+    def _window_dots(self, vectors: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        """G x for x of shape (d,) or (d, n) over the first ``rows`` slots (default: those held):
+        returns (rows,) or (rows, n) in float64.
 
         This is the single reduction point: with the window's columns sharded across processes,
         each would compute its partial product here and all-reduce the small result.
         """
-        grads = self._grads[: self.num_grads]
+        grads = self._grads[: self.num_grads if rows is None else rows]
         if grads.dtype == self.dtype or grads.shape[0] == 0:
             return (grads.to(self.dtype) @ vectors).to(torch.float64)
         parts = [chunk.to(self.dtype) @ vectors for chunk in grads.split(_HALF_CHUNK_ROWS)]
         return torch.cat(parts).to(torch.float64)
 
-    def _window_combine(self, vectors: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
-        """(x - G^T a) / damp for x of shape (d,) or (d, n) and a of shape (k,) or (k, n)."""
-        grads = self._grads[: self.num_grads]
+    def _window_combine(self, vectors: torch.Tensor | None, coeffs: torch.Tensor, beta: float, alpha: float,
+                        rows: int | None = None) -> torch.Tensor:
+        """beta * x + alpha * G^T a for x of shape (d,) or (d, n) (None: zero) and a of shape (k,) or (k, n)."""
+        grads = self._grads[: self.num_grads if rows is None else rows]
         coeffs = coeffs.to(self.dtype)
-        beta, alpha = 1.0 / self._damp, -1.0 / self._damp
+        if vectors is None:
+            shape = (self.dim,) if coeffs.dim() == 1 else (self.dim, coeffs.shape[1])
+            vectors, beta = torch.zeros(shape, dtype=self.dtype, device=self.device), 0.0
         product = torch.addmv if vectors.dim() == 1 else torch.addmm
         if grads.dtype == self.dtype:
             return product(vectors, grads.T, coeffs, beta=beta, alpha=alpha)
@@ -119,112 +145,93 @@ class SlidingWindowFisherInverse(FisherInverse):
 
     # The small state ----------------------------------------------------------------------------
 
-    def _refactor(self, exact_gram: bool = False) -> None:
-        """Rebuild the inverse of (k*damp*I + Gram) from the Gram matrix: O(min(d, k)^3).
-
-        The dual Gram is exact by construction (each entry is one dot product); the primal one is a
-        running sum of outer products, so ``exact_gram`` recomputes it from the window (O(k d^2)).
-        """
-        k = self.num_grads
-        size = self.dim if self.route == "primal" else k
-        if exact_gram and self.route == "primal":
-            rows = self._grads[:k].to(torch.float64)
-            torch.mm(rows.T, rows, out=self._gram)
-        shifted = self._gram[:size, :size].clone()
-        shifted.diagonal().add_(k * self._damp)
-        self._inverse.zero_()
-        self._inverse[:size, :size] = torch.cholesky_inverse(robust_cholesky(shifted, k * self._damp))
-        self._since_refactor = 0
-
-    def _replace_row(self, slot: int, dots: torch.Tensor) -> torch.Tensor | None:
-        """Dual route: update K^-1 after row ``slot`` of a full window changed, its new dot products
-        with the window being ``dots``; return K^-1 dots, or None if a pivot says to rebuild instead.
-
-        Downdate: removing row j leaves A^-1 = P_{-j,-j} - p p^T / pi (p = P[:, j], pi = p_j), and
-        zeros in row and column j of P - p p^T / pi. Border: with b = the new row of S off the
-        diagonal, u = A^-1 b (u_j = 0) and gamma = shift + S_jj - b.u (>= shift > 0 in exact
-        arithmetic), the new inverse is A^-1 + u u^T / gamma off row j, and -u / gamma, 1 / gamma
-        on row and column j. With v = u - e_j both steps are one symmetric rank-2 update:
-        P_new = P - p p^T / pi + v v^T / gamma, a single read and write of the m x m matrix.
-        """
-        shift = self.window * self._damp
-        kinv = self._inverse
-        p = kinv[:, slot].clone()
-        pivot = float(p[slot])
-        if not pivot > 0:
-            return None
-        off = dots.clone()
-        off[slot] = 0
-        v = kinv @ off
-        v.sub_(p, alpha=float(p @ off) / pivot)
-        v[slot] = 0
-        gamma = shift + float(dots[slot]) - float(off @ v)
-        if not gamma >= 0.5 * shift:
-            return None
-        v[slot] = -1.0
-        factors = torch.stack([p, v], dim=1)
-        weights = torch.tensor([-1.0 / pivot, 1.0 / gamma], dtype=torch.float64, device=kinv.device)
-        kinv.addmm_(factors * weights, factors.T)
-        # K_new^-1 dots in closed form: the off-diagonal part of dots is b, and A^-1 b = u is known.
-        coeffs = v * (shift / gamma)
-        coeffs[slot] += 1.0
-        return coeffs
-
-    def _swap_outer(self, new: torch.Tensor, old: torch.Tensor) -> bool:
-        """Primal route: Sherman-Morrison for (A + new new^T - old old^T)^-1; False asks for a rebuild.
-
-        Adding first keeps the intermediate matrix well conditioned; removing divides by
-        1 - old^T A'^-1 old, the determinant ratio, which must stay clear of zero.
-        """
-        inv = self._inverse
-        for vector, sign in ((new, 1.0), (old, -1.0)):
-            w = inv @ vector
-            denom = 1.0 + sign * float(vector @ w)
-            if not denom > 1e-6:
-                return False
-            inv.addr_(w, w, alpha=-sign / denom)
-        return True
-
-    def _push(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Store g and update the state; return (the stored gradient in the compute dtype, and for
-        the dual route K^-1 G g in float64)."""
-        stored = self._check_gradient(g).to(self.storage_dtype).to(self.dtype)
-        # One dot product doubles as the finiteness check (NaN/Inf in g make it non-finite), which
-        # is cheaper than torch.isfinite's several passes over d.
-        if not math.isfinite(float(torch.dot(stored, stored))):
-            raise NonFiniteGradientError("g contains NaN or Inf (or its squared norm overflows); non-finite gradients "
-                             "cannot enter the window, which was left unchanged")
-        slot = self._pushed % self.window
-        filling = self._pushed < self.window
-        rebuild = filling or self._since_refactor >= self._refactor_every
-        primal = self.route == "primal"
-        # The primal route subtracts the outgoing row's outer product: copy it before it is overwritten.
-        old = self._grads[slot].to(torch.float64, copy=True) if primal and not filling else None
-        self._grads[slot] = stored
-        self._pushed += 1
-        if primal:
-            new = stored.to(torch.float64)
-            self._gram.addr_(new, new)
-            if old is not None:
-                self._gram.addr_(old, old, alpha=-1.0)
-            if rebuild or not self._swap_outer(new, old):
-                self._refactor(exact_gram=not filling)
-            else:
-                self._since_refactor += 1
-            return stored, None
-        dots = self._window_dots(stored)
-        k = self.num_grads
-        self._gram[slot, :k] = dots
-        self._gram[:k, slot] = dots
-        coeffs = None if rebuild else self._replace_row(slot, dots)
-        if coeffs is None:
-            self._refactor()
-            coeffs = self._inverse[:k, :k] @ dots
+    def _factor(self, gram: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The Cholesky factor the route uses, for the k rows held and their (k, k) float64 Gram
+        matrix: of k*damp*I + gram (dual, O(k^3 / 3)), or of k*damp*I + rows^T rows computed in
+        float64 (primal, O(k d^2 + d^3 / 3))."""
+        k = gram.shape[0]
+        if self.route == "primal":
+            if k == 0:
+                return torch.zeros(0, 0, dtype=torch.float64, device=self.device)
+            rows = rows.to(torch.float64)
+            shifted = rows.T @ rows
+            shifted = (shifted + shifted.T) / 2
         else:
-            self._since_refactor += 1
-        return stored, coeffs
+            shifted = gram.clone()
+        shifted.diagonal().add_(k * self._damp)
+        return robust_cholesky(shifted, k * self._damp)
 
-    # Public API ----------------------------------------------------------------------------------
+    def _solve(self, rhs: torch.Tensor) -> torch.Tensor:
+        """K^-1 rhs for rhs of shape (k,) or (k, n) in float64, by two triangular solves."""
+        columns = rhs if rhs.dim() == 2 else rhs[:, None]
+        out = torch.cholesky_solve(columns, self._lower)
+        return out if rhs.dim() == 2 else out[:, 0]
+
+    # Pushing: stage (no change), then commit ------------------------------------------------------
+
+    def _stage(self, g, want_direction: bool) -> _StagedPush:
+        """Compute everything a push of g changes, and optionally F^-1 g with g in the window,
+        without changing the window. Raises NonFiniteGradientError for a g that cannot enter."""
+        g = self._check_gradient(g)
+        stored = g.to(self.storage_dtype).to(self.dtype)
+        # One max-abs pass finds NaN and Inf (NaN propagates through max), and never overflows.
+        largest = float(torch.linalg.vector_norm(stored, ord=math.inf))
+        if not math.isfinite(largest):
+            raise NonFiniteGradientError("g contains NaN or Inf; non-finite gradients cannot enter the window, "
+                                         "which was left unchanged")
+        slot = self._pushed % self.window
+        k = min(self._pushed + 1, self.window)
+        dots = self._window_dots(stored, rows=k)  # row `slot` still holds the outgoing gradient (or zeros)
+        dots[slot] = float(torch.dot(stored, stored))
+        if not bool(torch.isfinite(dots).all()):
+            norm = float(torch.linalg.vector_norm(stored.to(torch.float64)))
+            raise NonFiniteGradientError(
+                f"g is finite but too large for {self.dtype} products: its norm {norm:.3g} (or its dot product "
+                f"with a gradient in the window) overflows {self.dtype}, whose largest value is "
+                f"{torch.finfo(self.dtype).max:.3g}. Scale the loss down, clip gradients, or use a float64 window; "
+                f"the window was left unchanged")
+        gram = self._gram[:k, :k].clone()
+        gram[slot, :] = dots
+        gram[:, slot] = dots
+        rows = None
+        if self.route == "primal":  # at most window x window numbers
+            rows = self._grads[:k].clone()
+            rows[slot] = stored.to(self.storage_dtype)
+        staged = _StagedPush(slot, stored, dots, self._factor(gram, rows))
+        if want_direction and self.route == "primal":
+            staged.direction = self._primal_apply(stored, staged.lower, k)
+        elif want_direction:
+            # F^-1 g = k G_new^T K_new^-1 e_j. G_new differs from the stored rows in row j only, so
+            # G_new^T a = (G_old^T a with a_j = 0) + a_j g: the window is read once and not yet written.
+            unit = torch.zeros(k, dtype=torch.float64, device=self.device)
+            unit[slot] = 1.0
+            coeffs = torch.cholesky_solve(unit[:, None], staged.lower)[:, 0]
+            weight = float(coeffs[slot]) * k
+            coeffs[slot] = 0.0
+            direction = self._window_combine(stored, coeffs, weight, float(k), rows=k)
+            staged.direction = direction
+        if want_direction and not math.isfinite(float(torch.linalg.vector_norm(staged.direction, ord=math.inf))):
+            raise NonFiniteGradientError(
+                f"F^-1 g overflows {self.dtype} (damp = {self._damp:g} is too small for gradients of size "
+                f"{largest:.3g}); the window was left unchanged")
+        return staged
+
+    def _primal_apply(self, x: torch.Tensor, lower: torch.Tensor, k: int) -> torch.Tensor:
+        """Primal route: F^-1 x = k (k*damp*I + G^T G)^-1 x for x of shape (d,) or (d, n)."""
+        if k == 0:
+            return (x / self._damp).to(self.dtype)
+        columns = x.to(torch.float64)
+        columns = columns if columns.dim() == 2 else columns[:, None]
+        out = torch.cholesky_solve(columns, lower) * k
+        return (out if x.dim() == 2 else out[:, 0]).to(self.dtype)
+
+    def _commit(self, staged: _StagedPush) -> None:
+        k = staged.dots.shape[0]
+        self._grads[staged.slot] = staged.stored
+        self._gram[staged.slot, :k] = staged.dots
+        self._gram[:k, staged.slot] = staged.dots
+        self._lower = staged.lower
+        self._pushed += 1
 
     def _check_gradient(self, g) -> torch.Tensor:
         if not isinstance(g, torch.Tensor):
@@ -236,16 +243,31 @@ class SlidingWindowFisherInverse(FisherInverse):
             raise ValueError(f"g is on {g.device} but the window lives on {self.device}; move it with .to('{self.device}')")
         return g
 
+    # Public API ----------------------------------------------------------------------------------
+
     def push(self, g: torch.Tensor) -> None:
-        """Replace the oldest gradient by g, shape (d,). A non-finite g raises ValueError and leaves
-        the window unchanged. Cost: one pass over the window plus amortised O(window^2)."""
-        self._push(g)
+        """Replace the oldest gradient by g, shape (d,). A g that is not finite, or whose dot products
+        overflow the compute dtype, raises NonFiniteGradientError (a ValueError) and leaves the
+        window unchanged. Cost: one pass over the window plus O(window^3 / 3)."""
+        self._commit(self._stage(g, want_direction=False))
+
+    def push_ihvp(self, g: torch.Tensor) -> torch.Tensor:
+        """Push g, then return F^-1 g with g already in the window, shape (d,), in ``dtype``.
+
+        The window's copy of g is what both the update and the product use, so with a half-precision
+        window this is F^-1 of g rounded to that precision. If g or the result is not finite,
+        NonFiniteGradientError is raised and the window is unchanged. Cost: two passes over the
+        window (G g, then G^T a) plus O(window^3 / 3).
+        """
+        staged = self._stage(g, want_direction=True)
+        self._commit(staged)
+        return staged.direction
 
     def extend(self, grads: torch.Tensor) -> None:
         """Push the rows of ``grads`` (n, d) in order, as n calls to ``push`` would, but with one
-        matrix product and one rebuild: O(k^2 d + k^3) with k = min(n + held, window). Use it to
-        warm-start a window from a batch of gradients. A non-finite row rejects the whole batch
-        and leaves the window unchanged."""
+        Gram matrix and one factorisation: O(k^2 d + k^3) with k = min(n + held, window). Use it to
+        warm-start a window from a batch. A non-finite row rejects the whole batch and leaves the
+        window unchanged; an empty batch changes nothing."""
         if not isinstance(grads, torch.Tensor) or grads.dim() != 2 or grads.shape[1] != self.dim:
             shape = tuple(grads.shape) if isinstance(grads, torch.Tensor) else type(grads).__name__
             raise ValueError(f"grads must be a tensor of shape (n, {self.dim}), got {shape}")
@@ -254,108 +276,151 @@ class SlidingWindowFisherInverse(FisherInverse):
             raise ValueError(f"grads is on {grads.device} but the window lives on {self.device}")
         check_finite("grads", grads)
         n = grads.shape[0]
+        if n == 0:
+            return
         first = max(0, n - self.window)  # older rows would be overwritten within this call
         slots = torch.arange(self._pushed + first, self._pushed + n, device=self.device) % self.window
-        self._grads[slots] = grads[first:].to(self.storage_dtype)
+        k = min(self._pushed + n, self.window)
+        rows = self._grads[:k].clone()
+        rows[slots] = grads[first:].to(self.storage_dtype)
+        computed = rows.to(self.dtype)
+        gram = (computed @ computed.T).to(torch.float64)
+        gram = (gram + gram.T) / 2  # a GEMM need not round A A^T symmetrically; the factor assumes it
+        if not bool(torch.isfinite(gram).all()):
+            raise NonFiniteGradientError(f"grads are finite but their dot products overflow {self.dtype}; scale them "
+                                         f"down or use a float64 window; the window was left unchanged")
+        lower = self._factor(gram, rows)
+        self._grads[:k] = rows
+        self._gram[:k, :k] = gram
+        self._lower = lower
         self._pushed += n
-        k = self.num_grads
-        rows = self._grads[:k].to(self.dtype)
-        gram = rows.T @ rows if self.route == "primal" else rows @ rows.T
-        self._gram[: gram.shape[0], : gram.shape[1]] = gram
-        self._refactor(exact_gram=True)
-
-    def push_ihvp(self, g: torch.Tensor) -> torch.Tensor:
-        """Push g, then return F^-1 g with g already in the window, shape (d,), in ``dtype``.
-
-        The window's copy of g is what both the update and the product use, so with a half-precision
-        window this is F^-1 of g rounded to that precision. Cost: two passes over the window
-        (G g, then G^T a) plus amortised O(window^2).
-        """
-        stored, coeffs = self._push(g)
-        if coeffs is None:
-            return self._primal_apply(stored)
-        return self._window_combine(stored, coeffs)
-
-    def _primal_apply(self, x: torch.Tensor) -> torch.Tensor:
-        """F^-1 x = k (k*damp*I + G^T G)^-1 x for x of shape (d,) or (n, d) (the inverse is symmetric)."""
-        if not self.num_grads:
-            return (x / self._damp).to(self.dtype)
-        return (x.to(torch.float64) @ self._inverse * self.num_grads).to(self.dtype)
 
     def ihvp(self, x: torch.Tensor) -> torch.Tensor:
         x = self._check_vectors(x)
-        if self.route == "primal":
-            return self._primal_apply(x)
-        k = self.num_grads
         vectors = x.mT if x.dim() == 2 else x  # (d,) or (d, n)
-        coeffs = self._inverse[:k, :k] @ self._window_dots(vectors)
-        out = self._window_combine(vectors, coeffs)
+        if self.route == "primal":
+            out = self._primal_apply(vectors, self._lower, self.num_grads)
+            return out.mT.contiguous() if x.dim() == 2 else out
+        coeffs = self._solve(self._window_dots(vectors))
+        out = self._window_combine(vectors, coeffs, 1.0 / self._damp, -1.0 / self._damp)
         return out.mT.contiguous() if x.dim() == 2 else out
 
-    def _quadratic(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-        """Dual route: columnwise left_c^T K^-1 right_c for (k, n) float64 blocks of G."""
+    def _whitened_columns(self, index: torch.Tensor) -> torch.Tensor:
+        """Dual route: L^-1 G[:, index]; primal route: L^-1 e_index. float64, (rows of L, len(index))."""
+        if self.route == "primal":
+            columns = torch.zeros(self.dim, index.numel(), dtype=torch.float64, device=self.device)
+            columns[index, torch.arange(index.numel(), device=self.device)] = 1.0
+        else:
+            columns = self._grads[: self.num_grads, index].to(torch.float64)
+        return torch.linalg.solve_triangular(self._lower, columns, upper=False)
+
+    def _primal_entries(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """Primal route: [F^-1]_ij = k (L^-1 e_i) . (L^-1 e_j) for index vectors i, j (float64)."""
         k = self.num_grads
-        return (left * (self._inverse[:k, :k] @ right)).sum(0)
+        if k == 0:
+            return (i == j).to(torch.float64) / self._damp
+        return k * (self._whitened_columns(i) * self._whitened_columns(j)).sum(0)
 
     def diag(self) -> torch.Tensor:
-        """diag(F^-1), shape (d,). Cost O(d window^2) (dual route), O(d) (primal route)."""
+        """diag(F^-1) = (1 - ||L^-1 G[:, q]||^2) / damp, shape (d,). Cost O(d window^2)."""
         if self.route == "primal":
-            if not self.num_grads:
-                return torch.full((self.dim,), 1.0 / self._damp, dtype=self.dtype, device=self.device)
-            return (self._inverse.diagonal() * self.num_grads).to(self.dtype)
+            index = torch.arange(self.dim, device=self.device)
+            return self._primal_entries(index, index).to(self.dtype)
         k, out = self.num_grads, torch.empty(self.dim, dtype=self.dtype, device=self.device)
         step = max(1, (1 << 22) // max(k, 1))
         for c0 in range(0, self.dim, step):
-            cols = self._grads[:k, c0 : c0 + step].to(torch.float64)
-            out[c0 : c0 + step] = (1.0 - self._quadratic(cols, cols)) / self._damp
+            index = torch.arange(c0, min(c0 + step, self.dim), device=self.device)
+            out[c0: c0 + step] = (1.0 - self._whitened_columns(index).square().sum(0)) / self._damp
         return out
 
     def element(self, i, j) -> torch.Tensor:
-        """[F^-1]_ij = (delta_ij - G[:, i]^T K^-1 G[:, j]) / damp. Cost O(window^2) per pair."""
+        """[F^-1]_ij = (delta_ij - (L^-1 G[:, i]) . (L^-1 G[:, j])) / damp. Cost O(window^2) per pair."""
         i, j = self._check_pair(i, j)
-        k = self.num_grads
-        delta = (i == j).to(torch.float64)
         if self.route == "primal":
-            values = self._inverse[i, j] * k if k else delta / self._damp
-            return values.to(self.dtype)
-        gi = self._grads[:k, i.reshape(-1)].to(torch.float64)
-        gj = self._grads[:k, j.reshape(-1)].to(torch.float64)
-        values = (delta.reshape(-1) - self._quadratic(gi, gj)) / self._damp
+            return self._primal_entries(i.reshape(-1), j.reshape(-1)).to(self.dtype).reshape(i.shape)
+        delta = (i == j).to(torch.float64).reshape(-1)
+        vi, vj = self._whitened_columns(i.reshape(-1)), self._whitened_columns(j.reshape(-1))
+        values = (delta - (vi * vj).sum(0)) / self._damp
         return values.to(self.dtype).reshape(i.shape)
 
     # Checkpointing -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Everything needed to continue exactly: window rows, Gram matrix, K^-1 and counters."""
+        """Everything needed to continue exactly: window rows, the float64 Gram matrix and the count
+        of pushes (plain tensors, ints, floats and strings: loadable with ``weights_only=True``).
+        The Cholesky factor is not stored: it is recomputed from the Gram matrix, bit for bit."""
         return {
             "dim": self.dim, "window": self.window, "damp": self._damp, "storage_dtype": str(self.storage_dtype),
-            "refactor_every": self._refactor_every, "pushed": self._pushed, "since_refactor": self._since_refactor,
-            "grads": self._grads.clone(), "gram": self._gram.clone(), "inverse": self._inverse.clone(),
+            "pushed": self._pushed, "grads": self._grads.clone(), "gram": self._gram.clone(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a state from ``state_dict``; later results are bitwise those of the saved object.
 
-        The window's size, dim, damp and storage dtype must match this object's (construct it with
-        the same arguments); tensors are copied without any change of dtype.
-        """
-        missing = {"dim", "window", "damp", "storage_dtype", "pushed", "since_refactor", "grads", "gram", "inverse"} - set(state)
-        if missing:
-            raise ValueError(f"state dict is missing {sorted(missing)}; pass the output of state_dict()")
-        for key, mine in (("dim", self.dim), ("window", self.window), ("damp", self._damp),
-                          ("storage_dtype", str(self.storage_dtype))):
-            if state[key] != mine:
-                raise ValueError(
-                    f"state dict has {key} = {state[key]} but this window has {key} = {mine}; construct the "
-                    f"SlidingWindowFisherInverse with the same {key} as the one that was saved"
-                )
-        if state["grads"].dtype != self.storage_dtype or state["gram"].dtype != torch.float64 \
-                or state["inverse"].dtype != torch.float64:
-            raise ValueError("state dict tensors were cast to another dtype; the window must load as saved "
-                             f"({self.storage_dtype} rows, float64 Gram and inverse)")
-        self._grads.copy_(state["grads"])
-        self._gram.copy_(state["gram"])
-        self._inverse.copy_(state["inverse"])
-        self._pushed = int(state["pushed"])
-        self._since_refactor = int(state["since_refactor"])
-        self._refactor_every = int(state.get("refactor_every", self._refactor_every))
+        Everything is checked before anything changes: the keys, that dim, window, damp and storage
+        dtype match this object's (construct it with the same arguments), the tensors' shapes,
+        dtypes and finiteness, and that the Gram matrix is symmetric and its diagonal holds the
+        rows' squared norms. A failed load raises ValueError naming the key and leaves the window
+        bitwise unchanged."""
+        grads, gram, pushed = validate_window_state(state, self.dim, self.window, self._damp, self.storage_dtype)
+        k = min(pushed, self.window)
+        lower = self._factor(gram[:k, :k].to(self.device), grads[:k].to(self.device))
+        self._grads.copy_(grads)
+        self._gram.copy_(gram)
+        self._lower = lower
+        self._pushed = pushed
+
+
+def window_nbytes(dim: int, window: int, dtype: torch.dtype) -> int:
+    """Bytes a SlidingWindowFisherInverse of this size holds at its peak (rows plus 3 m x m float64)."""
+    return window * dim * torch.empty(0, dtype=dtype).element_size() + 3 * window * window * 8
+
+
+def validate_window_state(state, dim: int, window: int, damp: float, storage_dtype: torch.dtype):
+    """Check a window's state dict against the expected sizes, without allocating anything of the
+    size the state claims; returns (grads, gram, pushed). Raises ValueError naming the problem."""
+    if not isinstance(state, dict):
+        raise ValueError(f"window state must be a dict from state_dict(), got {type(state).__name__}")
+    required = {"dim", "window", "damp", "storage_dtype", "pushed", "grads", "gram"}
+    missing = required - set(state)
+    if missing:
+        raise ValueError(f"window state is missing {sorted(missing)}; pass the output of state_dict()")
+    unknown = set(state) - required - _LEGACY_KEYS
+    if unknown:
+        raise ValueError(f"window state has unknown keys {sorted(unknown)}; pass the output of state_dict()")
+    for key, mine in (("dim", dim), ("window", window)):
+        value = state[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value != mine:
+            raise ValueError(f"window state has {key} = {value!r} but this window has {key} = {mine}; construct "
+                             f"it with the same {key} as the one that was saved")
+    if not isinstance(state["damp"], float) or state["damp"] != damp:
+        raise ValueError(f"window state has damp = {state['damp']!r} but this window has damp = {damp!r}; "
+                         f"construct it with the same damp")
+    if state["storage_dtype"] != str(storage_dtype):
+        raise ValueError(f"window state has storage_dtype = {state['storage_dtype']!r} but this window stores "
+                         f"{storage_dtype}; construct it with the same dtype")
+    pushed = state["pushed"]
+    if isinstance(pushed, bool) or not isinstance(pushed, int) or pushed < 0:
+        raise ValueError(f"window state has pushed = {pushed!r}; it must be an int >= 0")
+    grads, gram = state["grads"], state["gram"]
+    for key, tensor, shape, dtype in (("grads", grads, (window, dim), storage_dtype),
+                                      ("gram", gram, (window, window), torch.float64)):
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"window state's {key} must be a tensor, got {type(tensor).__name__}")
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"window state's {key} has shape {tuple(tensor.shape)}, expected {shape}")
+        if tensor.dtype != dtype:
+            raise ValueError(f"window state's {key} is {tensor.dtype}, expected {dtype}: the window must load as "
+                             f"saved, without a change of dtype")
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"window state's {key} contains NaN or Inf")
+    k = min(pushed, window)
+    if not torch.equal(gram, gram.T):
+        raise ValueError("window state's gram is not symmetric; it does not come from state_dict()")
+    if bool(grads[k:].any()) or bool(gram[k:].any()):
+        raise ValueError(f"window state holds data beyond the {k} gradients that pushed = {pushed} implies")
+    norms = grads[:k].to(torch.float64).square().sum(1)
+    if not torch.allclose(gram.diagonal()[:k], norms, rtol=1e-3, atol=1e-30):
+        raise ValueError("window state's gram does not match its grads (the diagonal must hold the rows' squared "
+                         "norms); the two tensors come from different states")
+    return grads, gram, pushed

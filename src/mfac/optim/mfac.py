@@ -25,10 +25,12 @@ from torch.optim import Optimizer
 
 from ..fisher import NonFiniteGradientError, SlidingWindowFisherInverse
 from ..fisher.base import check_damp, compute_dtype
+from ..fisher.window import validate_window_state, window_nbytes
+from .. import resources
 
 __all__ = ["MFAC"]
 
-_GLOBAL_KEYS = ("window", "damp", "window_dtype", "refactor_every", "nonfinite")
+_GLOBAL_KEYS = ("window", "damp", "window_dtype", "nonfinite")
 
 
 def _check_hyper(name: str, value, low: float = 0.0, high: float = math.inf, high_open: bool = False) -> None:
@@ -36,6 +38,18 @@ def _check_hyper(name: str, value, low: float = 0.0, high: float = math.inf, hig
             or value < low or value > high or (high_open and value == high):
         bound = f"[{low:g}, {high:g}{')' if high_open else ']'}" if high < math.inf else f">= {low:g}"
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+def _check_group(group: dict) -> None:
+    """Settings that cannot work are refused before a step changes anything (schedulers and users
+    may edit param groups between steps, so this runs at every step too)."""
+    largest = min((torch.finfo(p.dtype).max for p in group["params"]), default=torch.finfo(torch.float32).max)
+    _check_hyper("lr", group["lr"], 0.0, largest)
+    _check_hyper("momentum", group["momentum"], 0.0, 1.0, high_open=True)
+    _check_hyper("weight_decay", group["weight_decay"], 0.0, largest)
+    if group["decoupled_weight_decay"] and group["lr"] * group["weight_decay"] > 1:
+        raise ValueError(f"lr * weight_decay = {group['lr'] * group['weight_decay']:g} > 1 with decoupled weight decay "
+                         f"would flip the sign of the parameters; lower lr or weight_decay")
 
 
 class MFAC(Optimizer):
@@ -53,22 +67,24 @@ class MFAC(Optimizer):
             adding weight_decay*p to the gradient, as AdamW does; the window then sees raw gradients.
         window_dtype: storage dtype of the window (optimizer-wide); default: the parameters' dtype,
             float32 for bfloat16/float16 parameters. The small m x m state is float64 regardless.
-        nonfinite: "skip" (default): a step whose gradient has NaN/Inf changes nothing (parameters,
-            window, momentum), counts in ``skipped_steps`` and warns once; "raise": raise instead.
-        refactor_every: passed to the window (optimizer-wide); default: ``window``.
+        nonfinite: "skip" (default): a step that cannot be taken (a gradient with NaN/Inf or too
+            large for the window's dtype, or an update that would make a parameter non-finite)
+            changes nothing (parameters, window, momentum), counts in ``skipped_steps`` and warns
+            once; "raise": raise FloatingPointError instead, also changing nothing.
 
     All parameters of all groups form one vector of d coordinates and share one window, as in the
     published method; the window is created at the first ``step``, after which ``add_param_group``
-    is refused. Cost per step: two reads of the window plus O(d + window^2).
+    is refused. The constructor refuses settings that cannot work (damp below the smallest normal
+    number of the window's dtype, lr beyond the parameters' dtype) and a window that cannot fit in
+    the memory available, before any step. Cost per step: two reads of the window plus
+    O(d + window^3 / 3); extra memory 3 d numbers (flat gradient, momentum, a staged update).
     """
 
     def __init__(self, params, lr: float = 1e-3, window: int = 512, damp: float = 1e-5, momentum: float = 0.0,
                  weight_decay: float = 0.0, decoupled_weight_decay: bool = False,
-                 window_dtype: torch.dtype | None = None, nonfinite: str = "skip",
-                 refactor_every: int | None = None):
+                 window_dtype: torch.dtype | None = None, nonfinite: str = "skip"):
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an int >= 1 (the number of gradients kept), got {window!r}")
-        self._damp = check_damp(damp)
         if window_dtype is not None and (not isinstance(window_dtype, torch.dtype)
                                          or not window_dtype.is_floating_point):
             raise TypeError(f"window_dtype must be a floating torch.dtype or None, got {window_dtype!r}")
@@ -77,7 +93,6 @@ class MFAC(Optimizer):
         self._window_size = window
         self._window_dtype = window_dtype
         self._nonfinite = nonfinite
-        self._refactor_every = refactor_every
         self._fisher: SlidingWindowFisherInverse | None = None
         self._flat_grad: torch.Tensor | None = None
         self._momentum: torch.Tensor | None = None
@@ -87,6 +102,12 @@ class MFAC(Optimizer):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                         decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults)
+        dtype = self._storage_dtype()
+        self._damp = check_damp(damp, compute_dtype(dtype))
+        device = self._all_params()[0].device
+        resources.check_fits(window_nbytes(self.dim, window, dtype) + 3 * self.dim * compute_dtype(dtype).itemsize, device,
+                   f"MFAC's state (a window of {window} gradients of {self.dim:,} coordinates in {dtype}, plus 3 "
+                   f"vectors of d)", "lower window, or use window_dtype=torch.bfloat16")
 
     # Param groups ----------------------------------------------------------------------------------
 
@@ -100,12 +121,14 @@ class MFAC(Optimizer):
                                "is fixed then. Create the optimizer with all parameter groups instead")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _check_hyper("lr", group["lr"])
-        _check_hyper("momentum", group["momentum"], 0.0, 1.0, high_open=True)
-        _check_hyper("weight_decay", group["weight_decay"])
         for p in group["params"]:
             if not p.dtype.is_floating_point:
                 raise TypeError(f"MFAC needs floating parameters, got one of dtype {p.dtype}")
+        try:
+            _check_group(group)
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     def _all_params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -127,10 +150,12 @@ class MFAC(Optimizer):
 
     @property
     def skipped_steps(self) -> int:
-        """Steps skipped because the gradient was not finite."""
+        """Steps skipped because the gradient or the update was not finite."""
         return self._skipped
 
-    def _default_window_dtype(self) -> torch.dtype:
+    def _storage_dtype(self) -> torch.dtype:
+        if self._window_dtype is not None:
+            return self._window_dtype
         dtypes = {compute_dtype(p.dtype) for p in self._all_params()}
         return torch.float64 if torch.float64 in dtypes else torch.float32
 
@@ -143,9 +168,8 @@ class MFAC(Optimizer):
             if len(devices) > 1:
                 raise ValueError(f"MFAC keeps one window for all parameters, so they must share a device; got "
                                  f"{sorted(map(str, devices))}")
-            dtype = self._window_dtype or self._default_window_dtype()
-            self._fisher = SlidingWindowFisherInverse(self.dim, self._window_size, self._damp, dtype=dtype,
-                                                      device=devices.pop(), refactor_every=self._refactor_every)
+            self._fisher = SlidingWindowFisherInverse(self.dim, self._window_size, self._damp,
+                                                      dtype=self._storage_dtype(), device=devices.pop())
             self._flat_grad = torch.zeros(self.dim, dtype=self._fisher.dtype, device=self._fisher.device)
         return self._fisher
 
@@ -169,12 +193,13 @@ class MFAC(Optimizer):
                     part.copy_(p.grad.reshape(-1))
         return flat
 
-    def _skip_nonfinite(self) -> None:
-        self._skipped += 1
-        message = (f"MFAC skipped step {self._steps + self._skipped}: the gradient contains NaN or Inf, so "
-                   f"parameters, window and momentum were left unchanged ({self._skipped} skipped so far)")
+    def _skip(self, reason: str) -> None:
         if self._nonfinite == "raise":
-            raise FloatingPointError(message)
+            raise FloatingPointError(f"MFAC refused step {self._steps + self._skipped + 1}: {reason}; parameters, "
+                                     f"window and momentum were left unchanged")
+        self._skipped += 1
+        message = (f"MFAC skipped step {self._steps + self._skipped}: {reason}, so parameters, window and momentum "
+                   f"were left unchanged ({self._skipped} skipped so far)")
         if not self._warned_nonfinite:
             warnings.warn(message + "; further skips are counted in skipped_steps without a warning",
                           RuntimeWarning, stacklevel=3)
@@ -182,20 +207,28 @@ class MFAC(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """Perform one step; returns the closure's loss (or None)."""
+        """Perform one step; returns the closure's loss (or None).
+
+        The step is computed in full before anything is written: if the gradient cannot enter the
+        window, or the update would make a parameter non-finite, nothing changes (see ``nonfinite``)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for group in self.param_groups:
+            _check_group(group)
         fisher = self._ensure_window()
         try:
-            direction = fisher.push_ihvp(self._gather_gradient())
-        except NonFiniteGradientError:  # the window refused it and is unchanged
-            self._skip_nonfinite()
+            staged = fisher._stage(self._gather_gradient(), want_direction=True)
+        except NonFiniteGradientError as error:  # the window refused it and is unchanged
+            self._skip(str(error).split(";")[0])
             return loss
-        if self._momentum is None and any(group["momentum"] for group in self.param_groups):
-            self._momentum = torch.zeros_like(direction)
-        offset = 0
+        direction = staged.direction
+        use_momentum = any(group["momentum"] for group in self.param_groups)
+        momentum_buffer = self._momentum
+        if use_momentum:
+            momentum_buffer = torch.zeros_like(direction) if momentum_buffer is None else momentum_buffer.clone()
+        updates, finite, offset = [], torch.ones((), dtype=torch.bool, device=direction.device), 0
         for group in self.param_groups:
             lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:
@@ -204,10 +237,20 @@ class MFAC(Optimizer):
                     continue
                 update = direction[start:offset]
                 if momentum:
-                    update = self._momentum[start:offset].mul_(momentum).add_(update)
-                if group["decoupled_weight_decay"] and decay:
-                    p.mul_(1.0 - lr * decay)
-                p.add_(update.view_as(p).to(p.dtype), alpha=-lr)
+                    update = momentum_buffer[start:offset].mul_(momentum).add_(update)
+                base = p * (1.0 - lr * decay) if group["decoupled_weight_decay"] and decay else p
+                new = torch.add(base, update.view_as(p).to(p.dtype), alpha=-lr)
+                finite &= torch.isfinite(new).all()
+                updates.append((p, new))
+        if not bool(finite):
+            self._skip("the update would make a parameter NaN or Inf (lr too large for this preconditioned "
+                       "direction?)")
+            return loss
+        fisher._commit(staged)
+        if use_momentum:
+            self._momentum = momentum_buffer
+        for p, new in updates:
+            p.copy_(new)
         self._steps += 1
         return loss
 
@@ -215,7 +258,8 @@ class MFAC(Optimizer):
 
     def state_dict(self) -> dict:
         """torch's optimizer state dict plus an ``"mfac"`` entry holding the window (rows, float64
-        Gram and inverse, position), the flat momentum buffer and the step counters."""
+        Gram matrix, position), the flat momentum buffer and the step counters. Everything in it is
+        a tensor, number, string or None, so ``torch.load(..., weights_only=True)`` reads it."""
         state = super().state_dict()
         state["mfac"] = {
             "dim": self.dim,
@@ -228,33 +272,76 @@ class MFAC(Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore a state from ``state_dict``; continuing then gives bitwise the same parameters as
-        never having stopped. The window and the float64 state keep their saved dtypes."""
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("mfac", None)
-        if extra is None:
+        never having stopped. The window and the float64 state keep their saved dtypes.
+
+        Everything is checked before anything changes (keys, sizes, dtypes, ranges, and that the
+        optimizer was built with the same window, damp and window dtype); a failed load raises
+        ValueError naming the entry and leaves the optimizer bitwise unchanged."""
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("mfac"), dict):
             raise ValueError("this state dict has no 'mfac' entry: it was not saved by MFAC.state_dict()")
-        if extra["dim"] != self.dim:
-            raise ValueError(f"the state dict is for parameters with d = {extra['dim']:,} coordinates, but this "
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("mfac")
+        missing = {"dim", "steps", "skipped_steps", "window", "momentum"} - set(extra)
+        if missing:
+            raise ValueError(f"the state dict's 'mfac' entry is missing {sorted(missing)}; pass the output of "
+                             f"MFAC.state_dict()")
+        if extra["dim"] != self.dim or isinstance(extra["dim"], bool):
+            raise ValueError(f"the state dict is for parameters with d = {extra['dim']!r} coordinates, but this "
                              f"optimizer's parameters have d = {self.dim:,}; load it into an MFAC built on the "
                              f"same model")
+        for key in ("steps", "skipped_steps"):
+            if isinstance(extra[key], bool) or not isinstance(extra[key], int) or extra[key] < 0:
+                raise ValueError(f"the state dict's mfac.{key} must be an int >= 0, got {extra[key]!r}")
         window_state = extra["window"]
-        if window_state is not None and window_state["damp"] != self._damp:
-            raise ValueError(f"the state dict has damp = {window_state['damp']:g} but this optimizer has "
-                             f"damp = {self._damp:g}; construct MFAC with the same damp to resume")
+        dtype = self._storage_dtype()
         if window_state is not None:
-            fresh = SlidingWindowFisherInverse(self.dim, window_state["window"], self._damp,
-                                               dtype=getattr(torch, window_state["storage_dtype"].split(".")[-1]),
-                                               device=self._all_params()[0].device,
-                                               refactor_every=window_state.get("refactor_every"))
-            if window_state["window"] != self._window_size:
-                raise ValueError(f"the state dict has window = {window_state['window']} but this optimizer has "
-                                 f"window = {self._window_size}; construct MFAC with the same window")
-            fresh.load_state_dict(window_state)  # validates damp and dtypes before anything changes
-        super().load_state_dict(state_dict)
-        if window_state is not None:
-            self._fisher = fresh
-            self._flat_grad = torch.zeros(self.dim, dtype=fresh.dtype, device=fresh.device)
+            if isinstance(window_state, dict) and window_state.get("window") != self._window_size:
+                raise ValueError(f"the state dict has window = {window_state.get('window')!r} but this optimizer "
+                                 f"has window = {self._window_size}; construct MFAC with the same window")
+            if isinstance(window_state, dict) and window_state.get("damp") != self._damp:
+                raise ValueError(f"the state dict has damp = {window_state.get('damp')!r} but this optimizer has "
+                                 f"damp = {self._damp:g}; construct MFAC with the same damp to resume")
+            if isinstance(window_state, dict) and window_state.get("storage_dtype") != str(dtype):
+                raise ValueError(f"the state dict's window stores {window_state.get('storage_dtype')!r} but this "
+                                 f"optimizer's window stores {dtype}; construct MFAC with the same window_dtype")
+            validate_window_state(window_state, self.dim, self._window_size, self._damp, dtype)
+        elif extra["steps"] > 0:
+            raise ValueError(f"the state dict records {extra['steps']} steps but no window; it is not from "
+                             f"MFAC.state_dict()")
         momentum = extra["momentum"]
-        self._momentum = None if momentum is None else momentum.to(self._all_params()[0].device).clone()
-        self._steps = int(extra["steps"])
-        self._skipped = int(extra["skipped_steps"])
+        if momentum is not None:
+            expected = compute_dtype(dtype)
+            if not isinstance(momentum, torch.Tensor) or momentum.shape != (self.dim,) or momentum.dtype != expected:
+                got = (f"{tuple(momentum.shape)} {momentum.dtype}" if isinstance(momentum, torch.Tensor)
+                       else type(momentum).__name__)
+                raise ValueError(f"the state dict's momentum must be a ({self.dim},) {expected} tensor, got {got}")
+            if not bool(torch.isfinite(momentum).all()):
+                raise ValueError("the state dict's momentum contains NaN or Inf")
+        device = self._all_params()[0].device
+        fresh = None
+        if window_state is not None:
+            fresh = SlidingWindowFisherInverse(self.dim, self._window_size, self._damp, dtype=dtype, device=device)
+            fresh.load_state_dict(window_state)
+        saved_groups, saved_contents = self.param_groups, [dict(group) for group in self.param_groups]
+        saved_state = self.state
+        try:
+            super().load_state_dict(state_dict)
+            for group in self.param_groups:
+                for key in _GLOBAL_KEYS:
+                    if key in group:
+                        raise ValueError(f"the state dict's param groups set {key!r}, which is optimizer-wide")
+                _check_group(group)
+        except (ValueError, KeyError, TypeError, IndexError) as error:
+            for group, saved in zip(saved_groups, saved_contents):
+                group.clear()
+                group.update(saved)
+            self.param_groups, self.state = saved_groups, saved_state
+            if isinstance(error, ValueError):
+                raise
+            raise ValueError(f"the state dict's param groups or state are malformed ({error!r}); pass the output "
+                             f"of MFAC.state_dict()") from None
+        self._fisher = fresh
+        self._flat_grad = None if fresh is None else torch.zeros(self.dim, dtype=fresh.dtype, device=fresh.device)
+        self._momentum = None if momentum is None else momentum.to(device).clone()
+        self._steps = extra["steps"]
+        self._skipped = extra["skipped_steps"]

@@ -111,14 +111,38 @@ class GradualPruner:
             self._handle.remove()
             self._handle = None
 
+    def _schedule(self) -> dict:
+        return {"final_sparsity": self.final_sparsity, "initial_sparsity": self.initial_sparsity,
+                "start_step": self.start_step, "end_step": self.end_step, "every": self.every,
+                "schedule": self.schedule}
+
     def state_dict(self) -> dict:
-        return {"step": self._step, "masks": self.masks.state_dict()}
+        """The schedule position, the masks and the schedule's settings (checked on load)."""
+        return {"step": self._step, "masks": self.masks.state_dict(), "schedule": self._schedule()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore the step counter and masks, and attach the masks to the model."""
+        """Restore the step counter and masks, and attach the masks to the model. Checked first
+        (keys, step, mask names and shapes against the pruned parameters, the schedule's settings);
+        a failed load raises ValueError and changes nothing."""
+        if not isinstance(state, dict) or not {"step", "masks"} <= set(state):
+            raise ValueError("pruner state must be a dict with 'step' and 'masks'; pass the output of state_dict()")
+        step = state["step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"pruner state's step must be an int >= 0, got {step!r}")
+        saved_schedule = state.get("schedule")
+        if saved_schedule is not None and saved_schedule != self._schedule():
+            differences = {k: (v, self._schedule().get(k)) for k, v in saved_schedule.items()
+                           if self._schedule().get(k) != v}
+            raise ValueError(f"pruner state was saved with another schedule (saved, this pruner): {differences}; "
+                             f"construct the GradualPruner with the same settings to resume")
+        masks = Masks.dense(resolve_params(self.model, self._names))
+        try:
+            masks.load_state_dict(state["masks"])
+        except TypeError as error:
+            raise ValueError(f"pruner state's masks: {error}") from None
         self.detach()
-        self.masks = Masks(state["masks"])
-        self._step = int(state["step"])
+        self.masks = masks
+        self._step = step
         if self.masks.sparsity() > 0:
             self._handle = self.masks.attach(self.model)
 

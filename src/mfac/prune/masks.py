@@ -59,16 +59,26 @@ class MaskHandle:
         self._names = []
 
 
+def _checked(masks) -> dict[str, torch.Tensor]:
+    """A name -> bool tensor dict, or TypeError naming the offending entry."""
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"masks must be a mapping of parameter name -> bool tensor, got {type(masks).__name__}")
+    out = {}
+    for name, mask in masks.items():
+        if not isinstance(name, str):
+            raise TypeError(f"mask names must be strings (parameter names), got {name!r}")
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask for {name!r} must be a bool tensor, got "
+                            f"{getattr(mask, 'dtype', type(mask).__name__)}")
+        out[name] = mask
+    return out
+
+
 class Masks(Mapping):
     """Parameter name -> bool tensor of the parameter's shape (True = kept, False = pruned)."""
 
     def __init__(self, masks: Mapping[str, torch.Tensor]):
-        self._masks = {}
-        for name, mask in masks.items():
-            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-                raise TypeError(f"mask for {name!r} must be a bool tensor, got "
-                                f"{getattr(mask, 'dtype', type(mask).__name__)}")
-            self._masks[name] = mask
+        self._masks = _checked(masks)
 
     @classmethod
     def dense(cls, params: Mapping[str, torch.Tensor]) -> "Masks":
@@ -133,7 +143,18 @@ class Masks(Mapping):
         return {name: mask.clone() for name, mask in self._masks.items()}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        self.__init__({name: mask.clone() for name, mask in state.items()})
+        """Replace the masks by those of ``state``. When masks are held, the state must name the same
+        tensors with the same shapes. Checked before anything changes; raises ValueError/TypeError."""
+        masks = _checked(state)
+        if self._masks:
+            if set(masks) != set(self._masks):
+                raise ValueError(f"mask state names {sorted(masks)[:5]}..., but these masks are for "
+                                 f"{sorted(self._masks)[:5]}...; load masks saved for the same parameters")
+            for name, mask in masks.items():
+                if mask.shape != self._masks[name].shape:
+                    raise ValueError(f"mask state for {name!r} has shape {tuple(mask.shape)}, expected "
+                                     f"{tuple(self._masks[name].shape)}")
+        self._masks = {name: mask.clone() for name, mask in masks.items()}
 
     def __repr__(self) -> str:
         return f"Masks({len(self)} tensors, sparsity {self.sparsity():.2%})"
