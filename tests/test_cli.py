@@ -71,18 +71,19 @@ def test_demo_is_deterministic_for_a_seed(demo, tmp_path):
 def test_train_then_prune_reloads_with_reported_sparsity(tmp_path):
     trained = mfac("train", "--model", "cnn", "--data", "digits", "--steps", 60, "--out", tmp_path / "t", "--quiet")
     assert trained.returncode == 0, trained.stderr
-    pruned = mfac("prune", "--model", "cnn", "--data", "digits", "--checkpoint", tmp_path / "t" / "model.pt",
+    pruned = mfac("prune", "--model", "cnn", "--data", "digits", "--checkpoint", tmp_path / "t" / "model.safetensors",
                   "--sparsity", 0.75, "--num-grads", 16, "--recompute", 2, "--out", tmp_path / "p", "--quiet")
     assert pruned.returncode == 0, pruned.stderr
     report = json.loads((tmp_path / "p" / "report.json").read_text())
     assert abs(report["sparsity"] - 0.75) < 1e-3
 
+    from mfac.checkpoint import load_weights
     from mfac.models import small_cnn
     from mfac.prune import Masks
 
     model = small_cnn()
-    model.load_state_dict(torch.load(tmp_path / "p" / "pruned.pt"))
-    masks = Masks(torch.load(tmp_path / "p" / "masks.pt"))
+    model.load_state_dict(load_weights(tmp_path / "p" / "pruned.safetensors"))
+    masks = Masks(load_weights(tmp_path / "p" / "masks.safetensors"))
     assert masks.sparsity() == report["sparsity"]
     params = dict(model.named_parameters())
     zeros = sum(int((params[n][~m] == 0).sum()) for n, m in masks.items())
@@ -94,7 +95,7 @@ def test_train_then_prune_reloads_with_reported_sparsity(tmp_path):
     (["train", "--data", "imagenet"], "unknown --data"),
     (["train", "--data", "cifar-npz:/nonexistent.npz"], "no such CIFAR file"),
     (["train", "--model", "resnet20"], "resnet20 needs 3x32x32 images"),
-    (["prune", "--sparsity", "1.5"], "--sparsity must be in"),
+    (["prune", "--sparsity", "1.5"], "argument --sparsity: must be a finite number in [0, 1)"),
     (["prune", "--pattern", "3:5"], "divides by 5"),
     (["prune", "--checkpoint", "/nonexistent.pt"], "no such checkpoint"),
     (["demo", "--bogus"], "unrecognized arguments"),
@@ -147,3 +148,146 @@ def test_ctrl_c_leaves_no_half_written_report(tmp_path):
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert not (out / "report.json").exists()
     assert not list(tmp_path.glob(".*partial*"))
+
+
+# The command-line contract: exit 2 for bad usage before any work, 1 for failures, 130 for Ctrl-C
+
+def one_line_error(result, status):
+    assert result.returncode == status, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def write_files(folder: Path) -> dict:
+    import numpy as np
+
+    folder.mkdir(exist_ok=True)
+    files = {"text": folder / "notes.txt", "empty": folder / "empty.pt", "random": folder / "random.pt",
+             "truncated": folder / "truncated.pt", "npz_without_x": folder / "bad.npz"}
+    files["text"].write_text("just some text\n")
+    files["empty"].write_bytes(b"")
+    files["random"].write_bytes(np.random.default_rng(0).bytes(3000))
+    torch.save({"0.weight": torch.zeros(100, 100)}, files["truncated"])
+    files["truncated"].write_bytes(files["truncated"].read_bytes()[:1000])
+    np.savez(files["npz_without_x"], images=np.zeros((4, 32, 32, 3), dtype=np.uint8), y=np.zeros(4, dtype=np.uint8))
+    return files
+
+
+BAD_USAGE = [
+    (["train", "--batch-size", "0"], "--batch-size"),
+    (["train", "--batch-size", "-1"], "--batch-size"),
+    (["train", "--batch-size", "5000"], "--batch-size must be in [1, 1348]"),
+    (["train", "--lr", "1e300"], "--lr"),
+    (["train", "--lr", "nan"], "--lr"),
+    (["train", "--damp", "1e-45"], "--damp"),
+    (["train", "--seed", str(2**70)], "--seed"),
+    (["train", "--steps", "0"], "--steps"),
+    (["train", "--checkpoint", "{text}"], "not a readable torch file"),
+    (["train", "--checkpoint", "{empty}"], "not a readable torch file"),
+    (["train", "--checkpoint", "{random}"], "not a readable torch file"),
+    (["train", "--checkpoint", "{truncated}"], "not a readable torch file"),
+    (["train", "--data", "mnist-idx:{text}"], "not an MNIST IDX"),
+    (["train", "--data", "cifar-npz:{text}"], "not a CIFAR"),
+    (["train", "--data", "cifar-npz:{npz_without_x}"], "has no array 'x'"),
+    (["prune", "--damp", "0"], "--damp"),
+    (["prune", "--num-grads", "0"], "--num-grads"),
+    (["train", "--resume", "{folder}"], "no checkpoint.pt"),
+]
+
+
+@pytest.mark.parametrize("args,fragment", BAD_USAGE)
+def test_bad_usage_exits_2_with_one_line_before_any_work(args, fragment, tmp_path):
+    files = {name: str(path) for name, path in write_files(tmp_path / "files").items()}
+    args = [a.format(**files, folder=tmp_path / "files") for a in args]
+    out = tmp_path / "out"
+    line = one_line_error(mfac(*args, "--out", out), 2)
+    assert fragment in line, line
+    assert not out.exists()
+
+
+def test_out_folder_problems_are_found_before_any_work(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    assert "is a file" in one_line_error(mfac("train", "--out", tmp_path / "a_file"), 2)
+    assert "is a file" in one_line_error(mfac("prune", "--out", tmp_path / "a_file" / "inside"), 2)
+    assert "cannot be written" in one_line_error(mfac("demo", "--out", "/proc/mfac-cannot-write-here"), 2)
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "keep.txt").write_text("mine")
+    assert "not empty" in one_line_error(mfac("train", "--steps", 3, "--out", used), 2)
+    forced = mfac("train", "--steps", 3, "--out", used, "--force", "--quiet")
+    assert forced.returncode == 0, forced.stderr
+    assert (used / "keep.txt").read_text() == "mine" and (used / "model.safetensors").exists()
+
+
+def test_a_diverging_run_says_so_exits_1_and_writes_valid_json(tmp_path):
+    out = tmp_path / "run"
+    line = one_line_error(mfac("train", "--optimizer", "sgd", "--lr", "1e30", "--steps", 50, "--out", out, "--quiet"),
+                          1)
+    assert "diverged" in line
+    text = (out / "report.json").read_text()
+    report = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in report.json"))
+    assert report["diverged"] is True and report["diverged_at_step"] >= 1
+
+
+def test_train_resumes_bitwise_after_kill_9(tmp_path):
+    from mfac.checkpoint import load_weights
+
+    settings = ["train", "--model", "mlp", "--optimizer", "mfac", "--steps", 1500, "--checkpoint-every", 7, "--quiet"]
+    reference = mfac(*settings, "--out", tmp_path / "whole")
+    assert reference.returncode == 0, reference.stderr
+    run = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "mfac", *map(str, settings), "--out", str(run)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import time
+
+    deadline = time.time() + 120
+    while not (run / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)  # somewhere in the middle of training, possibly inside a save
+    process.kill()
+    process.wait()
+    assert not (run / "model.safetensors").exists(), "the run finished before it could be killed"
+    resumed = mfac("train", "--resume", run, "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    report = json.loads((run / "report.json").read_text())
+    assert report["resumed_at_steps"] and 0 < report["resumed_at_steps"][0] < 1500
+    expected, got = load_weights(tmp_path / "whole" / "model.safetensors"), load_weights(run / "model.safetensors")
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    assert "differs from the resumed run" in one_line_error(mfac("train", "--resume", run, "--lr", "0.5"), 2)
+
+
+def test_atomic_save_survives_kill_9_at_any_moment(tmp_path):
+    import random
+    import time
+
+    target = tmp_path / "state.pt"
+    code = ("import sys, torch; from mfac import checkpoint\n"
+            "state = {'w': torch.randn(2_000_000), 'step': 0}\n"
+            "while True:\n    state['step'] += 1; checkpoint.save(state, sys.argv[1])\n")
+    rng = random.Random(0)
+    for _ in range(4):
+        process = subprocess.Popen([sys.executable, "-c", code, str(target)])
+        deadline = time.time() + 60
+        while not target.exists() and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.05, 0.5))
+        process.kill()
+        process.wait()
+        from mfac.checkpoint import load
+
+        assert load(target)["w"].shape == (2_000_000,)
+
+
+def test_ctrl_c_while_loading_exits_130_without_traceback():
+    import signal
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "mfac", "demo", "--quick", "--quiet", "--out", "/tmp/never"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.4)  # torch is still being imported
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr

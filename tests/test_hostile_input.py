@@ -59,7 +59,7 @@ def test_malicious_checkpoint_runs_nothing(tmp_path, payload):
     path, marker = malicious_file(tmp_path, payload)
     for load in (lambda: checkpoint.load(path), lambda: checkpoint.load_weights(path),
                  lambda: load_checkpoint(mlp(64, (8,)), path)):
-        with pytest.raises(checkpoint.UnsafeFileError, match="could run code"):
+        with pytest.raises(checkpoint.UnsafeFileError, match="asks to load the Python object .*system.*could run code"):
             load()
     assert not marker.exists()
 
@@ -68,7 +68,7 @@ def test_malicious_checkpoint_runs_nothing(tmp_path, payload):
 def test_garbage_files_are_named_corrupt(tmp_path, content):
     path = tmp_path / "garbage.pt"
     path.write_bytes(content)
-    with pytest.raises((checkpoint.CorruptFileError, checkpoint.UnsafeFileError)):
+    with pytest.raises(checkpoint.CorruptFileError, match="not a readable"):
         checkpoint.load_weights(path)
 
 

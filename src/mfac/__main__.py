@@ -1,7 +1,5 @@
 """``python -m mfac`` runs the ``mfac`` command."""
 
-import sys
+from .cli import run_program
 
-from .cli import main
-
-sys.exit(main())
+run_program()

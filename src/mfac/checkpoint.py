@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -92,16 +93,18 @@ def load(path: str | Path, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        if "Weights only load failed" in str(error):
+        found = re.search(r"GLOBAL (\S+)|Unsupported global: GLOBAL (\S+)", str(error))
+        if found:
             raise UnsafeFileError(
-                f"{path} was refused: it holds Python objects other than tensors and plain data, and loading "
-                f"them could run code. Load only files you trust, or re-save the weights as a state dict"
+                f"{path} was refused: it asks to load the Python object {found[1] or found[2]}, and loading objects "
+                f"other than tensors and plain data could run code. Load only files you trust, or re-save the "
+                f"weights as a state dict (or safetensors)"
             ) from None
-        raise CorruptFileError(f"{path} is not a readable torch file ({' '.join(str(error).split())[:120]})") from None
-    except (EOFError, KeyError, RuntimeError, zipfile.BadZipFile, ValueError, IndexError, UnicodeDecodeError) as error:
-        detail = " ".join(str(error).split())[:120] or type(error).__name__
+        raise CorruptFileError(f"{path} is not a readable torch file: its contents are not a valid checkpoint "
+                               f"(damaged, or another format)") from None
+    except (EOFError, KeyError, RuntimeError, zipfile.BadZipFile, ValueError, IndexError, UnicodeDecodeError):
         raise CorruptFileError(f"{path} is not a readable torch file: it is empty, truncated or in another "
-                               f"format ({detail})") from None
+                               f"format") from None
 
 
 def _is_safetensors(path: Path) -> bool:

@@ -11,6 +11,7 @@ Every loader returns float32 inputs and int64 labels on the CPU.
 from __future__ import annotations
 
 import gzip
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,18 +74,37 @@ def load_breast_cancer(test_fraction: float = 0.25, seed: int = 0) -> Split:
     return split
 
 
-def read_mnist_idx(images_path: str | Path, labels_path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """MNIST from IDX files (gzip or not): images (n, 1, 28, 28) in [0, 1], labels (n,)."""
-    def read(path, offset):
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no such MNIST file: {path}")
-        raw = path.read_bytes()
-        raw = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
-        return torch.frombuffer(bytearray(raw[offset:]), dtype=torch.uint8)
+def _read_idx(path: str | Path, magic: int, what: str) -> torch.Tensor:
+    """The uint8 payload of an IDX file (gzip or not), checked against its header: the magic
+    number, and the dimensions that say how many bytes must follow."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such MNIST file: {path}")
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as error:
+            raise ValueError(f"{path} is not an MNIST IDX {what} file: its gzip data is damaged ({error})") from None
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(raw) < header or int.from_bytes(raw[:4], "big") != magic:
+        raise ValueError(f"{path} is not an MNIST IDX {what} file (it should start with the magic number "
+                         f"0x{magic:08x})")
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    expected = header + math.prod(dims)
+    if len(raw) != expected:
+        raise ValueError(f"{path} is not a complete MNIST IDX {what} file: its header announces {dims} "
+                         f"({expected} bytes) but it has {len(raw)} bytes")
+    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(dims)
 
-    images = read(images_path, 16).reshape(-1, 1, 28, 28).float() / 255.0
-    labels = read(labels_path, 8).long()
+
+def read_mnist_idx(images_path: str | Path, labels_path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST from IDX files (gzip or not): images (n, 1, 28, 28) in [0, 1], labels (n,). Raises
+    ValueError naming the file when it is not an IDX file of the right kind or is incomplete."""
+    images = _read_idx(images_path, 0x00000803, "images")
+    labels = _read_idx(labels_path, 0x00000801, "labels").long()
+    images = images.reshape(-1, 1, *images.shape[1:]).float() / 255.0
     if len(images) != len(labels):
         raise ValueError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
     return images, labels
@@ -92,15 +112,35 @@ def read_mnist_idx(images_path: str | Path, labels_path: str | Path) -> tuple[to
 
 def read_cifar_npz(path: str | Path, mean=(0.491, 0.482, 0.447), std=(0.247, 0.243, 0.262)):
     """CIFAR-10 from an .npz with ``x`` (n, 32, 32, 3) uint8 and ``y`` (n,): images (n, 3, 32, 32)
-    normalised per channel with ``mean``/``std`` (the published ResNet-20's), labels (n,)."""
+    normalised per channel with ``mean``/``std`` (the published ResNet-20's), labels (n,). The file
+    is read without unpickling; a file of another kind raises ValueError naming what is wrong."""
+    import zipfile
+
     import numpy as np
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such CIFAR file: {path}")
-    with np.load(path) as data:
-        x = torch.from_numpy(data["x"]).permute(0, 3, 1, 2).float() / 255.0
-        y = torch.from_numpy(data["y"]).long()
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        raise ValueError(f"{path} is not a CIFAR .npz file ({' '.join(str(error).split())[:80]})") from None
+    try:
+        with archive as data:
+            if not hasattr(data, "files"):
+                raise ValueError(f"{path} is not a CIFAR .npz file (it holds a single array, not x and y)")
+            for key in ("x", "y"):
+                if key not in data.files:
+                    raise ValueError(f"{path} has no array {key!r} (it has {sorted(data.files)}); a CIFAR .npz needs "
+                                     f"x (n, 32, 32, 3) uint8 and y (n,)")
+            x, y = data["x"], data["y"]
+    except (OSError, zipfile.BadZipFile, EOFError) as error:
+        raise ValueError(f"{path} is not a CIFAR .npz file ({' '.join(str(error).split())[:100]})") from None
+    if x.ndim != 4 or x.shape[1:] != (32, 32, 3) or x.dtype != np.uint8 or y.shape != (len(x),):
+        raise ValueError(f"{path}: x must be (n, 32, 32, 3) uint8 and y (n,), got x {x.shape} {x.dtype} and "
+                         f"y {y.shape}")
+    x = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255.0
+    y = torch.from_numpy(y.astype(np.int64))
     x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     return x, y
 

@@ -1,0 +1,72 @@
+"""The ``mfac`` command: the demo on bundled data, training (resumable) and pruning with built-in
+models, and the benchmarks' quick mode. ``python -m mfac`` is the same program.
+
+    mfac demo [--out DIR] [--quick] [--seed N]
+    mfac train --model mlp --data digits --optimizer mfac --steps 500 --out DIR
+    mfac train --resume DIR                      # continue a run that was stopped or killed
+    mfac prune --model mlp --data digits --checkpoint DIR/model.safetensors --sparsity 0.9 --out DIR2
+    mfac bench
+
+Exit status: 0 success; 2 bad usage (found before any work: arguments, files, the output folder);
+1 a failure while running (one line on stderr; a training run that diverged says so);
+130 Ctrl-C, at any moment. Set MFAC_DEBUG=1 to see tracebacks instead.
+
+One module per command (``demo``, ``train``, ``prune``, ``bench``), shared helpers in ``common``.
+This module imports nothing heavy: torch is loaded inside ``main``, where Ctrl-C is handled.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+__all__ = ["main", "run_program"]
+
+INTERRUPTED = 130
+
+
+def _interrupted() -> int:
+    print("mfac: interrupted; nothing half-written was left behind", file=sys.stderr, flush=True)
+    return INTERRUPTED
+
+
+def main(argv=None) -> int:
+    """Run the command line ``argv`` (default: sys.argv[1:]); returns the exit status."""
+    try:
+        from .common import CliError, RunError
+        from .parser import build_parser
+
+        args = build_parser().parse_args(argv)
+        debug = bool(os.environ.get("MFAC_DEBUG"))
+        try:
+            return args.func(args)
+        except CliError as error:
+            if debug:
+                raise
+            print(f"mfac: error: {' '.join(str(error).split())}", file=sys.stderr)
+            return 2
+        except Exception as error:  # a failure while running: one line, status 1
+            if debug:
+                raise
+            message = " ".join(str(error).split()) or type(error).__name__
+            if not isinstance(error, RunError):
+                message = f"{message} ({type(error).__name__})"
+            print(f"mfac: error: {message}", file=sys.stderr)
+            return 1
+    except KeyboardInterrupt:
+        return _interrupted()
+
+
+def run_program() -> None:
+    """Entry point of the installed ``mfac`` script and of ``python -m mfac``: runs ``main`` and
+    exits with its status. A Ctrl-C during interpreter shutdown also exits 130, without a traceback."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+    def exit_now(signum, frame):
+        os._exit(INTERRUPTED)
+
+    signal.signal(signal.SIGINT, exit_now)
+    sys.exit(code)

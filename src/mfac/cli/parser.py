@@ -1,0 +1,131 @@
+"""The command line's grammar. Every number is checked as it is parsed, so bad values end with one
+line and exit status 2 before any work starts."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from .. import __version__
+
+MODELS = ("mlp", "cnn", "resnet20")
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32: 1/damp must stay finite
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the uninformative None and False ones."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def integer(low: int, high: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high if high is not None else 'inf'}], got {value}")
+        return value
+    return parse
+
+
+def number(low: float, high: float, low_open: bool = False, high_open: bool = False, why: str = ""):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or value > high or (low_open and value == low) \
+                or (high_open and value == high):
+            bound = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {bound}{why}, got {text}")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import bench, demo, prune, train  # light modules: heavy imports happen inside each command
+
+    formatter = _Formatter
+    parser = _Parser(prog="mfac", description="M-FAC second-order optimization and pruning for PyTorch.",
+                     formatter_class=formatter,
+                     epilog="Exit status: 0 success, 2 bad usage, 1 failure while running, 130 Ctrl-C.")
+    parser.add_argument("--version", action="version", version=f"mfac {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def common(sub):
+        sub.add_argument("--out", default=None, help="output folder (default: a new folder under ./mfac-runs/)")
+        sub.add_argument("--force", action="store_true", help="write into --out even if it is not empty")
+        sub.add_argument("--seed", type=integer(0, 2**63 - 1), default=0,
+                         help="random seed (runs are deterministic per machine)")
+        sub.add_argument("--quiet", action="store_true", help="no progress output")
+
+    sub = commands.add_parser("demo", help="the main job: train with MFAC/Adam/SGD, prune with OBS/magnitude",
+                              formatter_class=formatter,
+                              description="Train an MLP on scikit-learn's digits with MFAC, Adam and SGD, prune the "
+                                          "MFAC-trained model one-shot with OBS and magnitude (50-95% and 2:4), "
+                                          "fine-tune the 90% OBS model, and write report.json, report.md and plots.")
+    sub.add_argument("--quick", action="store_true", help="a shorter run (under a minute)")
+    common(sub)
+    sub.set_defaults(func=demo.run)
+
+    def model_data(sub):
+        sub.add_argument("--model", default="mlp", choices=MODELS, help="built-in model")
+        sub.add_argument("--data", default="digits", help="digits, mnist-idx:PATH or cifar-npz:PATH")
+        sub.add_argument("--checkpoint", default=None,
+                         help="start from these weights (a .safetensors file or a torch state dict)")
+        sub.add_argument("--batch-size", type=integer(1), default=32, help="mini-batch size")
+
+    sub = commands.add_parser("train", help="train a built-in model (resumable)", formatter_class=formatter,
+                              description="Train a built-in model. A checkpoint (model, optimizer with its window, "
+                                          "data position, random state) is written atomically to --out every "
+                                          "--checkpoint-every steps; `mfac train --resume DIR` continues a stopped or "
+                                          "killed run and ends with the same model, bit for bit, as a run that was "
+                                          "never interrupted.")
+    model_data(sub)
+    sub.add_argument("--optimizer", default="mfac", choices=["mfac", "adam", "sgd"])
+    sub.add_argument("--lr", type=number(0, FLOAT32_MAX, low_open=True), default=3e-3, help="learning rate")
+    sub.add_argument("--momentum", type=number(0, 1, high_open=True), default=0.9, help="momentum (MFAC, SGD)")
+    sub.add_argument("--weight-decay", type=number(0, FLOAT32_MAX), default=0.0)
+    sub.add_argument("--window", type=integer(1), default=64, help="MFAC: gradients in the window")
+    sub.add_argument("--damp", type=number(FLOAT32_TINY, FLOAT32_MAX, why=" (1/damp must be a float32 number)"),
+                     default=1e-2, help="MFAC: damping lambda")
+    sub.add_argument("--steps", type=integer(1), default=500, help="training steps")
+    sub.add_argument("--checkpoint-every", type=integer(1), default=100,
+                     help="write a resumable checkpoint to --out every N steps")
+    sub.add_argument("--resume", default=None, metavar="DIR",
+                     help="continue the run recorded in DIR (its settings are used; --steps may extend it)")
+    common(sub)
+    sub.set_defaults(func=train.run)
+
+    sub = commands.add_parser("prune", help="prune a built-in model one-shot", formatter_class=formatter)
+    model_data(sub)
+    sub.add_argument("--method", default="obs", choices=["obs", "magnitude"])
+    sub.add_argument("--sparsity", type=number(0, 1, high_open=True), default=0.9,
+                     help="fraction of weights to remove")
+    sub.add_argument("--pattern", default=None, help="N:M semi-structured sparsity, e.g. 2:4 (overrides --sparsity)")
+    sub.add_argument("--scope", default="global", choices=["global", "layer"])
+    sub.add_argument("--num-grads", type=integer(1), default=256, help="gradients per inverse")
+    sub.add_argument("--per-sample", action="store_true", help="one gradient per sample instead of per batch")
+    sub.add_argument("--damp", type=number(FLOAT32_TINY, FLOAT32_MAX, why=" (1/damp must be a float32 number)"),
+                     default=1e-5, help="damping lambda of the Fisher")
+    sub.add_argument("--block-size", type=integer(0), default=128, help="block size of the inverse (0: one block)")
+    sub.add_argument("--recompute", type=integer(1), default=16, help="OBS sub-steps with fresh gradients")
+    sub.add_argument("--calibrate-bn", type=integer(0), default=0,
+                     help="re-estimate BatchNorm statistics on this many training batches, before and after pruning")
+    common(sub)
+    sub.set_defaults(func=prune.run)
+
+    sub = commands.add_parser("bench", help="run the benchmark scripts' quick mode", formatter_class=formatter)
+    sub.set_defaults(func=bench.run)
+    return parser
