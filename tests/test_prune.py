@@ -258,3 +258,33 @@ def test_obs_beats_magnitude_on_digits_at_90_percent():
 
 def masks_total(masks):
     return sum(m.numel() for m in masks.values())
+
+
+@pytest.mark.parametrize("block_size,num_grads", [(8, 16), (64, 16), (None, 16)])
+def test_relative_damping_makes_obs_invariant_to_the_loss_scale(block_size, num_grads):
+    """Scaling the loss by c scales F by c^2; relative damping scales lambda alike, so the masks and
+    the corrected weights do not change (an absolute damp would change both)."""
+    import copy
+
+    data = image_batches()
+    base = small_net()
+    pruned = {}
+    for scale in (1.0, 1e3):
+        model = copy.deepcopy(base)
+        masks = prune_oneshot(model, 0.7, data, lambda out, y, s=scale: s * nn.functional.cross_entropy(out, y),
+                              num_grads=num_grads, block_size=block_size, recompute=2)
+        pruned[scale] = (masks, model)
+    for name in pruned[1.0][0]:
+        assert torch.equal(pruned[1.0][0][name], pruned[1e3][0][name]), name
+    for (n1, p1), (_, p2) in zip(pruned[1.0][1].named_parameters(), pruned[1e3][1].named_parameters()):
+        assert torch.allclose(p1, p2, rtol=1e-3, atol=1e-5), n1
+
+
+def test_damping_arguments_are_checked():
+    model = small_net()
+    with pytest.raises(ValueError, match="either damp"):
+        prune_oneshot(model, 0.5, image_batches(), nn.functional.cross_entropy, damp=1e-3, relative_damp=0.1)
+    with pytest.raises(ValueError, match="relative_damp must be a finite number > 0"):
+        prune_oneshot(model, 0.5, image_batches(), nn.functional.cross_entropy, relative_damp=-1.0)
+    with pytest.raises(ValueError, match="exactly one of loss_fn"):
+        prune_oneshot(model, 0.5, image_batches(), nn.functional.cross_entropy, batch_loss=lambda m, b: 0.0)

@@ -118,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--num-grads", type=integer(1), default=256, help="gradients per inverse")
     sub.add_argument("--per-sample", action="store_true", help="one gradient per sample instead of per batch")
     sub.add_argument("--damp", type=number(FLOAT32_TINY, FLOAT32_MAX, why=" (1/damp must be a float32 number)"),
-                     default=1e-5, help="damping lambda of the Fisher")
+                     default=None, help="an absolute damping lambda (default: relative damping)")
+    sub.add_argument("--relative-damp", type=number(0, FLOAT32_MAX, low_open=True), default=None,
+                     help="lambda as a fraction of the mean Fisher diagonal (default 0.3 when --damp is not given)")
     sub.add_argument("--block-size", type=integer(0), default=128, help="block size of the inverse (0: one block)")
     sub.add_argument("--recompute", type=integer(1), default=16, help="OBS sub-steps with fresh gradients")
     sub.add_argument("--calibrate-bn", type=integer(0), default=0,

@@ -31,6 +31,7 @@ def run(args) -> int:
                               args.quiet) as hooks:
             masks = prune_oneshot(model, None if args.pattern else args.sparsity, data, nn.functional.cross_entropy,
                                   method=args.method, num_grads=args.num_grads, damp=args.damp,
+                                  relative_damp=args.relative_damp,
                                   block_size=args.block_size or None, recompute=args.recompute,
                                   per_sample=args.per_sample, scope=args.scope, pattern=args.pattern, **hooks)
     except ValueError as error:  # prune_oneshot checks its arguments before it touches the model

@@ -53,6 +53,15 @@ def check_damp(damp, dtype: torch.dtype | None = None) -> float:
     return damp
 
 
+def check_relative_damp(relative_damp) -> float:
+    """Return ``relative_damp`` as a float, or raise if it is not a finite number > 0."""
+    if isinstance(relative_damp, bool) or not isinstance(relative_damp, (int, float)) \
+            or not 0 < float(relative_damp) < math.inf:
+        raise ValueError(f"relative_damp must be a finite number > 0 (a fraction of the mean Fisher diagonal, "
+                         f"e.g. 0.3), got {relative_damp!r}")
+    return float(relative_damp)
+
+
 def check_floating(name: str, dtype: torch.dtype) -> None:
     if not dtype.is_floating_point:
         raise TypeError(

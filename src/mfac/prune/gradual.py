@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from ..grads import cycle
+from ..grads import check_loss, cycle
 from .masks import MaskHandle, Masks
 from .oneshot import prune_oneshot, resolve_params
 
@@ -30,12 +30,13 @@ class GradualPruner:
         model: the model being trained (pruned in place).
         final_sparsity: target at ``end_step``, in [0, 1).
         start_step, end_step, every: the pruning steps (counting calls to ``step()`` from 1).
-        data, loss_fn: batches and loss for OBS gradients (cycled; not needed for magnitude).
+        data, loss_fn: batches and loss for OBS gradients (cycled; not needed for magnitude); or
+            ``batch_loss(model, batch)`` instead of ``loss_fn`` for batches of any structure.
     """
 
     def __init__(self, model: nn.Module, final_sparsity: float, start_step: int, end_step: int, every: int,
                  data: Iterable | None = None, loss_fn=None, method: str = "obs", schedule: str = "cubic",
-                 initial_sparsity: float = 0.0, **prune_kwargs):
+                 initial_sparsity: float = 0.0, *, batch_loss=None, **prune_kwargs):
         for name, value in (("start_step", start_step), ("end_step", end_step), ("every", every)):
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "every" else 0):
                 raise ValueError(f"{name} must be a non-negative int (every >= 1), got {value!r}")
@@ -48,13 +49,16 @@ class GradualPruner:
             raise ValueError("initial_sparsity must not exceed final_sparsity")
         if schedule not in ("cubic", "linear"):
             raise ValueError(f"schedule must be 'cubic' or 'linear', got {schedule!r}")
-        if method == "obs" and (data is None or loss_fn is None):
-            raise ValueError("method='obs' needs data and loss_fn; use method='magnitude' to prune without data")
+        if method == "obs":
+            if data is None:
+                raise ValueError("method='obs' needs data and loss_fn or batch_loss; use method='magnitude' to prune "
+                                 "without data")
+            check_loss(loss_fn, batch_loss)
         prune_kwargs.setdefault("recompute", 1)
         self.model = model
         self.final_sparsity, self.initial_sparsity = float(final_sparsity), float(initial_sparsity)
         self.start_step, self.end_step, self.every = start_step, end_step, every
-        self.schedule, self.method, self.loss_fn = schedule, method, loss_fn
+        self.schedule, self.method, self.loss_fn, self.batch_loss = schedule, method, loss_fn, batch_loss
         self._data = data
         self._prune_kwargs = prune_kwargs
         self._batches = None
@@ -100,7 +104,8 @@ class GradualPruner:
         data = _Once(self._batches) if self.method == "obs" else None
         try:
             self.masks = prune_oneshot(self.model, target, data, self.loss_fn, method=self.method,
-                                       masks=self.masks, **{**self._prune_kwargs, "params": self._names})
+                                       masks=self.masks, batch_loss=self.batch_loss,
+                                       **{**self._prune_kwargs, "params": self._names})
         finally:
             self._handle = self.masks.attach(self.model)
         return True

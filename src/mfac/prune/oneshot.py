@@ -5,6 +5,9 @@ by dw = -F^-1 r, r_q = w_q / [F^-1]_qq on the removed weights (the sum of the si
 updates: one inverse-Hessian-vector product with a sparse right-hand side). F is the damped
 empirical Fisher of fresh gradients of the still-alive weights, through
 :class:`mfac.fisher.BlockFisherInverse` (or the exact static inverse with ``block_size=None``).
+When ``block_size <= num_grads`` the block statistics are accumulated from gradient chunks as they
+are computed (:meth:`BlockFisherInverse.from_chunks`), so the (num_grads, d) gradient matrix is
+never held: memory d * block_size numbers, which is what lets OBS reach transformers.
 With ``recompute=n`` the target is reached in n sub-steps of geometrically falling density, each
 with new gradients and a new inverse, which is what lets OBS beat magnitude at high sparsity.
 """
@@ -21,13 +24,17 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..fisher import BlockFisherInverse, StaticFisherInverse
-from ..fisher.base import check_damp
-from ..grads import collect_gradients, cycle, prunable_parameters
+from ..fisher.base import check_damp, check_relative_damp
+from ..grads import check_loss, collect_gradients, cycle, gradient_chunks, prunable_parameters
 from .masks import Masks, parameter_by_name
 
 __all__ = ["prune_oneshot"]
 
 METHODS = ("obs", "magnitude")
+# Default damping: each block's lambda is this fraction of its mean Fisher diagonal (see BENCHMARKS.md,
+# "Choosing the damping", for the held-out measurements behind it).
+DEFAULT_RELATIVE_DAMP = 0.3
+_MIN_CHUNK_BYTES = 1 << 26  # gradient rows buffered before each streamed block update: at least 64 MB
 SCOPES = ("global", "layer")
 
 
@@ -119,20 +126,34 @@ def _geometric_counts(size: int, pruned_now: int, sparsity: float, steps: int) -
 
 @torch.no_grad()
 def prune_oneshot(model: nn.Module, sparsity: float | None = None, data: Iterable | None = None, loss_fn=None,
-                  method: str = "obs", num_grads: int = 256, damp: float = 1e-5, block_size: int | None = 128,
+                  method: str = "obs", num_grads: int = 256, damp: float | None = None, block_size: int | None = 128,
                   recompute: int = 16, per_sample: bool = False, scope: str = "global", pattern: str | None = None,
-                  params=None, masks: Masks | None = None, callback=None, on_gradient_rows=None) -> Masks:
+                  params=None, masks: Masks | None = None, callback=None, on_gradient_rows=None, *,
+                  batch_loss=None, relative_damp: float | None = None) -> Masks:
     """Prune ``model`` in place and return the masks (True = kept).
 
     Args:
         sparsity: fraction of the chosen weights to remove, in [0, 1). With ``pattern`` it may be
             None (it is then N/M).
-        data: any re-iterable of (inputs, targets) batches, cycled as needed (OBS only).
-        loss_fn: ``loss_fn(outputs, targets)`` -> scalar mean loss (OBS only).
+        data: any re-iterable of batches, cycled as needed (OBS only): (inputs, targets) pairs for
+            ``loss_fn``, or any structure of tensors (e.g. Hugging Face dicts) for ``batch_loss``.
+        loss_fn: ``loss_fn(outputs, targets)`` -> scalar mean loss of ``model(inputs)`` (OBS only).
+        batch_loss: instead of ``loss_fn``, ``batch_loss(model, batch)`` -> scalar mean loss, for
+            models that take other batches or compute their own loss
+            (``lambda model, batch: model(**batch).loss``).
         method: "obs" (second order, needs data) or "magnitude" (|w|, needs none).
         num_grads: rows of G per inverse: mini-batch gradients, or samples with ``per_sample``.
-        damp: lambda of the Fisher; relative to the gradients' scale, smaller trusts curvature more.
+        damp: an absolute lambda for every block. Default (None): relative damping.
+        relative_damp: lambda as a fraction of the mean diagonal of the Fisher over all pruned
+            weights (default ``DEFAULT_RELATIVE_DAMP`` = 0.3, chosen on held-out splits of the digits
+            MLP and ResNet-20, see BENCHMARKS.md); it follows the gradients' scale, so one value
+            serves models whose gradients differ by orders of magnitude. Smaller trusts the
+            curvature more; very large values turn OBS into magnitude pruning.
         block_size: coordinates per diagonal block of F (None: one block, the exact inverse).
+            When ``block_size <= num_grads`` the blocks are accumulated from gradient chunks and the
+            gradient matrix is never held. Published: 128 (M-FAC), 50 (oBERT, with 1024 gradients).
+            Larger blocks capture more correlations at d * block_size memory and O(d * block_size^2)
+            time; use the largest that fits (memory is checked up front).
         recompute: sub-steps for OBS, each with fresh gradients and inverse (16 as published).
         scope: "global" (one ranking over all chosen weights) or "layer" (the same sparsity in
             every tensor).
@@ -144,8 +165,12 @@ def prune_oneshot(model: nn.Module, sparsity: float | None = None, data: Iterabl
         on_gradient_rows: called as ``on_gradient_rows(n)`` whenever n more gradient rows are in.
 
     Cost per OBS sub-step: ``num_grads`` gradient evaluations, then O(d * num_grads * min(block, num_grads))
-    for the inverse, its diagonal and one ihvp. Bad arguments raise before the model is touched; an
-    error while pruning restores the original weights.
+    for the inverse, its diagonal and one ihvp. Peak memory per sub-step, besides the model:
+    B <= m (streamed): d*B*4 bytes of block statistics + a buffer of gradient rows of max(64 MB,
+    d*B) bytes + 384 MB of float64 tiles; B > m or block_size=None: the (m, d) gradient matrix plus the
+    factors, d*min(B, m)*4 bytes (both checked against available memory before they are allocated).
+    Bad arguments raise before the model is touched; an error while pruning restores the original
+    weights.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -161,10 +186,18 @@ def prune_oneshot(model: nn.Module, sparsity: float | None = None, data: Iterabl
     _check_positive_int("num_grads", num_grads)
     _check_positive_int("recompute", recompute)
     _check_positive_int("block_size", block_size, allow_none=True)
-    damp = check_damp(damp)
-    if method == "obs" and (data is None or loss_fn is None):
-        raise ValueError("method='obs' needs data (an iterable of (inputs, targets)) and loss_fn; "
-                         "use method='magnitude' to prune without data")
+    if damp is not None and relative_damp is not None:
+        raise ValueError("pass either damp (absolute) or relative_damp (a fraction of each block's mean Fisher "
+                         "diagonal), not both")
+    if damp is not None:
+        damp = check_damp(damp)
+    else:
+        relative_damp = check_relative_damp(DEFAULT_RELATIVE_DAMP if relative_damp is None else relative_damp)
+    if method == "obs":
+        if data is None:
+            raise ValueError("method='obs' needs data (an iterable of batches) and loss_fn or batch_loss; use "
+                             "method='magnitude' to prune without data")
+        check_loss(loss_fn, batch_loss)
     chosen = resolve_params(model, params)
     segments, offset = [], 0
     for name, param in chosen.items():
@@ -200,7 +233,8 @@ def prune_oneshot(model: nn.Module, sparsity: float | None = None, data: Iterabl
     try:
         for done, (counts, per_group) in enumerate(plan, start=1):
             weights, alive = _prune_step(model, segments, weights, alive, counts, per_group, method, batches,
-                                         loss_fn, num_grads, damp, block_size, per_sample, on_gradient_rows)
+                                         _Loss(loss_fn, batch_loss), num_grads, (damp, relative_damp), block_size,
+                                         per_sample, on_gradient_rows)
             if callback is not None:
                 callback(done, len(plan), 1.0 - float(alive.float().mean()))
     except BaseException:
@@ -214,16 +248,64 @@ def _write(segments: list[_Segment], flat: torch.Tensor) -> None:
         s.param.copy_(flat[s.start: s.stop].view_as(s.param))
 
 
-def _prune_step(model, segments, weights, alive, counts, per_group, method, batches, loss_fn, num_grads, damp,
+@dataclass
+class _Loss:
+    loss_fn: object
+    batch_loss: object
+
+
+def _inverse(model, segments, alive, batches, loss: _Loss, num_grads, damping, block_size, per_sample,
+             on_gradient_rows):
+    """Fresh gradients of the alive weights and their block-diagonal (or exact) inverse Fisher."""
+    damp, relative = damping
+    named = {s.name: s.param for s in segments}
+    flat_masks = {s.name: alive[s.start: s.stop].view_as(s.param) for s in segments}
+    if block_size is not None and block_size <= num_grads:
+        first = segments[0].param
+        dim = segments[-1].stop
+        chunks = gradient_chunks(model, named, batches, num_grads, loss.loss_fn, loss.batch_loss, per_sample,
+                                 masks=flat_masks)
+        # Buffer enough rows that each update is a rank-n product, in at most a quarter of the
+        # statistics' own memory (and at least 64 MB).
+        row_bytes = dim * first.element_size()
+        rows = max(1, min(num_grads, max(_MIN_CHUNK_BYTES, dim * min(block_size, dim) * 4 // 4) // row_bytes))
+        dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+        return BlockFisherInverse.from_chunks(_rechunk(chunks, rows), dim, block_size, damp=damp,
+                                              relative_damp=relative, device=first.device, dtype=dtype,
+                                              on_rows=on_gradient_rows)
+    grads = collect_gradients(model, named, batches, loss.loss_fn, num_grads, per_sample, masks=flat_masks,
+                              on_rows=on_gradient_rows, batch_loss=loss.batch_loss)
+    if block_size is None:
+        return StaticFisherInverse(grads, damp, relative_damp=relative)
+    return BlockFisherInverse(grads, damp, block_size, relative_damp=relative)
+
+
+def _rechunk(chunks, rows: int):
+    """Regroup an iterator of (n_i, d) chunks into chunks of ``rows`` rows (the last may be short), so
+    each streamed update of the block statistics is a rank-``rows`` product, not a rank-1 one."""
+    buffer, filled = None, 0
+    for chunk in chunks:
+        start = 0
+        while start < len(chunk):
+            if buffer is None:
+                buffer = chunk.new_empty((rows, chunk.shape[1]))
+            take = min(rows - filled, len(chunk) - start)
+            buffer[filled: filled + take] = chunk[start: start + take]
+            filled += take
+            start += take
+            if filled == rows:
+                yield buffer
+                filled = 0
+    if filled:
+        yield buffer[:filled]
+
+
+def _prune_step(model, segments, weights, alive, counts, per_group, method, batches, loss, num_grads, damping,
                 block_size, per_sample, on_gradient_rows):
     """One sub-step: rank, remove, and (OBS) update the survivors; returns (weights, alive)."""
     if method == "obs":
-        named = {s.name: s.param for s in segments}
-        flat_masks = {s.name: alive[s.start: s.stop].view_as(s.param) for s in segments}
-        grads = collect_gradients(model, named, batches, loss_fn, num_grads, per_sample, masks=flat_masks,
-                                  on_rows=on_gradient_rows)
-        finv = StaticFisherInverse(grads, damp) if block_size is None else BlockFisherInverse(grads, damp, block_size)
-        del grads
+        finv = _inverse(model, segments, alive, batches, loss, num_grads, damping, block_size, per_sample,
+                        on_gradient_rows)
         diag = finv.diag().to(weights.dtype)
         scores = weights.square() / (2 * diag)
     else:
