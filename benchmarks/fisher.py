@@ -101,8 +101,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes only (seconds)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
+    parser.add_argument("--dims", type=int, nargs="+", default=None, help="only these d (default: all)")
     args = parser.parse_args()
-    dims = [10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000]
+    dims = args.dims or ([10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000])
     windows = [64, 256] if args.quick else [64, 256, 1024]
     print(f"# mfac Fisher-inverse benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, float32 gradients, damp {DAMP}")

@@ -280,11 +280,11 @@ def test_atomic_save_survives_kill_9_at_any_moment(tmp_path):
         assert load(target)["w"].shape == (2_000_000,)
 
 
-def test_ctrl_c_while_loading_exits_130_without_traceback():
+def test_ctrl_c_while_loading_exits_130_without_traceback(tmp_path):
     import signal
     import time
 
-    process = subprocess.Popen([sys.executable, "-m", "mfac", "demo", "--quick", "--quiet", "--out", "/tmp/never"],
+    process = subprocess.Popen([sys.executable, "-m", "mfac", "demo", "--quick", "--quiet", "--out", tmp_path / "x"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(0.4)  # torch is still being imported
     process.send_signal(signal.SIGINT)

@@ -2,9 +2,7 @@
 nothing changes when something is refused."""
 
 import copy
-import io
 import os
-import pickle
 
 import pytest
 import torch

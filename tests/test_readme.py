@@ -17,3 +17,5 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     assert abs(masks.sparsity() - 0.9) < 1e-3
     assert (tmp_path / "opt.pt").exists() and (tmp_path / "window.pt").exists()
     assert all((p[~masks[n]] == 0).all() for n, p in model.named_parameters() if n in masks)
+    bert_masks = namespace["bert_masks"]  # the transformer example: dict batches, streamed blocks
+    assert abs(bert_masks.sparsity() - 0.7) < 1e-3

@@ -13,7 +13,7 @@ from torch import nn
 
 from conftest import rel_err
 from mfac.fisher import BlockFisherInverse
-from mfac.grads import collect_gradients, cycle, gradient_chunks
+from mfac.grads import collect_gradients, cycle
 from mfac.prune import GradualPruner, prune_oneshot
 
 transformers = pytest.importorskip("transformers")

@@ -133,7 +133,7 @@ def gradient_chunks(model: nn.Module, params: Mapping[str, torch.Tensor], batche
             model.train(was_training)
         rows = rows[: num_grads - row]
         if flat_mask is not None:
-            rows = rows * flat_mask
+            rows.mul_(flat_mask)  # rows are freshly computed and ours: no second copy of the chunk
         row += len(rows)
         yield rows
 
@@ -200,15 +200,22 @@ def _per_sample(model, names, params, batch, loss_fn, batch_loss, limit, state) 
             warnings.warn("per-sample gradients: torch.func.vmap cannot run this model (it inspects tensor values "
                           f"in Python: {str(error).splitlines()[0][:120]}...); using a loop of single-sample backward "
                           "passes instead, which gives the same rows more slowly", RuntimeWarning, stacklevel=4)
-    rows = []
+    first = chosen[names[0]]
+    rows = torch.empty(n, dim, dtype=first.dtype, device=first.device)
     for i in range(n):
         sample = tree_map(lambda t: t[i:i + 1] if isinstance(t, torch.Tensor) and t.dim() > 0 else t, batch)
         with torch.enable_grad():
             loss = batch_loss(model, sample)
             grads = torch.autograd.grad(loss, [params[name] for name in names], allow_unused=True)
-        rows.append(torch.cat([(torch.zeros_like(params[name]) if g is None else g).reshape(-1)
-                               for name, g in zip(names, grads)]))
-    return torch.stack(rows)
+        offset = 0
+        for name, g in zip(names, grads):
+            size = params[name].numel()
+            if g is None:
+                rows[i, offset: offset + size] = 0
+            else:
+                rows[i, offset: offset + size] = g.reshape(-1)
+            offset += size
+    return rows
 
 
 def _per_sample_vmap(model, names, fixed, chosen, batch, batch_loss, n, dim) -> torch.Tensor:

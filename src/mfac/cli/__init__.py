@@ -31,42 +31,80 @@ def _interrupted() -> int:
     return INTERRUPTED
 
 
+class _InterruptFlag:
+    """Records a Ctrl-C even where a library swallows the KeyboardInterrupt (some imports catch
+    BaseException), so the command still ends with status 130."""
+
+    def __init__(self):
+        self.seen = False
+        self.previous = None
+
+    def __enter__(self):
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave signal handling alone
+            self.previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+
 def main(argv=None) -> int:
     """Run the command line ``argv`` (default: sys.argv[1:]); returns the exit status."""
-    try:
-        from .common import CliError, RunError
-        from .parser import build_parser
-
-        args = build_parser().parse_args(argv)
-        debug = bool(os.environ.get("MFAC_DEBUG"))
+    with _InterruptFlag() as interrupt:
         try:
-            return args.func(args)
-        except CliError as error:
-            if debug:
-                raise
-            print(f"mfac: error: {' '.join(str(error).split())}", file=sys.stderr)
-            return 2
-        except Exception as error:  # a failure while running: one line, status 1
-            if debug:
-                raise
-            message = " ".join(str(error).split()) or type(error).__name__
-            if not isinstance(error, RunError):
-                message = f"{message} ({type(error).__name__})"
-            print(f"mfac: error: {message}", file=sys.stderr)
-            return 1
-    except KeyboardInterrupt:
-        return _interrupted()
+            code = _main(argv, interrupt)
+        except KeyboardInterrupt:
+            return _interrupted()
+        return _interrupted() if interrupt.seen else code
+
+
+def _main(argv, interrupt: _InterruptFlag) -> int:
+    from .common import CliError, RunError
+    from .parser import build_parser
+
+    if interrupt.seen:
+        raise KeyboardInterrupt
+    args = build_parser().parse_args(argv)
+    debug = bool(os.environ.get("MFAC_DEBUG"))
+    try:
+        return args.func(args)
+    except CliError as error:
+        if debug:
+            raise
+        print(f"mfac: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    except Exception as error:  # a failure while running: one line, status 1
+        if debug:
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        if not isinstance(error, RunError):
+            message = f"{message} ({type(error).__name__})"
+        print(f"mfac: error: {message}", file=sys.stderr)
+        return 1
+
+
 
 
 def run_program() -> None:
     """Entry point of the installed ``mfac`` script and of ``python -m mfac``: runs ``main`` and
-    exits with its status. A Ctrl-C during interpreter shutdown also exits 130, without a traceback."""
+    exits with its status. A Ctrl-C that arrives, or is still pending, once ``main`` has returned
+    (interpreter shutdown included) ends the process with 130 too, without a traceback."""
+
+    def exit_now(signum, frame):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(INTERRUPTED)
+
+    signal.signal(signal.SIGINT, exit_now)  # what main's own handler hands back to when it returns
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
-
-    def exit_now(signum, frame):
-        os._exit(INTERRUPTED)
-
-    signal.signal(signal.SIGINT, exit_now)
     sys.exit(code)

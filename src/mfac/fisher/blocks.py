@@ -238,8 +238,14 @@ class BlockFisherInverse(FisherInverse):
             check_finite("a gradient chunk", chunk)
             rows = chunk.to(device=device, dtype=dtype)
             for (start, count, width), total in zip(layout, sums):
-                part = rows[:, start: start + count * width].reshape(len(rows), count, width).transpose(0, 1)
-                total.baddbmm_(part.transpose(1, 2), part)
+                # A few thousand blocks at a time: the batched product's internal copies stay small
+                # (a whole chunk's worth would add gigabytes at transformer scale) and cache-friendly.
+                per_tile = max(1, _TILE_ELEMENTS // (4 * len(rows) * width))
+                for b0 in range(0, count, per_tile):
+                    b1 = min(count, b0 + per_tile)
+                    part = rows[:, start + b0 * width: start + b1 * width].reshape(len(rows), b1 - b0, width)
+                    part = part.transpose(0, 1)
+                    total[b0:b1].baddbmm_(part.transpose(1, 2), part)
             m += len(rows)
             if on_rows is not None:
                 on_rows(len(rows))

@@ -174,16 +174,16 @@ class SlidingWindowFisherInverse(FisherInverse):
         without changing the window. Raises NonFiniteGradientError for a g that cannot enter."""
         g = self._check_gradient(g)
         stored = g.to(self.storage_dtype).to(self.dtype)
-        # One max-abs pass finds NaN and Inf (NaN propagates through max), and never overflows.
-        largest = float(torch.linalg.vector_norm(stored, ord=math.inf))
-        if not math.isfinite(largest):
-            raise NonFiniteGradientError("g contains NaN or Inf; non-finite gradients cannot enter the window, "
-                                         "which was left unchanged")
         slot = self._pushed % self.window
         k = min(self._pushed + 1, self.window)
         dots = self._window_dots(stored, rows=k)  # row `slot` still holds the outgoing gradient (or zeros)
         dots[slot] = float(torch.dot(stored, stored))
+        # NaN or Inf in g makes its dot products non-finite, so the window pass doubles as the check;
+        # only then is g scanned, to tell a non-finite gradient from one too large for the dtype.
         if not bool(torch.isfinite(dots).all()):
+            if not bool(torch.isfinite(stored).all()):
+                raise NonFiniteGradientError("g contains NaN or Inf; non-finite gradients cannot enter the window, "
+                                             "which was left unchanged")
             norm = float(torch.linalg.vector_norm(stored.to(torch.float64)))
             raise NonFiniteGradientError(
                 f"g is finite but too large for {self.dtype} products: its norm {norm:.3g} (or its dot product "
@@ -211,6 +211,7 @@ class SlidingWindowFisherInverse(FisherInverse):
             direction = self._window_combine(stored, coeffs, weight, float(k), rows=k)
             staged.direction = direction
         if want_direction and not math.isfinite(float(torch.linalg.vector_norm(staged.direction, ord=math.inf))):
+            largest = float(torch.linalg.vector_norm(stored, ord=math.inf))
             raise NonFiniteGradientError(
                 f"F^-1 g overflows {self.dtype} (damp = {self._damp:g} is too small for gradients of size "
                 f"{largest:.3g}); the window was left unchanged")

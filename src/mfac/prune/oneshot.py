@@ -287,6 +287,10 @@ def _rechunk(chunks, rows: int):
     for chunk in chunks:
         start = 0
         while start < len(chunk):
+            if filled == 0 and len(chunk) - start >= rows:  # a whole chunk's worth: no copy needed
+                yield chunk[start: start + rows]
+                start += rows
+                continue
             if buffer is None:
                 buffer = chunk.new_empty((rows, chunk.shape[1]))
             take = min(rows - filled, len(chunk) - start)
