@@ -136,6 +136,7 @@ def gradient_chunks(model: nn.Module, params: Mapping[str, torch.Tensor], batche
             rows.mul_(flat_mask)  # rows are freshly computed and ours: no second copy of the chunk
         row += len(rows)
         yield rows
+        del rows  # the consumer is done with it: do not hold it while computing the next chunk
 
 
 def collect_gradients(model: nn.Module, params: Mapping[str, torch.Tensor], batches: Iterator, loss_fn=None,

@@ -231,7 +231,8 @@ class BlockFisherInverse(FisherInverse):
         layout = _batch_layout(dim, size)
         sums = [torch.zeros((count, width, width), dtype=dtype, device=device) for _, count, width in layout]
         m = 0
-        for chunk in chunks:
+        iterator = iter(chunks)
+        while (chunk := next(iterator, None)) is not None:
             if not isinstance(chunk, torch.Tensor) or chunk.dim() != 2 or chunk.shape[1] != dim:
                 shape = tuple(chunk.shape) if isinstance(chunk, torch.Tensor) else type(chunk).__name__
                 raise ValueError(f"every chunk must be a tensor of shape (n, {dim}), got {shape}")
@@ -249,6 +250,8 @@ class BlockFisherInverse(FisherInverse):
             m += len(rows)
             if on_rows is not None:
                 on_rows(len(rows))
+            # Let go of this chunk before the producer computes the next one (two would be alive).
+            del chunk, rows, part
         self = cls.__new__(cls)
         self._num_grads, self._dim, self._dtype, self._block_size = m, dim, dtype, size
         self._batches = []

@@ -284,7 +284,8 @@ def _rechunk(chunks, rows: int):
     """Regroup an iterator of (n_i, d) chunks into chunks of ``rows`` rows (the last may be short), so
     each streamed update of the block statistics is a rank-``rows`` product, not a rank-1 one."""
     buffer, filled = None, 0
-    for chunk in chunks:
+    iterator = iter(chunks)
+    while (chunk := next(iterator, None)) is not None:
         start = 0
         while start < len(chunk):
             if filled == 0 and len(chunk) - start >= rows:  # a whole chunk's worth: no copy needed
@@ -300,6 +301,7 @@ def _rechunk(chunks, rows: int):
             if filled == rows:
                 yield buffer
                 filled = 0
+        del chunk  # before the next chunk is computed
     if filled:
         yield buffer[:filled]
 
