@@ -107,6 +107,7 @@ def gradient_chunks(model: nn.Module, params: Mapping[str, torch.Tensor], batche
     check_loss(loss_fn, batch_loss)
     names = list(params)
     first = params[names[0]]
+    dim = sum(params[n].numel() for n in names)
     flat_mask = None
     if masks is not None:
         flat_mask = torch.cat([masks[n].reshape(-1) for n in names]).to(first.dtype)
@@ -120,15 +121,13 @@ def gradient_chunks(model: nn.Module, params: Mapping[str, torch.Tensor], batche
             if per_sample:
                 rows = _per_sample(model, names, params, batch, loss_fn, batch_loss, num_grads - row, state)
             else:
-                with torch.enable_grad():
-                    if batch_loss is not None:
-                        loss = batch_loss(model, batch)
-                    else:
-                        inputs, targets = batch
-                        loss = loss_fn(model(inputs), targets)
-                    grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
-                rows = torch.cat([(torch.zeros_like(params[n]) if g is None else g).reshape(-1)
-                                  for n, g in zip(names, grads)])[None]
+                if batch_loss is not None:
+                    loss_of = batch_loss
+                else:
+                    def loss_of(net, pair):
+                        return loss_fn(net(pair[0]), pair[1])
+                rows = torch.empty(1, dim, dtype=first.dtype, device=first.device)
+                _gradient_row(model, names, params, loss_of, batch, rows[0])
         finally:
             model.train(was_training)
         rows = rows[: num_grads - row]
@@ -205,18 +204,23 @@ def _per_sample(model, names, params, batch, loss_fn, batch_loss, limit, state) 
     rows = torch.empty(n, dim, dtype=first.dtype, device=first.device)
     for i in range(n):
         sample = tree_map(lambda t: t[i:i + 1] if isinstance(t, torch.Tensor) and t.dim() > 0 else t, batch)
-        with torch.enable_grad():
-            loss = batch_loss(model, sample)
-            grads = torch.autograd.grad(loss, [params[name] for name in names], allow_unused=True)
-        offset = 0
-        for name, g in zip(names, grads):
-            size = params[name].numel()
-            if g is None:
-                rows[i, offset: offset + size] = 0
-            else:
-                rows[i, offset: offset + size] = g.reshape(-1)
-            offset += size
+        _gradient_row(model, names, params, batch_loss, sample, rows[i])
     return rows
+
+
+def _gradient_row(model, names, params, loss_of, batch, out: torch.Tensor) -> None:
+    """Write the flattened gradient of ``loss_of(model, batch)`` with respect to the named params
+    into ``out`` (d,), zeros for parameters the loss does not use."""
+    with torch.enable_grad():
+        grads = torch.autograd.grad(loss_of(model, batch), [params[name] for name in names], allow_unused=True)
+    offset = 0
+    for name, g in zip(names, grads):
+        size = params[name].numel()
+        if g is None:
+            out[offset: offset + size] = 0
+        else:
+            out[offset: offset + size] = g.reshape(-1)
+        offset += size
 
 
 def _per_sample_vmap(model, names, fixed, chosen, batch, batch_loss, n, dim) -> torch.Tensor:

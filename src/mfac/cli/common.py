@@ -108,7 +108,7 @@ def build_model(name: str, task: Task) -> nn.Module:
     raise CliError(f"unknown --model {name!r}")
 
 
-def load_weights(model: nn.Module, path: str, model_name: str) -> None:
+def load_model_weights(model: nn.Module, path: str, model_name: str) -> None:
     """Load --checkpoint into ``model``; every problem with the file is a usage error."""
     with usage_errors(f"--checkpoint {path}: "):
         try:
@@ -128,7 +128,7 @@ def prepare(args) -> tuple[Task, nn.Module, Split]:
     torch.manual_seed(args.seed)
     model = build_model(args.model, task)
     if args.checkpoint:
-        load_weights(model, args.checkpoint, args.model)
+        load_model_weights(model, args.checkpoint, args.model)
     split = task.split.flattened() if args.model == "mlp" else task.split
     return task, model, split
 

@@ -53,13 +53,21 @@ def check_damp(damp, dtype: torch.dtype | None = None) -> float:
     return damp
 
 
-def check_relative_damp(relative_damp) -> float:
-    """Return ``relative_damp`` as a float, or raise if it is not a finite number > 0."""
+def check_damping(damp, relative_damp) -> tuple[float | None, float | None]:
+    """Exactly one of an absolute ``damp`` and a ``relative_damp`` (a fraction of the mean Fisher
+    diagonal), each a finite number > 0; returns (damp, None) or (None, relative_damp)."""
+    if damp is not None and relative_damp is not None:
+        raise ValueError("pass either damp (absolute) or relative_damp (a fraction of the mean Fisher diagonal), "
+                         "not both")
+    if damp is not None:
+        return check_damp(damp), None
+    if relative_damp is None:
+        raise ValueError("damp is None: pass an absolute damp > 0, or relative_damp (e.g. 0.3)")
     if isinstance(relative_damp, bool) or not isinstance(relative_damp, (int, float)) \
             or not 0 < float(relative_damp) < math.inf:
         raise ValueError(f"relative_damp must be a finite number > 0 (a fraction of the mean Fisher diagonal, "
                          f"e.g. 0.3), got {relative_damp!r}")
-    return float(relative_damp)
+    return None, float(relative_damp)
 
 
 def check_floating(name: str, dtype: torch.dtype) -> None:

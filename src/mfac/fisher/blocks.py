@@ -39,8 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import resources
-from .base import (FisherInverse, check_damp, check_finite, check_gradients, check_relative_damp, compute_dtype,
-                   robust_cholesky)
+from .base import FisherInverse, check_damping, check_finite, check_gradients, compute_dtype, robust_cholesky
 
 __all__ = ["BlockFisherInverse", "StaticFisherInverse"]
 
@@ -164,7 +163,7 @@ class BlockFisherInverse(FisherInverse):
     def __init__(self, grads: torch.Tensor, damp: float | None = None, block_size: int = 128,
                  relative_damp: float | None = None):
         grads = check_gradients(grads)
-        absolute, relative = self._check_damping(damp, relative_damp)
+        absolute, relative = check_damping(damp, relative_damp)
         block_size = _check_block_size(block_size)
         m, d = grads.shape
         element = torch.empty(0, dtype=compute_dtype(grads.dtype)).element_size()
@@ -181,17 +180,6 @@ class BlockFisherInverse(FisherInverse):
             blocks = grads[:, start: start + count * width].reshape(m, count, width).transpose(0, 1)
             factor, route = _factor_blocks(blocks, self._damp, self._dtype)
             self._add_batch(start, count, width, factor, route)
-
-    @staticmethod
-    def _check_damping(damp, relative_damp) -> tuple[float | None, float | None]:
-        if damp is not None and relative_damp is not None:
-            raise ValueError("pass either damp (absolute) or relative_damp (a fraction of each block's mean Fisher "
-                             "diagonal), not both")
-        if damp is None and relative_damp is None:
-            raise ValueError("damp is None: pass an absolute damp > 0, or relative_damp (e.g. 0.01)")
-        if damp is not None:
-            return check_damp(damp), None
-        return None, check_relative_damp(relative_damp)
 
     def _add_batch(self, start, count, width, factor, route) -> None:
         alpha, scale = (0.0, 1.0) if route == "primal" else (1.0 / self._damp, -1.0 / self._damp)
@@ -216,7 +204,7 @@ class BlockFisherInverse(FisherInverse):
         allocated), plus one chunk, plus float64 tiles of at most 128 MB while factorising.
         Cost: 2 d B m flops of batched matrix products to accumulate, O(d B^2) to factorise.
         """
-        absolute, relative = cls._check_damping(damp, relative_damp)
+        absolute, relative = check_damping(damp, relative_damp)
         block_size = _check_block_size(block_size)
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be an int >= 1, got {dim!r}")

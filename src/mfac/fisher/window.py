@@ -76,9 +76,10 @@ class SlidingWindowFisherInverse(FisherInverse):
             (``dtype`` reports the result dtype, ``storage_dtype`` the window's).
         device: where the window lives (default: the current default device).
 
-    Memory: window*d numbers in ``dtype`` plus 3*window^2 float64 numbers (S, its factor, and the
-    staged factor of a push). The constructor refuses, before allocating, a window that does not
-    fit in the memory available on ``device``.
+    Memory: window*d numbers in ``dtype`` plus 2*window^2 float64 numbers (S and its factor), up to
+    5*window^2 while a push is staged (copies of S, the shifted matrix, the new factor). The
+    constructor refuses, before allocating, a window that does not fit in the memory available on
+    ``device``.
     Until ``window`` gradients have arrived, F is normalised by the number held, never by ``window``.
     Accuracy: backward stable, relative error within a small multiple of eps * cond(F) for every
     input (eps of the compute dtype), as the static inverse.
@@ -93,8 +94,8 @@ class SlidingWindowFisherInverse(FisherInverse):
         self._damp = check_damp(damp, compute_dtype(dtype))
         device = torch.device(device) if device is not None else torch.empty(0).device
         resources.check_fits(window_nbytes(dim, window, dtype), device,
-                   f"a sliding window of {window} gradients of {dim:,} coordinates in {dtype}",
-                   "lower window, or store it in a half precision (dtype=torch.bfloat16)")
+                             f"a sliding window of {window} gradients of {dim:,} coordinates in {dtype}",
+                             "lower window, or store it in a half precision (dtype=torch.bfloat16)")
         self._grads = torch.zeros(window, dim, dtype=dtype, device=device)
         self._gram = torch.zeros(window, window, dtype=torch.float64, device=device)
         self._lower = torch.zeros(0, 0, dtype=torch.float64, device=device)
@@ -127,14 +128,11 @@ class SlidingWindowFisherInverse(FisherInverse):
         parts = [chunk.to(self.dtype) @ vectors for chunk in grads.split(_HALF_CHUNK_ROWS)]
         return torch.cat(parts).to(torch.float64)
 
-    def _window_combine(self, vectors: torch.Tensor | None, coeffs: torch.Tensor, beta: float, alpha: float,
+    def _window_combine(self, vectors: torch.Tensor, coeffs: torch.Tensor, beta: float, alpha: float,
                         rows: int | None = None) -> torch.Tensor:
-        """beta * x + alpha * G^T a for x of shape (d,) or (d, n) (None: zero) and a of shape (k,) or (k, n)."""
+        """beta * x + alpha * G^T a for x of shape (d,) or (d, n) and a of shape (k,) or (k, n)."""
         grads = self._grads[: self.num_grads if rows is None else rows]
         coeffs = coeffs.to(self.dtype)
-        if vectors is None:
-            shape = (self.dim,) if coeffs.dim() == 1 else (self.dim, coeffs.shape[1])
-            vectors, beta = torch.zeros(shape, dtype=self.dtype, device=self.device), 0.0
         product = torch.addmv if vectors.dim() == 1 else torch.addmm
         if grads.dtype == self.dtype:
             return product(vectors, grads.T, coeffs, beta=beta, alpha=alpha)
@@ -373,8 +371,8 @@ class SlidingWindowFisherInverse(FisherInverse):
 
 
 def window_nbytes(dim: int, window: int, dtype: torch.dtype) -> int:
-    """Bytes a SlidingWindowFisherInverse of this size holds at its peak (rows plus 3 m x m float64)."""
-    return window * dim * torch.empty(0, dtype=dtype).element_size() + 3 * window * window * 8
+    """Bytes a SlidingWindowFisherInverse of this size holds at its peak (rows plus 5 m x m float64)."""
+    return window * dim * torch.empty(0, dtype=dtype).element_size() + 5 * window * window * 8
 
 
 def validate_window_state(state, dim: int, window: int, damp: float, storage_dtype: torch.dtype):

@@ -105,9 +105,10 @@ class MFAC(Optimizer):
         dtype = self._storage_dtype()
         self._damp = check_damp(damp, compute_dtype(dtype))
         device = self._all_params()[0].device
-        resources.check_fits(window_nbytes(self.dim, window, dtype) + 3 * self.dim * compute_dtype(dtype).itemsize, device,
-                   f"MFAC's state (a window of {window} gradients of {self.dim:,} coordinates in {dtype}, plus 3 "
-                   f"vectors of d)", "lower window, or use window_dtype=torch.bfloat16")
+        vectors = 3 * self.dim * compute_dtype(dtype).itemsize  # flat gradient, momentum, staged update
+        resources.check_fits(window_nbytes(self.dim, window, dtype) + vectors, device,
+                             f"MFAC's state (a window of {window} gradients of {self.dim:,} coordinates in {dtype}, "
+                             f"plus 3 vectors of d)", "lower window, or use window_dtype=torch.bfloat16")
 
     # Param groups ----------------------------------------------------------------------------------
 

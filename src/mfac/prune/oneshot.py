@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..fisher import BlockFisherInverse, StaticFisherInverse
-from ..fisher.base import check_damp, check_relative_damp
+from ..fisher.base import check_damping
 from ..grads import check_loss, collect_gradients, cycle, gradient_chunks, prunable_parameters
 from .masks import Masks, parameter_by_name
 
@@ -186,13 +186,8 @@ def prune_oneshot(model: nn.Module, sparsity: float | None = None, data: Iterabl
     _check_positive_int("num_grads", num_grads)
     _check_positive_int("recompute", recompute)
     _check_positive_int("block_size", block_size, allow_none=True)
-    if damp is not None and relative_damp is not None:
-        raise ValueError("pass either damp (absolute) or relative_damp (a fraction of each block's mean Fisher "
-                         "diagonal), not both")
-    if damp is not None:
-        damp = check_damp(damp)
-    else:
-        relative_damp = check_relative_damp(DEFAULT_RELATIVE_DAMP if relative_damp is None else relative_damp)
+    damp, relative_damp = check_damping(damp, DEFAULT_RELATIVE_DAMP if damp is None and relative_damp is None
+                                        else relative_damp)
     if method == "obs":
         if data is None:
             raise ValueError("method='obs' needs data (an iterable of batches) and loss_fn or batch_loss; use "
@@ -265,10 +260,10 @@ def _inverse(model, segments, alive, batches, loss: _Loss, num_grads, damping, b
         dim = segments[-1].stop
         chunks = gradient_chunks(model, named, batches, num_grads, loss.loss_fn, loss.batch_loss, per_sample,
                                  masks=flat_masks)
-        # Buffer enough rows that each update is a rank-n product, in at most a quarter of the
-        # statistics' own memory (and at least 64 MB).
-        row_bytes = dim * first.element_size()
-        rows = max(1, min(num_grads, max(_MIN_CHUNK_BYTES, dim * min(block_size, dim) * 4 // 4) // row_bytes))
+        # Buffer enough rows that each update is a rank-n product, in at most a quarter of the float32
+        # statistics' own d * B * 4 bytes (and at least 64 MB).
+        buffer_bytes = max(_MIN_CHUNK_BYTES, dim * min(block_size, dim))
+        rows = max(1, min(num_grads, buffer_bytes // (dim * first.element_size())))
         dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
         return BlockFisherInverse.from_chunks(_rechunk(chunks, rows), dim, block_size, damp=damp,
                                               relative_damp=relative, device=first.device, dtype=dtype,
