@@ -13,7 +13,7 @@ from torch import nn
 
 from conftest import rel_err
 from mfac.fisher import BlockFisherInverse
-from mfac.grads import collect_gradients, cycle
+from mfac.grads import collect_gradients, cycle, gradient_chunks
 from mfac.prune import GradualPruner, prune_oneshot
 
 transformers = pytest.importorskip("transformers")
@@ -80,15 +80,48 @@ def single_sample_rows(model, params, batches):
     return torch.stack(rows)
 
 
-def test_per_sample_gradients_of_a_padded_bert_match_single_sample_passes(tokenizer):
+def linears_with_biases(model):
+    return {n: p for n, p in model.named_parameters() if ".encoder." in n and ("dense" in n or "query" in n
+                                                                              or "key" in n or "value" in n)}
+
+
+@pytest.mark.parametrize("choose", [encoder_linears, linears_with_biases])
+def test_per_sample_gradients_of_a_padded_bert_match_single_sample_passes(tokenizer, recwarn, choose):
+    """Every encoder Linear: the batched route through layer inputs and output gradients."""
     model = tiny_bert()
-    params = encoder_linears(model)
+    params = choose(model)
+    assert any(n.endswith("bias") for n in params) == (choose is linears_with_biases)
+    batches = dict_batches(tokenizer)
+    rows = collect_gradients(model, params, cycle(batches), num_grads=len(SENTENCES), per_sample=True,
+                             batch_loss=hf_loss)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]  # no fallback was needed
+    expected = single_sample_rows(model, params, batches)
+    assert rows.shape == expected.shape and torch.allclose(rows, expected, atol=1e-6)
+
+
+def test_per_sample_gradients_fall_back_to_a_loop_where_vmap_cannot_run_the_model(tokenizer):
+    """A LayerNorm weight is not a Linear's: vmap is tried, Hugging Face's mask code defeats it."""
+    model = tiny_bert()
+    params = {n: p for n, p in model.named_parameters() if n.endswith("attention.output.LayerNorm.weight")}
     batches = dict_batches(tokenizer)
     with pytest.warns(RuntimeWarning, match="loop of single-sample backward passes"):
         rows = collect_gradients(model, params, cycle(batches), num_grads=len(SENTENCES), per_sample=True,
                                  batch_loss=hf_loss)
-    expected = single_sample_rows(model, params, batches)
-    assert rows.shape == expected.shape and torch.allclose(rows, expected, atol=1e-6)
+    assert torch.allclose(rows, single_sample_rows(model, params, batches), atol=1e-6)
+
+
+def test_chunks_have_the_requested_rows_and_carry_the_masks(tokenizer):
+    model = tiny_bert()
+    params = encoder_linears(model)
+    masks = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(1)) > 0.5 for n, p in params.items()}
+    chunks = list(gradient_chunks(model, params, cycle(dict_batches(tokenizer, size=3)), 7, batch_loss=hf_loss,
+                                  per_sample=True, masks=masks, chunk_rows=2))
+    assert [len(c) for c in chunks] == [2, 2, 2, 1]
+    flat_mask = torch.cat([m.reshape(-1) for m in masks.values()]).to(torch.float32)
+    expected = single_sample_rows(model, params, dict_batches(tokenizer, size=3))[:7] * flat_mask
+    assert torch.allclose(torch.cat(chunks), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="chunk_rows"):
+        next(gradient_chunks(model, params, cycle(dict_batches(tokenizer)), 2, batch_loss=hf_loss, chunk_rows=0))
 
 
 class MaskedMeanClassifier(nn.Module):
@@ -106,19 +139,60 @@ class MaskedMeanClassifier(nn.Module):
         return nn.functional.cross_entropy(self.head(torch.tanh(self.hidden(pooled))), labels)
 
 
-def test_per_sample_gradients_through_vmap_for_dict_batches(tokenizer, recwarn):
-    model = MaskedMeanClassifier()
-    params = {"hidden.weight": model.hidden.weight, "head.weight": model.head.weight}
-    batches = dict_batches(tokenizer)
-    rows = collect_gradients(model, params, cycle(batches), num_grads=6, per_sample=True,
-                             batch_loss=lambda net, batch: net(**batch))
-    assert not [w for w in recwarn if "single-sample" in str(w.message)]  # vmap ran, no fallback
+def masked_mean_rows(model, params, batches):
     expected = []
     for batch in batches:
         for i in range(len(batch["labels"])):
             loss = model(**{k: v[i:i + 1] for k, v in batch.items()})
             expected.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(params.values()))]))
-    assert torch.allclose(rows, torch.stack(expected)[:6], atol=1e-6)
+    return torch.stack(expected)
+
+
+def test_per_sample_gradients_through_vmap_for_dict_batches(tokenizer, recwarn):
+    model = MaskedMeanClassifier()
+    params = {"hidden.weight": model.hidden.weight, "embed.weight": model.embed.weight}  # not all Linear: vmap
+    batches = dict_batches(tokenizer)
+    rows = collect_gradients(model, params, cycle(batches), num_grads=6, per_sample=True,
+                             batch_loss=lambda net, batch: net(**batch))
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]  # vmap ran, no fallback
+    assert torch.allclose(rows, masked_mean_rows(model, params, batches)[:6], atol=1e-6)
+
+
+def test_a_loss_that_is_not_a_mean_over_samples_is_caught_and_still_exact(tokenizer):
+    """The batched route assumes batch_loss is the mean of the samples' own losses; a summed loss
+    breaks that, the first-batch check notices, and vmap gives the exact rows instead."""
+    model = MaskedMeanClassifier()
+    params = {"hidden.weight": model.hidden.weight, "head.weight": model.head.weight}
+    batches = dict_batches(tokenizer)
+    with pytest.warns(RuntimeWarning, match="mean over samples"):
+        rows = collect_gradients(model, params, cycle(batches), num_grads=8, per_sample=True,
+                                 batch_loss=lambda net, batch: net(**batch) * len(batch["labels"]))
+    assert torch.allclose(rows, masked_mean_rows(model, params, batches), atol=1e-6)
+
+
+class SharedLayerNet(nn.Module):
+    """One Linear applied twice, sample-first 3-D activations, a bias: sums over calls and positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3, bias=False)
+
+    def forward(self, x):  # x: (n, positions, 6)
+        return self.head(torch.tanh(self.mix(torch.tanh(self.mix(x)))).mean(1))
+
+
+def test_per_sample_gradients_of_a_layer_called_twice_with_loss_fn(recwarn):
+    torch.manual_seed(0)
+    model = SharedLayerNet()
+    x, y = torch.randn(5, 4, 6), torch.randint(0, 3, (5,))
+    params = dict(model.named_parameters())
+    rows = collect_gradients(model, params, cycle([(x, y)]), nn.functional.cross_entropy, 5, per_sample=True)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    for i in range(5):
+        grads = torch.autograd.grad(nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]),
+                                    list(params.values()))
+        assert torch.allclose(rows[i], torch.cat([g.reshape(-1) for g in grads]), atol=1e-6)
 
 
 @pytest.mark.parametrize("block_size,dtype", [(5, torch.float32), (8, torch.float64), (50, torch.float32)])
@@ -155,9 +229,8 @@ def test_obs_prunes_a_bert_through_batch_loss(tokenizer, per_sample, block_size)
     model = tiny_bert()
     params = list(encoder_linears(model))
     untouched = {n: p.detach().clone() for n, p in model.named_parameters() if n not in params}
-    with pytest.warns() if per_sample else nullcontext():
-        masks = prune_oneshot(model, 0.6, dict_batches(tokenizer), batch_loss=hf_loss, params=params,
-                              num_grads=8, block_size=block_size, recompute=2, per_sample=per_sample)
+    masks = prune_oneshot(model, 0.6, dict_batches(tokenizer), batch_loss=hf_loss, params=params,
+                          num_grads=8, block_size=block_size, recompute=2, per_sample=per_sample)
     total = sum(m.numel() for m in masks.values())
     assert sum(int((~m).sum()) for m in masks.values()) == round(0.6 * total)
     named = dict(model.named_parameters())
@@ -202,11 +275,3 @@ def test_streamed_route_holds_less_memory_than_the_gradient_matrix():
         assert result.returncode == 0, result.stderr
         peaks[block_size] = int(result.stdout.split()[-1]) * 1024
     assert peaks[32] < 0.8e9 and peaks[0] > 2e9, peaks
-
-
-class nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

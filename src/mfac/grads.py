@@ -14,11 +14,12 @@ Two ways to say what the loss is, for any kind of batch:
   as ``{"input_ids": ..., "attention_mask": ..., "labels": ...}``, a tuple, ...): returns the mean
   loss of the batch, e.g. ``batch_loss=lambda model, batch: model(**batch).loss``.
 
-Batches are moved to the parameters' device. Per-sample gradients with ``batch_loss`` call it on
-one-sample batches (every tensor cut to its own row, padding and attention masks included), so each
-row is the gradient of that sample's own loss: through ``torch.func.vmap`` where the model allows
-it, and by a loop of single-sample backward passes where the model inspects tensor values in
-Python (as Hugging Face's attention-mask code does), with a one-time warning.
+Batches are moved to the parameters' device. Each per-sample row is the gradient of that
+sample's own loss (with ``batch_loss``: the loss of a one-sample batch, every tensor cut to its own
+row, padding and attention masks included). The fastest exact route is chosen once per call (see
+``_Routes``): for weights and biases of Linear layers (every Linear of a transformer), one batched
+forward and backward pass plus a batched matrix product per layer; otherwise ``torch.func.vmap``;
+and where vmap cannot run the model, a loop of single-sample backward passes, with a warning.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten, tree_map
 
 from . import resources
@@ -95,47 +97,75 @@ class _FunctionalModel:
 
 def gradient_chunks(model: nn.Module, params: Mapping[str, torch.Tensor], batches: Iterator, num_grads: int,
                     loss_fn: Callable | None = None, batch_loss: Callable | None = None, per_sample: bool = False,
-                    masks: Mapping[str, torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
+                    masks: Mapping[str, torch.Tensor] | None = None,
+                    chunk_rows: int | None = None) -> Iterator[torch.Tensor]:
     """Yield gradient rows for the named ``params`` in chunks of shape (n, d), num_grads rows in all,
-    in the parameters' dtype and device. Mini-batch mode yields one row per batch; per-sample mode
+    in the parameters' dtype and device. Mini-batch mode makes one row per batch; per-sample mode
     one row per sample of each batch (the last batch is cut to fit).
 
+    Args:
+        chunk_rows: rows per yielded chunk (the last may be shorter); by default each batch's rows
+            form one chunk.
+
     The model is put in eval mode (BatchNorm uses its running statistics, dropout is off) while
-    rows are computed, and its mode is restored before each chunk is yielded. Memory: one chunk
-    (a batch of rows; vmap materialises at most 512 MB of per-sample gradients at once).
+    rows are computed, and its mode is restored before each chunk is yielded. Each chunk is a fresh
+    tensor the consumer may keep. Memory: one chunk, plus, per-sample, the batch's activations and
+    output gradients of the chosen Linear layers, or (other layers) at most 512 MB of per-sample
+    gradients materialised at once by vmap.
     """
     check_loss(loss_fn, batch_loss)
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise ValueError(f"chunk_rows must be None or an int >= 1, got {chunk_rows!r}")
     names = list(params)
     first = params[names[0]]
     dim = sum(params[n].numel() for n in names)
     flat_mask = None
     if masks is not None:
         flat_mask = torch.cat([masks[n].reshape(-1) for n in names]).to(first.dtype)
-    state = {"vmap": True}
-    row = 0
-    while row < num_grads:
+    routes = _Routes(model, names, params, loss_fn, batch_loss) if per_sample else None
+    buffer, filled, done = None, 0, 0
+    while done < num_grads:
         batch = _to_device(next(batches), first.device)
         was_training = model.training
         model.eval()
         try:
             if per_sample:
-                rows = _per_sample(model, names, params, batch, loss_fn, batch_loss, num_grads - row, state)
+                count, write = routes.rows(batch, num_grads - done - filled)
             else:
                 if batch_loss is not None:
                     loss_of = batch_loss
                 else:
                     def loss_of(net, pair):
                         return loss_fn(net(pair[0]), pair[1])
-                rows = torch.empty(1, dim, dtype=first.dtype, device=first.device)
-                _gradient_row(model, names, params, loss_of, batch, rows[0])
+                row = torch.empty(1, dim, dtype=first.dtype, device=first.device)
+                _gradient_row(model, names, params, loss_of, batch, row[0])
+                count, write = 1, _slices_of(row)
         finally:
             model.train(was_training)
-        rows = rows[: num_grads - row]
-        if flat_mask is not None:
-            rows.mul_(flat_mask)  # rows are freshly computed and ours: no second copy of the chunk
-        row += len(rows)
-        yield rows
-        del rows  # the consumer is done with it: do not hold it while computing the next chunk
+        taken = 0
+        while taken < count:
+            if buffer is None:
+                buffer = torch.empty(min(chunk_rows or count - taken, num_grads - done), dim, dtype=first.dtype,
+                                     device=first.device)
+            step = min(count - taken, len(buffer) - filled)
+            write(taken, taken + step, buffer[filled: filled + step])
+            taken += step
+            filled += step
+            if filled == len(buffer):
+                if flat_mask is not None:
+                    buffer.mul_(flat_mask)
+                done += filled
+                chunk, buffer, filled = buffer, None, 0
+                yield chunk
+                del chunk  # the consumer is done with it: do not hold it while computing the next one
+        del write
+
+
+def _slices_of(rows: torch.Tensor):
+    """A writer over precomputed (n, d) rows: ``write(i0, i1, out)`` copies rows i0..i1 into out."""
+    def write(i0, i1, out):
+        out.copy_(rows[i0:i1])
+    return write
 
 
 def collect_gradients(model: nn.Module, params: Mapping[str, torch.Tensor], batches: Iterator, loss_fn=None,
@@ -172,40 +202,204 @@ def collect_gradients(model: nn.Module, params: Mapping[str, torch.Tensor], batc
     return out
 
 
-def _per_sample(model, names, params, batch, loss_fn, batch_loss, limit, state) -> torch.Tensor:
-    """(n, d) per-sample gradients of one batch (n <= limit)."""
-    fixed = {k: v.detach() for k, v in model.named_parameters() if k not in params}
-    fixed.update(dict(model.named_buffers()))
-    chosen = {n: params[n].detach() for n in names}
-    dim = sum(p.numel() for p in chosen.values())
-    if batch_loss is None:
-        inputs, targets = batch
-        inputs, targets = inputs[:limit], targets[:limit]
+class _NotApplicable(Exception):
+    """The Linear-layer route cannot compute this model's per-sample gradients."""
 
-        def loss_one(weights, x, y):
-            return loss_fn(functional_call(model, {**fixed, **weights}, (x[None],)), y[None])
 
-        grads = vmap(grad(loss_one), in_dims=(None, 0, 0))(chosen, inputs, targets)
-        return torch.cat([grads[n].reshape(len(inputs), -1) for n in names], dim=1)
+class _Routes:
+    """Chooses, once per model and loss, how per-sample gradients are computed, fastest first:
 
-    n = min(_batch_size(batch), limit)
-    batch = tree_map(lambda t: t[:n] if isinstance(t, torch.Tensor) and t.dim() > 0 else t, batch)
-    if state["vmap"]:
-        try:
-            return _per_sample_vmap(model, names, fixed, chosen, batch, batch_loss, n, dim)
-        except RuntimeError as error:
-            if "vmap" not in str(error):
-                raise
-            state["vmap"] = False
-            warnings.warn("per-sample gradients: torch.func.vmap cannot run this model (it inspects tensor values "
-                          f"in Python: {str(error).splitlines()[0][:120]}...); using a loop of single-sample backward "
-                          "passes instead, which gives the same rows more slowly", RuntimeWarning, stacklevel=4)
-    first = chosen[names[0]]
-    rows = torch.empty(n, dim, dtype=first.dtype, device=first.device)
-    for i in range(n):
-        sample = tree_map(lambda t: t[i:i + 1] if isinstance(t, torch.Tensor) and t.dim() > 0 else t, batch)
-        _gradient_row(model, names, params, batch_loss, sample, rows[i])
-    return rows
+    1. ``linear``: when every chosen parameter is the weight or bias of an ``nn.Linear`` that owns
+       it alone, one forward and backward pass of the whole batch, with forward hooks keeping each
+       layer's input a and asking autograd for the gradient g of its output; sample i's weight
+       gradient is then sum_t g_it a_it^T (t runs over sequence positions), a batched matrix product.
+       With ``batch_loss`` the loss must be the mean over samples of each sample's own loss (as
+       Hugging Face classification losses are), so the gradients are scaled by the batch size; with
+       ``loss_fn`` each sample's loss is taken separately and summed. On the first batch two rows
+       are checked against single-sample backward passes; a mismatch (a token-weighted loss, a
+       weight also used outside its layer, a sequence-first layout) falls back, with a warning.
+    2. ``vmap``: torch.func.vmap of the gradient of one sample's loss.
+    3. ``loop``: one backward pass per sample, where vmap cannot run the model (it inspects tensor
+       values in Python, as Hugging Face's attention-mask code does); with a warning.
+    """
+
+    def __init__(self, model, names, params, loss_fn, batch_loss):
+        self.model, self.names, self.params = model, names, params
+        self.loss_fn, self.batch_loss = loss_fn, batch_loss
+        self.owners = _linear_owners(model, names, params)
+        self.route = "linear" if self.owners is not None else "vmap"
+        self.checked = False
+
+    def rows(self, batch, limit):
+        """(n, write): the number of rows this batch gives (n <= limit) and a writer that fills
+        ``out`` (i1 - i0, d) with rows i0..i1."""
+        if self.batch_loss is None:
+            inputs, targets = batch
+            n = min(len(inputs), limit)
+            batch = (inputs[:n], targets[:n])
+        else:
+            n = min(_batch_size(batch), limit)
+            batch = tree_map(lambda t: t[:n] if isinstance(t, torch.Tensor) and t.dim() > 0 else t, batch)
+        if self.route == "linear":
+            try:
+                write = _linear_rows(self.model, self.names, self.params, self.owners, batch, n, self.loss_fn,
+                                     self.batch_loss)
+                if not self.checked:
+                    self._check(write, batch, n)
+                    self.checked = True
+                return n, write
+            except _NotApplicable as why:
+                self.route = "vmap"
+                if str(why):
+                    warnings.warn(f"per-sample gradients: {why}; using torch.func.vmap instead, which gives exact "
+                                  "rows more slowly", RuntimeWarning, stacklevel=5)
+        if self.route == "vmap":
+            try:
+                return n, _slices_of(self._vmap(batch, n))
+            except RuntimeError as error:
+                if self.batch_loss is None or "vmap" not in str(error):
+                    raise
+                self.route = "loop"
+                warnings.warn("per-sample gradients: torch.func.vmap cannot run this model (it inspects tensor "
+                              f"values in Python: {str(error).splitlines()[0][:120]}...); using a loop of "
+                              "single-sample backward passes instead, which gives the same rows more slowly",
+                              RuntimeWarning, stacklevel=5)
+        first = self.params[self.names[0]]
+        rows = torch.empty(n, sum(self.params[name].numel() for name in self.names), dtype=first.dtype,
+                           device=first.device)
+        for i in range(n):
+            self._single(batch, i, rows[i])
+        return n, _slices_of(rows)
+
+    def _single(self, batch, i, out) -> None:
+        """The gradient of sample i's own loss, by one backward pass."""
+        if self.batch_loss is not None:
+            sample = tree_map(lambda t: t[i:i + 1] if isinstance(t, torch.Tensor) and t.dim() > 0 else t, batch)
+            _gradient_row(self.model, self.names, self.params, self.batch_loss, sample, out)
+        else:
+            def loss_of(net, pair):
+                return self.loss_fn(net(pair[0]), pair[1])
+            _gradient_row(self.model, self.names, self.params, loss_of, (batch[0][i:i + 1], batch[1][i:i + 1]), out)
+
+    def _check(self, write, batch, n) -> None:
+        first = self.params[self.names[0]]
+        dim = sum(self.params[name].numel() for name in self.names)
+        fast = torch.empty(1, dim, dtype=first.dtype, device=first.device)
+        exact = torch.empty(dim, dtype=first.dtype, device=first.device)
+        for i in sorted({0, n - 1}):
+            write(i, i + 1, fast)
+            self._single(batch, i, exact)
+            scale = float(torch.linalg.vector_norm(exact))
+            if float(torch.linalg.vector_norm(fast[0] - exact)) > 1e-3 * scale + 1e-30:
+                raise _NotApplicable("the Linear-layer route does not match a single-sample backward pass on this "
+                                     "model and loss (is the loss the mean over samples of each sample's own loss?)")
+
+    def _vmap(self, batch, n) -> torch.Tensor:
+        model, names = self.model, self.names
+        fixed = {k: v.detach() for k, v in model.named_parameters() if k not in self.params}
+        fixed.update(dict(model.named_buffers()))
+        chosen = {name: self.params[name].detach() for name in names}
+        dim = sum(p.numel() for p in chosen.values())
+        per_chunk = max(1, _VMAP_CHUNK_BYTES // max(1, dim * chosen[names[0]].element_size()))
+        if self.batch_loss is None:
+            loss_fn = self.loss_fn
+
+            def loss_one(weights, x, y):
+                return loss_fn(functional_call(model, {**fixed, **weights}, (x[None],)), y[None])
+
+            grads = vmap(grad(loss_one), in_dims=(None, 0, 0), chunk_size=per_chunk)(chosen, *batch)
+        else:
+            batch_loss = self.batch_loss
+            in_dims = tree_map(lambda t: 0 if isinstance(t, torch.Tensor) and t.dim() > 0 else None, batch)
+
+            def loss_one(weights, sample):
+                sample = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, sample)
+                return batch_loss(_FunctionalModel(model, {**fixed, **weights}), sample)
+
+            grads = vmap(grad(loss_one), in_dims=(None, in_dims), chunk_size=per_chunk)(chosen, batch)
+        return torch.cat([grads[name].reshape(n, -1) for name in names], dim=1)
+
+
+def _linear_owners(model, names, params):
+    """name -> (Linear module, "weight" | "bias") when every chosen parameter belongs to exactly one
+    module, a plain (not parametrized) nn.Linear; otherwise None."""
+    uses: dict[int, int] = {}
+    owners: dict[int, tuple[nn.Module, str]] = {}
+    for module in model.modules():
+        for kind, param in module.named_parameters(recurse=False):
+            uses[id(param)] = uses.get(id(param), 0) + 1
+            if isinstance(module, nn.Linear) and not parametrize.is_parametrized(module):
+                owners[id(param)] = (module, kind)
+    chosen = {}
+    for name in names:
+        key = id(params[name])
+        if key not in owners or uses[key] != 1:
+            return None
+        chosen[name] = owners[key]
+    return chosen
+
+
+def _linear_rows(model, names, params, owners, batch, n, loss_fn, batch_loss):
+    """One forward and backward pass of the batch; returns a writer of its per-sample rows (see
+    :class:`_Routes`). Raises _NotApplicable when a layer's activations do not have the samples first."""
+    modules = list({id(module): module for module, _ in owners.values()}.values())
+    calls = {id(module): [] for module in modules}
+
+    def keep(module, args, output):
+        calls[id(module)].append((args[0].detach(), output))
+
+    handles = [module.register_forward_hook(keep) for module in modules]
+    try:
+        with torch.enable_grad():
+            if batch_loss is not None:
+                loss = batch_loss(model, batch) * n
+            else:
+                outputs = model(batch[0])
+                loss = sum(loss_fn(outputs[i:i + 1], batch[1][i:i + 1]) for i in range(n))
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not all(calls[id(module)] for module in modules):
+        raise _NotApplicable("")  # a layer the forward pass never called as a module (nn.MultiheadAttention's)
+    outputs = [out for module in modules for _, out in calls[id(module)]]
+    if not all(isinstance(out, torch.Tensor) and out.requires_grad for out in outputs) or not loss.requires_grad:
+        raise _NotApplicable("")
+    grads = iter(torch.autograd.grad(loss, outputs, allow_unused=True))
+    pairs = {}
+    for module in modules:
+        pairs[id(module)] = []
+        for inp, _ in calls[id(module)]:
+            out_grad = next(grads)
+            if out_grad is None:
+                continue
+            if inp.dim() < 2 or inp.shape[0] != n or out_grad.shape[0] != n:
+                raise _NotApplicable("")  # samples not first: let vmap handle the layout
+            pairs[id(module)].append((inp.reshape(n, -1, inp.shape[-1]), out_grad.reshape(n, -1, out_grad.shape[-1])))
+    calls.clear()  # the pairs below keep what is needed; drop the graph's outputs
+    del outputs, loss
+    segments, offset = [], 0
+    for name in names:
+        module, kind = owners[name]
+        size = params[name].numel()
+        segments.append((offset, size, tuple(params[name].shape), pairs[id(module)], kind))
+        offset += size
+
+    def write(i0, i1, out):
+        k = i1 - i0
+        for start, size, shape, module_pairs, kind in segments:
+            view = out[:, start: start + size].view(k, *shape)
+            if not module_pairs:
+                view.zero_()
+            for position, (inp, out_grad) in enumerate(module_pairs):
+                if kind == "weight":
+                    part = torch.bmm(out_grad[i0:i1].transpose(1, 2), inp[i0:i1])
+                else:
+                    part = out_grad[i0:i1].sum(1)
+                if position == 0:
+                    view.copy_(part)
+                else:
+                    view.add_(part)
+    return write
 
 
 def _gradient_row(model, names, params, loss_of, batch, out: torch.Tensor) -> None:
@@ -221,15 +415,3 @@ def _gradient_row(model, names, params, loss_of, batch, out: torch.Tensor) -> No
         else:
             out[offset: offset + size] = g.reshape(-1)
         offset += size
-
-
-def _per_sample_vmap(model, names, fixed, chosen, batch, batch_loss, n, dim) -> torch.Tensor:
-    in_dims = tree_map(lambda t: 0 if isinstance(t, torch.Tensor) and t.dim() > 0 else None, batch)
-
-    def loss_one(weights, sample):
-        sample = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, sample)
-        return batch_loss(_FunctionalModel(model, {**fixed, **weights}), sample)
-
-    per_chunk = max(1, _VMAP_CHUNK_BYTES // max(1, dim * next(iter(chosen.values())).element_size()))
-    grads = vmap(grad(loss_one), in_dims=(None, in_dims), chunk_size=per_chunk)(chosen, batch)
-    return torch.cat([grads[name].reshape(n, -1) for name in names], dim=1)

@@ -227,13 +227,14 @@ class BlockFisherInverse(FisherInverse):
             check_finite("a gradient chunk", chunk)
             rows = chunk.to(device=device, dtype=dtype)
             for (start, count, width), total in zip(layout, sums):
-                # A few thousand blocks at a time: the batched product's internal copies stay small
-                # (a whole chunk's worth would add gigabytes at transformer scale) and cache-friendly.
+                # Blocks in tiles of 16 MB, copied to (blocks, rows, B) order first: the batched
+                # product then runs near plain-matmul speed (strided operands measured 10-35% slower),
+                # and the copy stays small (a whole chunk's worth would add gigabytes).
                 per_tile = max(1, _TILE_ELEMENTS // (4 * len(rows) * width))
                 for b0 in range(0, count, per_tile):
                     b1 = min(count, b0 + per_tile)
                     part = rows[:, start + b0 * width: start + b1 * width].reshape(len(rows), b1 - b0, width)
-                    part = part.transpose(0, 1)
+                    part = part.transpose(0, 1).contiguous()
                     total[b0:b1].baddbmm_(part.transpose(1, 2), part)
             m += len(rows)
             if on_rows is not None:

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import resources
-from .base import (FisherInverse, NonFiniteGradientError, check_damp, check_finite, check_floating, compute_dtype,
-                   robust_cholesky)
+from .base import (FisherInverse, NonFiniteGradientError, all_finite, check_damp, check_finite, check_floating,
+                   compute_dtype, robust_cholesky)
 
 __all__ = ["SlidingWindowFisherInverse"]
 
@@ -178,8 +178,8 @@ class SlidingWindowFisherInverse(FisherInverse):
         dots[slot] = float(torch.dot(stored, stored))
         # NaN or Inf in g makes its dot products non-finite, so the window pass doubles as the check;
         # only then is g scanned, to tell a non-finite gradient from one too large for the dtype.
-        if not bool(torch.isfinite(dots).all()):
-            if not bool(torch.isfinite(stored).all()):
+        if not all_finite(dots):
+            if not all_finite(stored):
                 raise NonFiniteGradientError("g contains NaN or Inf; non-finite gradients cannot enter the window, "
                                              "which was left unchanged")
             norm = float(torch.linalg.vector_norm(stored.to(torch.float64)))
@@ -285,7 +285,7 @@ class SlidingWindowFisherInverse(FisherInverse):
         computed = rows.to(self.dtype)
         gram = (computed @ computed.T).to(torch.float64)
         gram = (gram + gram.T) / 2  # a GEMM need not round A A^T symmetrically; the factor assumes it
-        if not bool(torch.isfinite(gram).all()):
+        if not all_finite(gram):
             raise NonFiniteGradientError(f"grads are finite but their dot products overflow {self.dtype}; scale them "
                                          f"down or use a float64 window; the window was left unchanged")
         lower = self._factor(gram, rows)
@@ -411,7 +411,7 @@ def validate_window_state(state, dim: int, window: int, damp: float, storage_dty
         if tensor.dtype != dtype:
             raise ValueError(f"window state's {key} is {tensor.dtype}, expected {dtype}: the window must load as "
                              f"saved, without a change of dtype")
-        if not bool(torch.isfinite(tensor).all()):
+        if not all_finite(tensor):
             raise ValueError(f"window state's {key} contains NaN or Inf")
     k = min(pushed, window)
     if not torch.equal(gram, gram.T):

@@ -24,7 +24,7 @@ import torch
 from torch.optim import Optimizer
 
 from ..fisher import NonFiniteGradientError, SlidingWindowFisherInverse
-from ..fisher.base import check_damp, compute_dtype
+from ..fisher.base import all_finite, check_damp, compute_dtype, finite_flag
 from ..fisher.window import validate_window_state, window_nbytes
 from .. import resources
 
@@ -241,7 +241,7 @@ class MFAC(Optimizer):
                     update = momentum_buffer[start:offset].mul_(momentum).add_(update)
                 base = p * (1.0 - lr * decay) if group["decoupled_weight_decay"] and decay else p
                 new = torch.add(base, update.view_as(p).to(p.dtype), alpha=-lr)
-                finite &= torch.isfinite(new).all()
+                finite &= finite_flag(new)
                 updates.append((p, new))
         if not bool(finite):
             self._skip("the update would make a parameter NaN or Inf (lr too large for this preconditioned "
@@ -316,7 +316,7 @@ class MFAC(Optimizer):
                 got = (f"{tuple(momentum.shape)} {momentum.dtype}" if isinstance(momentum, torch.Tensor)
                        else type(momentum).__name__)
                 raise ValueError(f"the state dict's momentum must be a ({self.dim},) {expected} tensor, got {got}")
-            if not bool(torch.isfinite(momentum).all()):
+            if not all_finite(momentum):
                 raise ValueError("the state dict's momentum contains NaN or Inf")
         device = self._all_params()[0].device
         fresh = None

@@ -258,14 +258,14 @@ def _inverse(model, segments, alive, batches, loss: _Loss, num_grads, damping, b
     if block_size is not None and block_size <= num_grads:
         first = segments[0].param
         dim = segments[-1].stop
-        chunks = gradient_chunks(model, named, batches, num_grads, loss.loss_fn, loss.batch_loss, per_sample,
-                                 masks=flat_masks)
-        # Buffer enough rows that each update is a rank-n product, in at most a quarter of the float32
-        # statistics' own d * B * 4 bytes (and at least 64 MB).
+        # Rows in each streamed update: a rank-n product, not rank-1, in at most a quarter of the
+        # float32 statistics' own d * B * 4 bytes (and at least 64 MB).
         buffer_bytes = max(_MIN_CHUNK_BYTES, dim * min(block_size, dim))
         rows = max(1, min(num_grads, buffer_bytes // (dim * first.element_size())))
+        chunks = gradient_chunks(model, named, batches, num_grads, loss.loss_fn, loss.batch_loss, per_sample,
+                                 masks=flat_masks, chunk_rows=rows)
         dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
-        return BlockFisherInverse.from_chunks(_rechunk(chunks, rows), dim, block_size, damp=damp,
+        return BlockFisherInverse.from_chunks(chunks, dim, block_size, damp=damp,
                                               relative_damp=relative, device=first.device, dtype=dtype,
                                               on_rows=on_gradient_rows)
     grads = collect_gradients(model, named, batches, loss.loss_fn, num_grads, per_sample, masks=flat_masks,
@@ -273,32 +273,6 @@ def _inverse(model, segments, alive, batches, loss: _Loss, num_grads, damping, b
     if block_size is None:
         return StaticFisherInverse(grads, damp, relative_damp=relative)
     return BlockFisherInverse(grads, damp, block_size, relative_damp=relative)
-
-
-def _rechunk(chunks, rows: int):
-    """Regroup an iterator of (n_i, d) chunks into chunks of ``rows`` rows (the last may be short), so
-    each streamed update of the block statistics is a rank-``rows`` product, not a rank-1 one."""
-    buffer, filled = None, 0
-    iterator = iter(chunks)
-    while (chunk := next(iterator, None)) is not None:
-        start = 0
-        while start < len(chunk):
-            if filled == 0 and len(chunk) - start >= rows:  # a whole chunk's worth: no copy needed
-                yield chunk[start: start + rows]
-                start += rows
-                continue
-            if buffer is None:
-                buffer = chunk.new_empty((rows, chunk.shape[1]))
-            take = min(rows - filled, len(chunk) - start)
-            buffer[filled: filled + take] = chunk[start: start + take]
-            filled += take
-            start += take
-            if filled == rows:
-                yield buffer
-                filled = 0
-        del chunk  # before the next chunk is computed
-    if filled:
-        yield buffer[:filled]
 
 
 def _prune_step(model, segments, weights, alive, counts, per_group, method, batches, loss, num_grads, damping,
