@@ -391,14 +391,14 @@ def _linear_rows(model, names, params, owners, batch, n, loss_fn, batch_loss):
             if not module_pairs:
                 view.zero_()
             for position, (inp, out_grad) in enumerate(module_pairs):
+                # Straight into the chunk: a fresh (k, out, in) result would cost page faults and a
+                # copy as long as the product itself.
                 if kind == "weight":
-                    part = torch.bmm(out_grad[i0:i1].transpose(1, 2), inp[i0:i1])
+                    view.baddbmm_(out_grad[i0:i1].transpose(1, 2), inp[i0:i1], beta=1 if position else 0)
+                elif position:
+                    view.add_(out_grad[i0:i1].sum(1))
                 else:
-                    part = out_grad[i0:i1].sum(1)
-                if position == 0:
-                    view.copy_(part)
-                else:
-                    view.add_(part)
+                    torch.sum(out_grad[i0:i1], 1, out=view)
     return write
 
 
