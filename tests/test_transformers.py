@@ -25,9 +25,11 @@ SENTENCES = ["the movie was good", "a very boring film", "great fun", "the plot 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    vocab = tmp_path_factory.mktemp("tok") / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    return transformers.BertTokenizer(vocab_file=str(vocab))
+    folder = tmp_path_factory.mktemp("tok")
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    tokenizer = transformers.BertTokenizer.from_pretrained(str(folder))
+    assert len(tokenizer) == len(WORDS) + 5
+    return tokenizer
 
 
 def tiny_bert(seed=0):

@@ -69,8 +69,18 @@ def check_loss(loss_fn, batch_loss) -> None:
             raise TypeError(f"{name} must be callable, got {type(value).__name__}")
 
 
+def _plain(batch):
+    """Mappings that are not dicts (Hugging Face's BatchEncoding) become dicts, so torch's tree
+    utilities see their tensors."""
+    if isinstance(batch, Mapping):
+        return {key: _plain(value) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
+        return type(batch)(_plain(value) for value in batch)
+    return batch
+
+
 def _to_device(batch, device):
-    return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
+    return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, _plain(batch))
 
 
 def _batch_size(batch) -> int:

@@ -10,7 +10,23 @@ from ..grads import check_loss, cycle
 from .masks import MaskHandle, Masks
 from .oneshot import prune_oneshot, resolve_params
 
-__all__ = ["GradualPruner"]
+__all__ = ["GradualPruner", "check_schedule"]
+
+
+def check_schedule(final_sparsity, start_step, end_step, every, schedule="cubic", initial_sparsity=0.0) -> None:
+    """Validate a pruning schedule's settings; raises ValueError naming the argument."""
+    for name, value in (("start_step", start_step), ("end_step", end_step), ("every", every)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "every" else 0):
+            raise ValueError(f"{name} must be a non-negative int (every >= 1), got {value!r}")
+    if end_step < start_step:
+        raise ValueError(f"end_step ({end_step}) must not come before start_step ({start_step})")
+    for name, value in (("final_sparsity", final_sparsity), ("initial_sparsity", initial_sparsity)):
+        if not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    if initial_sparsity > final_sparsity:
+        raise ValueError("initial_sparsity must not exceed final_sparsity")
+    if schedule not in ("cubic", "linear"):
+        raise ValueError(f"schedule must be 'cubic' or 'linear', got {schedule!r}")
 
 
 class GradualPruner:
@@ -37,18 +53,7 @@ class GradualPruner:
     def __init__(self, model: nn.Module, final_sparsity: float, start_step: int, end_step: int, every: int,
                  data: Iterable | None = None, loss_fn=None, method: str = "obs", schedule: str = "cubic",
                  initial_sparsity: float = 0.0, *, batch_loss=None, **prune_kwargs):
-        for name, value in (("start_step", start_step), ("end_step", end_step), ("every", every)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "every" else 0):
-                raise ValueError(f"{name} must be a non-negative int (every >= 1), got {value!r}")
-        if end_step < start_step:
-            raise ValueError(f"end_step ({end_step}) must not come before start_step ({start_step})")
-        for name, value in (("final_sparsity", final_sparsity), ("initial_sparsity", initial_sparsity)):
-            if not isinstance(value, (int, float)) or not 0 <= value < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-        if initial_sparsity > final_sparsity:
-            raise ValueError("initial_sparsity must not exceed final_sparsity")
-        if schedule not in ("cubic", "linear"):
-            raise ValueError(f"schedule must be 'cubic' or 'linear', got {schedule!r}")
+        check_schedule(final_sparsity, start_step, end_step, every, schedule, initial_sparsity)
         if method == "obs":
             if data is None:
                 raise ValueError("method='obs' needs data and loss_fn or batch_loss; use method='magnitude' to prune "

@@ -1,0 +1,213 @@
+"""Hugging Face Transformers integration: gradual OBS or magnitude pruning inside ``Trainer``.
+
+Needs the ``[hf]`` extra (``pip install "mfac[hf]"``); the rest of mfac imports without it.
+
+* :class:`PruningCallback`: a ``TrainerCallback`` that prunes on the cubic (or linear) schedule of
+  :class:`mfac.prune.GradualPruner` while ``Trainer`` trains, keeps pruned weights exactly zero after
+  every optimizer step, logs the sparsity, saves its state in every checkpoint and restores it on
+  ``trainer.train(resume_from_checkpoint=...)``.
+* :func:`default_pruning_params`: the weights it prunes by default.
+
+``mfac.MFAC`` itself needs nothing from here: pass it to ``Trainer`` as
+``optimizers=(MFAC(model.parameters(), lr=...), None)`` or
+``optimizer_cls_and_kwargs=(MFAC, {"lr": ..., ...})``; its state loads with ``weights_only=True``,
+as Trainer loads it when resuming.
+
+Example::
+
+    from mfac.hf import PruningCallback
+    trainer = Trainer(model, args, train_dataset=train, data_collator=collator,
+                      callbacks=[PruningCallback(0.8, start_step=100, end_step=900, every=100)])
+    trainer.train()
+    model.save_pretrained("pruned")   # a plain model with zeros in place
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from .checkpoint import load_weights, save_weights
+from .prune.gradual import GradualPruner, check_schedule
+
+__all__ = ["PruningCallback", "default_pruning_params"]
+
+STATE_FILE = "mfac_pruning.safetensors"  # the masks, in each checkpoint folder
+SCHEDULE_FILE = "mfac_pruning.json"  # the schedule position and settings
+
+
+def _is_dense_layer(module: nn.Module) -> bool:
+    # transformers' Conv1D (GPT-2) is a Linear with a transposed weight.
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def default_pruning_params(model: nn.Module) -> list[str]:
+    """Names of the weights of every Linear layer (or GPT-2-style Conv1D) inside the model's stack of
+    repeated blocks, that is inside an ``nn.ModuleList`` of ``model.base_model``: the attention and
+    feed-forward weights of every encoder or decoder layer. Embeddings, the pooler and the task head
+    are left dense. Raises ValueError when the model has no such layers."""
+    base = getattr(model, "base_model", model)
+    prefix = next((name + "." for name, module in model.named_modules() if module is base and name), "")
+    names = []
+    for list_name, block_list in base.named_modules():
+        if not isinstance(block_list, nn.ModuleList):
+            continue
+        for name, module in block_list.named_modules():
+            if _is_dense_layer(module) and name:
+                full = f"{prefix}{list_name}.{name}.weight"
+                if full not in names:
+                    names.append(full)
+    if not names:
+        raise ValueError("params: found no Linear layers inside a stack of repeated blocks (an nn.ModuleList of "
+                         "model.base_model); pass params=[names of the weights to prune]")
+    return names
+
+
+def _model_loss(model, batch):
+    return model(**batch).loss
+
+
+class PruningCallback(TrainerCallback):
+    """Gradual pruning during ``Trainer.train``: at steps start_step, start_step + every, ..., end_step
+    the chosen weights are pruned to the schedule's sparsity (see :class:`mfac.prune.GradualPruner`
+    for the schedule) by OBS over fresh gradients or by magnitude.
+
+    Args:
+        final_sparsity: fraction of the chosen weights removed at ``end_step``, in [0, 1).
+        start_step, end_step, every: pruning steps, counted in optimizer steps (Trainer's global_step).
+        method: "obs" (default) or "magnitude".
+        schedule, initial_sparsity: "cubic" (default) or "linear"; the sparsity at start_step.
+        params: names of the weights to prune; default :func:`default_pruning_params`.
+        data: batches for OBS gradients; default the Trainer's train dataloader.
+        batch_loss: ``batch_loss(model, batch)`` -> mean loss; default the model's own loss,
+            ``model(**batch).loss``.
+        num_grads, block_size, recompute, per_sample, damp, relative_damp, scope: as for
+            :func:`mfac.prune.prune_oneshot` (defaults here: 64 per-sample gradients, blocks of
+            128, one recomputation, relative damping).
+        resume_from: the checkpoint folder to restore the pruning state from when training resumes;
+            default ``<output_dir>/checkpoint-<global_step>``, the folder Trainer resumed from.
+
+    Between pruning steps the gradients of pruned weights are zeroed before each optimizer step
+    and the weights are zeroed after it, so they are exactly zero after every step with any
+    optimizer, and the model stays a plain model: Trainer's checkpoints and ``save_pretrained`` hold
+    ordinary weights with zeros in place. The sparsity goes into each log entry as ``sparsity``.
+    Each checkpoint folder gets ``mfac_pruning.safetensors`` (the masks) and ``mfac_pruning.json``
+    (the schedule position and settings, checked on resume). After a resume the OBS gradients come
+    from a fresh pass over ``data``, so later masks can differ from an uninterrupted run's.
+    """
+
+    def __init__(self, final_sparsity: float, start_step: int, end_step: int, every: int, method: str = "obs",
+                 schedule: str = "cubic", initial_sparsity: float = 0.0, params=None, data=None, batch_loss=None,
+                 num_grads: int = 64, block_size: int | None = 128, recompute: int = 1, per_sample: bool = True,
+                 damp: float | None = None, relative_damp: float | None = None, scope: str = "global",
+                 resume_from: str | os.PathLike | None = None):
+        check_schedule(final_sparsity, start_step, end_step, every, schedule, initial_sparsity)
+        if method not in ("obs", "magnitude"):
+            raise ValueError(f"method must be 'obs' or 'magnitude', got {method!r}")
+        if batch_loss is not None and not callable(batch_loss):
+            raise TypeError(f"batch_loss must be callable, got {type(batch_loss).__name__}")
+        self.schedule = dict(final_sparsity=final_sparsity, start_step=start_step, end_step=end_step, every=every,
+                             method=method, schedule=schedule, initial_sparsity=initial_sparsity)
+        self.prune_kwargs = dict(num_grads=num_grads, block_size=block_size, recompute=recompute,
+                                 per_sample=per_sample, damp=damp, relative_damp=relative_damp, scope=scope)
+        self.params, self.data, self.batch_loss = params, data, batch_loss
+        self.resume_from = resume_from
+        self.pruner: GradualPruner | None = None
+        self._model: nn.Module | None = None
+
+    @property
+    def sparsity(self) -> float:
+        """Sparsity of the pruned weights now (0 before training starts)."""
+        return self.pruner.sparsity if self.pruner is not None else 0.0
+
+    # -- Trainer events ---------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        if model is None:
+            raise RuntimeError("PruningCallback needs the model; use it as a Trainer callback")
+        method = self.schedule["method"]
+        data = self.data if self.data is not None else train_dataloader
+        if method == "obs" and data is None:
+            raise ValueError("PruningCallback(method='obs') needs data: pass data= or give Trainer a train_dataset")
+        params = self.params if self.params is not None else default_pruning_params(model)
+        kwargs = {k: v for k, v in self.prune_kwargs.items() if v is not None or k == "block_size"}
+        self.pruner = GradualPruner(model, self.schedule["final_sparsity"], self.schedule["start_step"],
+                                    self.schedule["end_step"], self.schedule["every"], data=data,
+                                    method=method, schedule=self.schedule["schedule"],
+                                    initial_sparsity=self.schedule["initial_sparsity"],
+                                    batch_loss=(self.batch_loss or _model_loss) if method == "obs" else None,
+                                    params=params, **kwargs)
+        self._model = model
+        if state.global_step > 0:
+            self._restore(args, state)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.pruner is None or self.pruner.sparsity == 0:
+            return
+        with torch.no_grad():
+            for param, mask in self._masked():
+                if param.grad is not None:
+                    param.grad.mul_(mask.to(param.grad.device, param.grad.dtype))
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.pruner is not None and self.pruner.sparsity > 0:
+            self.pruner.masks.apply(self._model)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.pruner is None:
+            return
+        if self.pruner.current_step != state.global_step - 1:
+            raise RuntimeError(f"PruningCallback is at step {self.pruner.current_step} but Trainer finished step "
+                               f"{state.global_step}; one callback instance serves one training run")
+        self.pruner.step()
+        self.pruner.detach()  # zeros stay in place; plain weights for Trainer's checkpoints
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.pruner is None or logs is None:
+            return
+        logs["sparsity"] = self.pruner.sparsity
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1]["sparsity"] = self.pruner.sparsity
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.pruner is None:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not folder.is_dir():
+            return
+        save_weights({name: mask for name, mask in self.pruner.masks.items()}, folder / STATE_FILE)
+        state_file = folder / SCHEDULE_FILE
+        state_file.write_text(json.dumps({"step": self.pruner.current_step, "schedule": self.schedule,
+                                          "params": list(self.pruner.masks)}, indent=1))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.pruner is not None and self.pruner.sparsity > 0:
+            self.pruner.masks.apply(self._model)
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _masked(self):
+        named = dict(self._model.named_parameters())
+        return [(named[name], mask) for name, mask in self.pruner.masks.items()]
+
+    def _restore(self, args, state) -> None:
+        folder = Path(self.resume_from) if self.resume_from is not None else \
+            Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        masks_file, schedule_file = folder / STATE_FILE, folder / SCHEDULE_FILE
+        if not masks_file.is_file() or not schedule_file.is_file():
+            raise FileNotFoundError(f"training resumes at step {state.global_step} but {folder} holds no pruning state "
+                                    f"({STATE_FILE}, {SCHEDULE_FILE}); resume from a checkpoint written with "
+                                    f"PruningCallback, or pass PruningCallback(resume_from=<that checkpoint folder>)")
+        saved = json.loads(schedule_file.read_text())
+        if saved.get("schedule") != self.schedule:
+            raise ValueError(f"the checkpoint's pruning schedule {saved.get('schedule')} differs from this callback's "
+                             f"{self.schedule}; construct PruningCallback with the same settings to resume")
+        if saved.get("step") != state.global_step:
+            raise ValueError(f"the checkpoint's pruning state is for step {saved.get('step')}, but training resumes "
+                             f"at step {state.global_step}")
+        masks = {name: tensor.bool() for name, tensor in load_weights(masks_file).items()}
+        self.pruner.load_state_dict({"step": saved["step"], "masks": masks})
+        self.pruner.detach()

@@ -1,0 +1,206 @@
+"""MFAC and gradual pruning inside Hugging Face's Trainer, on a tiny BERT with a test-written vocabulary."""
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from mfac import MFAC  # noqa: E402
+from mfac.hf import STATE_FILE, PruningCallback, default_pruning_params  # noqa: E402
+
+WORDS = "the a movie film was is good bad great awful not very boring fun plot actors love hate it".split()
+SENTENCES = ["the movie was good", "a very boring film", "great fun", "the plot is not good at all it was awful",
+             "love it", "i hate the actors", "not bad", "a great great movie with very good actors",
+             "boring", "very very good", "awful plot", "fun fun fun film"]
+LABELS = [1, 0, 1, 0, 1, 0, 1, 1, 0, 1, 0, 1]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tok")
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    tokenizer = transformers.BertTokenizer.from_pretrained(str(folder))
+    assert len(tokenizer) == len(WORDS) + 5
+    return tokenizer
+
+
+def tiny_bert(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=len(WORDS) + 5, hidden_size=16, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=24, max_position_embeddings=32,
+                                     num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return transformers.BertForSequenceClassification(config)
+
+
+class Sentences(torch.utils.data.Dataset):
+    def __init__(self, tokenizer):
+        self.items = [dict(tokenizer(text), labels=label) for text, label in zip(SENTENCES, LABELS)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def make_trainer(tokenizer, output_dir, model=None, callbacks=(), max_steps=6, **overrides):
+    model = model if model is not None else tiny_bert()
+    settings = dict(output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=4,
+                    learning_rate=1e-2, save_steps=3, save_strategy="steps", logging_steps=1, report_to=[],
+                    use_cpu=True, seed=0, data_seed=0, disable_tqdm=True, max_grad_norm=1.0)
+    settings.update(overrides)
+    extra = {}
+    if "optimizers" not in settings and "optimizer_cls_and_kwargs" not in settings:
+        extra["optimizer_cls_and_kwargs"] = (MFAC, {"lr": 1e-2, "window": 4, "damp": 1e-2})
+    for key in ("optimizers", "optimizer_cls_and_kwargs"):
+        if key in settings:
+            extra[key] = settings.pop(key)
+    args = transformers.TrainingArguments(**settings)
+    return transformers.Trainer(model=model, args=args, train_dataset=Sentences(tokenizer),
+                                data_collator=transformers.DataCollatorWithPadding(tokenizer),
+                                callbacks=list(callbacks), **extra), model
+
+
+class StopAt(transformers.TrainerCallback):
+    """Ends training after a step, as a kill right after that step's checkpoint would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def inner(optimizer):
+    """Trainer wraps the optimizer (accelerate's AcceleratedOptimizer)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def mean_loss(model, tokenizer):
+    model.eval()
+    batch = dict(tokenizer(SENTENCES, padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        return float(model(**batch, labels=torch.tensor(LABELS)).loss)
+
+
+def test_trainer_trains_with_mfac_from_optimizer_cls_and_kwargs(tokenizer, tmp_path):
+    """Gradient accumulation, clipping and the default linear LR schedule, MFAC underneath."""
+    trainer, model = make_trainer(tokenizer, tmp_path, max_steps=12, gradient_accumulation_steps=2)
+    before, start = weights(model), mean_loss(model, tokenizer)
+    trainer.train()
+    optimizer = inner(trainer.optimizer)
+    assert isinstance(optimizer, MFAC) and optimizer.fisher.window == 4
+    assert optimizer.steps == 12 and optimizer.param_groups[0]["lr"] == 0.0
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert mean_loss(model, tokenizer) < start - 0.005  # it learns (0.693 -> 0.684 measured)
+
+
+def test_trainer_resumes_mfac_bitwise(tokenizer, tmp_path):
+    """Six steps straight, or three, a new process-like restart from checkpoint-3, and three more:
+    the same weights bit for bit (CPU, dropout off). Trainer loads the optimizer with weights_only=True."""
+    straight, model_a = make_trainer(tokenizer, tmp_path / "a")
+    straight.train()
+    first, _ = make_trainer(tokenizer, tmp_path / "b", callbacks=[StopAt(3)])
+    first.train()
+    assert (tmp_path / "b" / "checkpoint-3" / "optimizer.pt").is_file()
+    resumed, model_b = make_trainer(tokenizer, tmp_path / "b", model=tiny_bert(seed=5))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3"))
+    assert isinstance(inner(resumed.optimizer), MFAC)
+    for name, value in model_a.named_parameters():
+        assert torch.equal(value, dict(model_b.named_parameters())[name]), name
+
+
+def test_trainer_takes_an_mfac_instance_with_its_scheduler(tokenizer, tmp_path):
+    model = tiny_bert()
+    optimizer = MFAC(model.parameters(), lr=1e-2, window=4, damp=1e-2)
+    trainer, _ = make_trainer(tokenizer, tmp_path, model=model, optimizers=(optimizer, None),
+                              lr_scheduler_type="linear", max_steps=4)
+    trainer.train()
+    assert inner(trainer.optimizer) is optimizer
+    assert optimizer.param_groups[0]["lr"] == 0.0  # the linear schedule reached its end
+
+
+def test_default_pruning_params_are_the_encoder_linears():
+    model = tiny_bert()
+    names = default_pruning_params(model)
+    assert len(names) == 2 * 6  # query, key, value, attention output, intermediate, output per layer
+    assert all(".encoder.layer." in n and n.endswith(".weight") for n in names)
+    with pytest.raises(ValueError, match="params"):
+        default_pruning_params(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize("method", ["obs", "magnitude"])
+def test_pruning_callback_follows_the_schedule_and_keeps_masks(tokenizer, tmp_path, method):
+    callback = PruningCallback(0.6, start_step=2, end_step=6, every=2, method=method, num_grads=4, block_size=8)
+    trainer, model = make_trainer(tokenizer, tmp_path, callbacks=[callback], max_steps=8,
+                                  optimizer_cls_and_kwargs=(torch.optim.AdamW, {"lr": 1e-2}))
+    seen = {}
+
+    class Watch(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            named = dict(model.named_parameters())
+            seen[state.global_step] = callback.sparsity
+            for name, mask in callback.pruner.masks.items():
+                assert torch.all(named[name][~mask] == 0), (state.global_step, name)
+
+    trainer.add_callback(Watch())
+    trainer.train()
+    pruner = callback.pruner
+    total = sum(m.numel() for m in pruner.masks.values())
+    for step, sparsity in seen.items():
+        expected = pruner.target_sparsity(max(s for s in (0, 2, 4, 6) if s <= step)) if step >= 2 else 0.0
+        assert abs(sparsity - expected) <= 1 / total + 1e-12, (step, sparsity, expected)
+    assert sum(int((~m).sum()) for m in pruner.masks.values()) == round(0.6 * total)
+    logged = [entry["sparsity"] for entry in trainer.state.log_history if "sparsity" in entry]
+    assert logged and logged[-1] == pytest.approx(callback.sparsity)
+    # The saved model is plain and loads in plain transformers with the zeros.
+    trainer.save_model(str(tmp_path / "final"))
+    reloaded = transformers.BertForSequenceClassification.from_pretrained(str(tmp_path / "final"))
+    named = dict(reloaded.named_parameters())
+    for name, mask in pruner.masks.items():
+        assert torch.all(named[name][~mask] == 0) and not torch.all(named[name][mask] == 0)
+
+
+def test_pruning_callback_resumes_from_a_checkpoint(tokenizer, tmp_path):
+    def run(folder, max_steps, resume=None):
+        callback = PruningCallback(0.5, start_step=1, end_step=5, every=2, method="magnitude")
+        trainer, model = make_trainer(tokenizer, folder, callbacks=[callback, StopAt(max_steps)], max_steps=6)
+        trainer.train(resume_from_checkpoint=resume)
+        return callback, model
+
+    straight, model_a = run(tmp_path / "a", 6)
+    run(tmp_path / "b", 3)
+    saved = json.loads((tmp_path / "b" / "checkpoint-3" / "mfac_pruning.json").read_text())
+    assert saved["step"] == 3 and (tmp_path / "b" / "checkpoint-3" / STATE_FILE).is_file()
+    resumed, model_b = run(tmp_path / "b", 6, resume=str(tmp_path / "b" / "checkpoint-3"))
+    assert resumed.pruner.current_step == 6
+    for name, mask in straight.pruner.masks.items():
+        assert torch.equal(mask, resumed.pruner.masks[name])
+    for name, value in model_a.named_parameters():
+        assert torch.equal(value, dict(model_b.named_parameters())[name]), name
+
+
+def test_pruning_callback_refuses_a_checkpoint_without_its_state(tokenizer, tmp_path):
+    trainer, _ = make_trainer(tokenizer, tmp_path, max_steps=3)
+    trainer.train()
+    callback = PruningCallback(0.5, start_step=1, end_step=5, every=2, method="magnitude")
+    resumed, _ = make_trainer(tokenizer, tmp_path, callbacks=[callback], max_steps=6)
+    with pytest.raises(FileNotFoundError, match="no pruning state"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+
+
+def test_pruning_callback_validates_its_arguments():
+    with pytest.raises(ValueError, match="end_step"):
+        PruningCallback(0.5, start_step=5, end_step=2, every=1)
+    with pytest.raises(ValueError, match="final_sparsity"):
+        PruningCallback(1.5, start_step=1, end_step=2, every=1)
+    with pytest.raises(ValueError, match="method"):
+        PruningCallback(0.5, start_step=1, end_step=2, every=1, method="random")
