@@ -119,15 +119,15 @@ def load_model_weights(model: nn.Module, path: str, model_name: str) -> None:
                            f"{' '.join(line.strip() for line in lines[:3])[:300]}") from None
 
 
-def prepare(args) -> tuple[Task, nn.Module, Split]:
-    """Data, model (with --checkpoint loaded) and the split in the model's input layout."""
+def prepare(args, load_weights: bool = True) -> tuple[Task, nn.Module, Split]:
+    """Data, model (with --checkpoint loaded when ``load_weights``) and the split in the model's input layout."""
     task = load_task(args.data, args.seed)
     if not 1 <= args.batch_size <= len(task.split.train_x):
         raise CliError(f"--batch-size must be in [1, {len(task.split.train_x)}] (the training samples of "
                        f"{task.description}), got {args.batch_size}")
     torch.manual_seed(args.seed)
     model = build_model(args.model, task)
-    if args.checkpoint:
+    if load_weights and args.checkpoint:
         load_model_weights(model, args.checkpoint, args.model)
     split = task.split.flattened() if args.model == "mlp" else task.split
     return task, model, split
@@ -222,8 +222,8 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def run_header(command: str, args, task: Task) -> dict:
-    return {"command": command, "environment": environment(args.seed), "data": task.description, "model": args.model,
+def run_header(command: str, args, description: str) -> dict:
+    return {"command": command, "environment": environment(args.seed), "data": description, "model": args.model,
             "settings": {k: v for k, v in vars(args).items() if k not in ("func", "quiet", "force")}}
 
 

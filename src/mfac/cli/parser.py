@@ -53,6 +53,13 @@ def number(low: float, high: float, low_open: bool = False, high_open: bool = Fa
     return parse
 
 
+def model_spec(text: str) -> str:
+    if text in MODELS or (text.startswith("hf:") and len(text) > 3):
+        return text
+    raise argparse.ArgumentTypeError(f"expected one of {', '.join(MODELS)} or hf:PATH (a local Hugging Face model "
+                                     f"folder), got {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import bench, demo, prune, train  # light modules: heavy imports happen inside each command
 
@@ -80,8 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.set_defaults(func=demo.run)
 
     def model_data(sub):
-        sub.add_argument("--model", default="mlp", choices=MODELS, help="built-in model")
-        sub.add_argument("--data", default="digits", help="digits, mnist-idx:PATH or cifar-npz:PATH")
+        sub.add_argument("--model", default="mlp", type=model_spec, metavar="MODEL",
+                         help=f"a built-in model ({', '.join(MODELS)}) or hf:PATH, a local Hugging Face model folder "
+                              f"with its tokenizer (a sequence-classification head is added)")
+        sub.add_argument("--data", default="digits",
+                         help="digits, mnist-idx:PATH or cifar-npz:PATH for built-in models; tsv:PATH (a folder "
+                              "with *train*.tsv and *dev*.tsv, or one file) with label and text columns for hf: models")
+        sub.add_argument("--max-length", type=integer(1), default=64, help="hf: models: tokens kept per text")
         sub.add_argument("--checkpoint", default=None,
                          help="start from these weights (a .safetensors file or a torch state dict)")
         sub.add_argument("--batch-size", type=integer(1), default=32, help="mini-batch size")
