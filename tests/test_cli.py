@@ -377,3 +377,33 @@ def test_bad_hugging_face_arguments_end_with_one_line(tiny_hf, tmp_path, args, f
     result = mfac("train", *[x for pair in base.items() for x in pair], "--out", tmp_path / "x", "--quiet")
     assert result.returncode == 2 and fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1, \
         result.stderr
+
+
+@pytest.mark.parametrize("method", ["obs", "magnitude"])
+def test_gradual_pruning_of_a_hugging_face_model(tiny_hf, tmp_path, method):
+    transformers = pytest.importorskip("transformers")
+    model_dir, data_dir = tiny_hf
+    result = mfac("prune", "--gradual", "--model", f"hf:{model_dir}", "--data", f"tsv:{data_dir}", "--batch-size", 8,
+                  "--steps", 12, "--prune-start", 2, "--prune-end", 10, "--prune-every", 4, "--sparsity", 0.6,
+                  "--method", method, "--num-grads", 8, "--per-sample", "--block-size", 8, "--lr", 3e-3, "--quiet",
+                  "--out", tmp_path / "gradual")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "gradual" / "report.json").read_text())
+    assert abs(report["sparsity"] - 0.6) < 1e-3 and report["gradual"]["end_step"] == 10
+    assert len(report["gradual"]["batch_losses"]) == 12
+    pruned = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "gradual" / "model"))
+    named = dict(pruned.named_parameters())
+    zeros = sum(int((named[name] == 0).sum()) for name in report["per_tensor_sparsity"])
+    total = sum(named[name].numel() for name in report["per_tensor_sparsity"])
+    assert zeros == round(0.6 * total)
+
+
+def test_gradual_pruning_of_a_built_in_model(tmp_path):
+    result = mfac("prune", "--gradual", "--steps", 30, "--sparsity", 0.8, "--num-grads", 16, "--quiet",
+                  "--out", tmp_path / "g")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "g" / "report.json").read_text())
+    assert abs(report["sparsity"] - 0.8) < 1e-3 and report["gradual"] == {**report["gradual"], "start_step": 3,
+                                                                             "end_step": 21, "every": 2}
+    bad = mfac("prune", "--gradual", "--steps", 10, "--prune-end", 20, "--out", tmp_path / "h")
+    assert bad.returncode == 2 and "--prune-end 20" in bad.stderr

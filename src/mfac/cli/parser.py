@@ -134,9 +134,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--relative-damp", type=number(0, FLOAT32_MAX, low_open=True), default=None,
                      help="lambda as a fraction of the mean Fisher diagonal (default 0.3 when --damp is not given)")
     sub.add_argument("--block-size", type=integer(0), default=128, help="block size of the inverse (0: one block)")
-    sub.add_argument("--recompute", type=integer(1), default=16, help="OBS sub-steps with fresh gradients")
+    sub.add_argument("--recompute", type=integer(1), default=None,
+                     help="OBS sub-steps with fresh gradients (default 16 one-shot, 1 per pruning step with --gradual)")
     sub.add_argument("--calibrate-bn", type=integer(0), default=0,
                      help="re-estimate BatchNorm statistics on this many training batches, before and after pruning")
+    sub.add_argument("--gradual", action="store_true",
+                     help="prune while training, on the cubic schedule of GradualPruner (and of mfac.hf.PruningCallback), "
+                          "instead of one-shot")
+    sub.add_argument("--steps", type=integer(1), default=200, help="--gradual: training steps")
+    sub.add_argument("--optimizer", default="adam", choices=["mfac", "adam", "sgd"],
+                     help="--gradual: optimizer (momentum 0.9 for mfac and sgd; mfac: window 64, damp 1e-2)")
+    sub.add_argument("--lr", type=number(0, FLOAT32_MAX, low_open=True), default=1e-3, help="--gradual: learning rate")
+    sub.add_argument("--prune-start", type=integer(0), default=None,
+                     help="--gradual: first pruning step (default: 10%% of --steps)")
+    sub.add_argument("--prune-end", type=integer(0), default=None,
+                     help="--gradual: step at which --sparsity is reached (default: 70%% of --steps)")
+    sub.add_argument("--prune-every", type=integer(1), default=None,
+                     help="--gradual: steps between pruning steps (default: an eighth of the pruning span)")
     common(sub)
     sub.set_defaults(func=prune.run)
 

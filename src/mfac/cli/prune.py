@@ -4,6 +4,7 @@ Hugging Face folder ``model/``), the masks as safetensors, and report.json."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -11,17 +12,21 @@ import torch
 from torch import nn
 
 from ..checkpoint import save_weights
-from ..prune import prune_oneshot, recalibrate_batchnorm
+from ..progress import Progress
+from ..prune import GradualPruner, prune_oneshot, recalibrate_batchnorm
 from ..prune.oneshot import parse_pattern
 from ..training import accuracy
-from .common import (CliError, check_out, load_model_weights, prepare, pruning_progress, run_header, staged_output,
-                     usage_errors, write_json)
+from .common import (CliError, RunError, check_out, load_model_weights, make_optimizer, prepare, pruning_progress,
+                     run_header, staged_output, usage_errors, write_json)
 
 
 def run(args) -> int:
     out = check_out(args.out, "prune", args.force)
     with usage_errors("--pattern: "):
         nm = parse_pattern(args.pattern)
+    if args.gradual:
+        return _gradual(args, out, nm)
+    args.recompute = args.recompute or 16
     if args.model.startswith("hf:"):
         job = _text_job(args)
     else:
@@ -110,3 +115,69 @@ def _text_job(args) -> _PruneJob:
 
     return _PruneJob(task.description, model, data, None, model_loss, params, lambda: evaluate(model, test)[1],
                      lambda: None, save)
+
+
+def _gradual(args, out, nm) -> int:
+    """Train for --steps while GradualPruner prunes on its schedule; the model, masks and a report."""
+    from .train import make_job
+
+    if nm is not None:
+        raise CliError("--pattern applies to one-shot pruning; leave it out with --gradual")
+    start_step = args.prune_start if args.prune_start is not None else max(1, args.steps // 10)
+    end_step = args.prune_end if args.prune_end is not None else max(start_step, (7 * args.steps) // 10)
+    every = args.prune_every or max(1, (end_step - start_step) // 8)
+    if end_step > args.steps:
+        raise CliError(f"--prune-end {end_step} is after the last of --steps {args.steps}")
+    job = make_job(args)
+    model = job.model
+    hf_model = args.model.startswith("hf:")
+    params = None
+    if hf_model:
+        from ..hf import default_pruning_params
+
+        with usage_errors("--model: "):
+            params = default_pruning_params(model)
+    data, loss = None, {}
+    if args.method == "obs":
+        rows_per_batch = args.batch_size if args.per_sample else 1
+        data = [job.make_batch(next(job.stream)) for _ in range(-(-args.num_grads // rows_per_batch))]
+        loss = {"batch_loss": job.loss} if hf_model else {"loss_fn": nn.functional.cross_entropy}
+    with usage_errors():
+        opt = make_optimizer(args.optimizer, model.parameters(), args.lr, 0.9, 0.0, 64, 1e-2)
+        pruner = GradualPruner(model, args.sparsity, start_step, end_step, every, data=data, method=args.method,
+                               params=params, num_grads=args.num_grads, block_size=args.block_size or None,
+                               recompute=args.recompute or 1, per_sample=args.per_sample, damp=args.damp,
+                               relative_damp=args.relative_damp, scope=args.scope, **loss)
+    before = job.test_accuracy()
+    started = time.perf_counter()
+    losses = []
+    model.train()
+    with Progress(args.steps, f"prune {args.model} gradually ({args.method})", args.quiet) as bar:
+        for _ in range(args.steps):
+            batch = job.make_batch(next(job.stream))
+            opt.zero_grad()
+            value = job.loss(model, batch)
+            value.backward()
+            opt.step()
+            pruner.step()
+            losses.append(float(value.detach()))
+            if not math.isfinite(losses[-1]):
+                pruner.detach()
+                raise RunError(f"training diverged at step {len(losses)} (the loss became NaN or Inf); lower --lr")
+            bar.update(1, loss=losses[-1], sparsity=pruner.sparsity)
+    pruner.detach()
+    after = job.test_accuracy()
+    masks = pruner.masks
+    report = {**run_header("prune", args, job.description), "gradual": {
+                  "start_step": start_step, "end_step": end_step, "every": every, "batch_losses": losses},
+              "test_accuracy_before": before, "test_accuracy_after": after, "sparsity": masks.sparsity(),
+              "per_tensor_sparsity": masks.per_tensor_sparsity(), "seconds": time.perf_counter() - started}
+    print(f"trained {args.model} for {args.steps} steps while pruning with {args.method} to sparsity "
+          f"{masks.sparsity():.4f} (steps {start_step}-{end_step}, every {every}): test accuracy "
+          f"{100 * before:.1f}% -> {100 * after:.1f}%")
+    with staged_output(out) as staging:
+        report["files"] = [job.save_model(staging), "masks.safetensors", "report.json"]
+        save_weights(masks.state_dict(), staging / "masks.safetensors")
+        write_json(staging / "report.json", report)
+    print(f"written to {out}/: {', '.join(report['files'])}")
+    return 0
