@@ -19,3 +19,5 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     assert all((p[~masks[n]] == 0).all() for n, p in model.named_parameters() if n in masks)
     bert_masks = namespace["bert_masks"]  # the transformer example: dict batches, streamed blocks
     assert abs(bert_masks.sparsity() - 0.7) < 1e-3
+    assert abs(namespace["pruning"].sparsity - 0.8) < 1e-3  # the Trainer example
+    assert (tmp_path / "pruned-bert" / "config.json").exists()
