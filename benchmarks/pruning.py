@@ -125,13 +125,13 @@ def part_resnet(quick: bool):
     return {"dense": dense, "curves": results}
 
 
-def part_timing():
-    if not (SHARED / "cifar10_test_jpeg.npz").exists():
-        print("\n(timing part skipped: ../shared/data is not present)")
-        return None
-    model, calib, grads, _ = cifar_protocol()
-    spent = {"gradients": 0.0}
-    collect = oneshot.collect_gradients
+def phase_timer() -> dict:
+    """Time spent computing gradients (inside gradient collection, whichever route) and factorising
+    blocks, accumulated into the returned dict until its "stop" entry is called."""
+    import mfac.fisher.blocks as block_module
+
+    spent = {"gradients": 0.0, "factorise": 0.0}
+    collect, chunks, factor = oneshot.collect_gradients, oneshot.gradient_chunks, block_module._primal_factor
 
     def timed_collect(*args, **kwargs):
         start = time.perf_counter()
@@ -140,9 +140,7 @@ def part_timing():
         finally:
             spent["gradients"] += time.perf_counter() - start
 
-    chunks = oneshot.gradient_chunks
-
-    def timed_chunks(*args, **kwargs):  # the streamed route (block 128 <= 256 gradients) takes chunks
+    def timed_chunks(*args, **kwargs):  # the streamed route takes chunks
         stream = chunks(*args, **kwargs)
         while True:
             start = time.perf_counter()
@@ -154,14 +152,35 @@ def part_timing():
             spent["gradients"] += time.perf_counter() - start
             yield item
 
-    oneshot.collect_gradients, oneshot.gradient_chunks = timed_collect, timed_chunks
+    def timed_factor(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return factor(*args, **kwargs)
+        finally:
+            spent["factorise"] += time.perf_counter() - start
+
+    def stop():
+        oneshot.collect_gradients, oneshot.gradient_chunks, block_module._primal_factor = collect, chunks, factor
+
+    oneshot.collect_gradients, oneshot.gradient_chunks, block_module._primal_factor = (timed_collect, timed_chunks,
+                                                                                       timed_factor)
+    spent["stop"] = stop
+    return spent
+
+
+def part_timing():
+    if not (SHARED / "cifar10_test_jpeg.npz").exists():
+        print("\n(timing part skipped: ../shared/data is not present)")
+        return None
+    model, calib, grads, _ = cifar_protocol()
+    spent = phase_timer()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     try:
         masks = prune_oneshot(model, 0.9, grads, nn.functional.cross_entropy, per_sample=True, num_grads=256,
                               block_size=128, recompute=16)
     finally:
-        oneshot.collect_gradients, oneshot.gradient_chunks = collect, chunks
+        spent["stop"]()
     total = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print("\n## One-shot OBS on ResNet-20 to 90% (256 per-sample gradients, block 128, 16 recomputations)\n")
@@ -178,7 +197,10 @@ def _read_sst2(path: Path) -> tuple[list[str], list[int]]:
     return list(texts), [int(label) for label in labels]
 
 
-def part_transformer(quick: bool, num_grads: int | None = None, recompute: int | None = None):
+def minilm_protocol(quick: bool = False):
+    """MiniLM-L6 fine-tuned on SST-2 (cached in benchmarks/.cache after the first run), with the
+    batches OBS draws gradients from, the dev batches and the number of fine-tuning steps; None
+    when transformers, the MiniLM package or ../shared/data is missing."""
     import importlib.util
     import os
 
@@ -213,14 +235,11 @@ def part_transformer(quick: bool, num_grads: int | None = None, recompute: int |
                           [train_labels[i] for i in rest[s * 32:(s + 1) * 32]]) for s in range(32)]
     dev_batches = [encode(dev_texts[i:i + 128], dev_labels[i:i + 128]) for i in range(0, len(dev_texts), 128)]
 
-    def dev_accuracy(model) -> float:
-        model.eval()
-        with torch.no_grad():
-            correct = sum(int((model(**b).logits.argmax(-1) == b["labels"]).sum()) for b in dev_batches)
-        return 100.0 * correct / len(dev_texts)
-
     torch.manual_seed(0)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the new head's "newly initialized" notice
     model = transformers.AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
+    transformers.logging.set_verbosity(verbosity)
     cache = Path(__file__).resolve().parent / ".cache" / f"minilm-sst2-{steps}.safetensors"
     if cache.exists():
         model.load_state_dict(load_weights(cache))
@@ -236,6 +255,25 @@ def part_transformer(quick: bool, num_grads: int | None = None, recompute: int |
         tuned_s = time.perf_counter() - start
         cache.parent.mkdir(exist_ok=True)
         save_weights(model.state_dict(), cache)
+    return model, obs_batches, dev_batches, steps, tuned_s
+
+
+def batches_accuracy(model, batches) -> float:
+    model.eval()
+    with torch.no_grad():
+        correct = sum(int((model(**b).logits.argmax(-1) == b["labels"]).sum()) for b in batches)
+    return 100.0 * correct / sum(len(b["labels"]) for b in batches)
+
+
+def part_transformer(quick: bool, num_grads: int | None = None, recompute: int | None = None):
+    protocol = minilm_protocol(quick)
+    if protocol is None:
+        return None
+    model, obs_batches, dev_batches, steps, tuned_s = protocol
+
+    def dev_accuracy(model) -> float:
+        return batches_accuracy(model, dev_batches)
+
     dense = dev_accuracy(model)
     encoder = [n for n, p in model.named_parameters() if ".encoder." in n and n.endswith(".weight") and p.dim() == 2]
     size = sum(dict(model.named_parameters())[n].numel() for n in encoder)
@@ -243,7 +281,8 @@ def part_transformer(quick: bool, num_grads: int | None = None, recompute: int |
           f"({tuned_s:.0f} s); {len(encoder)} encoder Linear weights, {size:,} prunable\n")
     print(f"OBS: {num_grads or (128 if quick else 1024)} per-sample gradients, "
           f"{recompute or (2 if quick else 8)} recomputations, block 128, default damping\n")
-    print("| method | sparsity | dev accuracy % | seconds | peak RSS GB |\n|---|---|---|---|---|")
+    print("| method | sparsity | dev accuracy % | seconds | of which gradients s | factorisation s | peak RSS GB |\n"
+          "|---|---|---|---|---|---|---|")
     sparsities = [0.7] if quick else [0.5, 0.7, 0.8, 0.9]
     settings = {"magnitude, global": dict(method="magnitude"),
                 "magnitude, per layer": dict(method="magnitude", scope="layer"),
@@ -255,12 +294,17 @@ def part_transformer(quick: bool, num_grads: int | None = None, recompute: int |
         points = []
         for sparsity in sparsities:
             pruned = copy.deepcopy(model)
+            spent = phase_timer()
             start = time.perf_counter()
-            masks = prune_oneshot(pruned, sparsity, params=encoder, **kwargs)
+            try:
+                masks = prune_oneshot(pruned, sparsity, params=encoder, **kwargs)
+            finally:
+                spent["stop"]()
             seconds = time.perf_counter() - start
             acc = dev_accuracy(pruned)
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-            print(f"| {name} | {sparsity:.0%} | {acc:.2f} | {seconds:.0f} | {peak:.1f} |", flush=True)
+            print(f"| {name} | {sparsity:.0%} | {acc:.2f} | {seconds:.0f} | {spent['gradients']:.0f} | "
+                  f"{spent['factorise']:.0f} | {peak:.1f} |", flush=True)
             points.append((f"{sparsity}", masks.sparsity(), acc))
             del pruned
         results["curves"][name] = points

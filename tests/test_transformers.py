@@ -122,6 +122,11 @@ def test_chunks_have_the_requested_rows_and_carry_the_masks(tokenizer):
     flat_mask = torch.cat([m.reshape(-1) for m in masks.values()]).to(torch.float32)
     expected = single_sample_rows(model, params, dict_batches(tokenizer, size=3))[:7] * flat_mask
     assert torch.allclose(torch.cat(chunks), expected, atol=1e-6)
+    reused = [(c.data_ptr(), c.clone()) for c in gradient_chunks(model, params, cycle(dict_batches(tokenizer, size=3)),
+                                                                   7, batch_loss=hf_loss, per_sample=True, masks=masks,
+                                                                   chunk_rows=2, reuse_chunks=True)]
+    assert len({ptr for ptr, _ in reused[:3]}) == 1  # one tensor refilled for the chunks of equal size
+    assert torch.equal(torch.cat([c for _, c in reused]), torch.cat(chunks))
     with pytest.raises(ValueError, match="chunk_rows"):
         next(gradient_chunks(model, params, cycle(dict_batches(tokenizer)), 2, batch_loss=hf_loss, chunk_rows=0))
 

@@ -108,7 +108,7 @@ class _FunctionalModel:
 def gradient_chunks(model: nn.Module, params: Mapping[str, torch.Tensor], batches: Iterator, num_grads: int,
                     loss_fn: Callable | None = None, batch_loss: Callable | None = None, per_sample: bool = False,
                     masks: Mapping[str, torch.Tensor] | None = None,
-                    chunk_rows: int | None = None) -> Iterator[torch.Tensor]:
+                    chunk_rows: int | None = None, *, reuse_chunks: bool = False) -> Iterator[torch.Tensor]:
     """Yield gradient rows for the named ``params`` in chunks of shape (n, d), num_grads rows in all,
     in the parameters' dtype and device. Mini-batch mode makes one row per batch; per-sample mode
     one row per sample of each batch (the last batch is cut to fit).
@@ -116,6 +116,9 @@ def gradient_chunks(model: nn.Module, params: Mapping[str, torch.Tensor], batche
     Args:
         chunk_rows: rows per yielded chunk (the last may be shorter); by default each batch's rows
             form one chunk.
+        reuse_chunks: fill the same tensor again for every chunk of the same size, for a consumer
+            that is done with each chunk before it asks for the next (saves allocating, and the
+            operating system zeroing, a chunk of a gigabyte or more per chunk at transformer scale).
 
     The model is put in eval mode (BatchNorm uses its running statistics, dropout is off) while
     rows are computed, and its mode is restored before each chunk is yielded. Each chunk is a fresh
@@ -133,7 +136,7 @@ def gradient_chunks(model: nn.Module, params: Mapping[str, torch.Tensor], batche
     if masks is not None:
         flat_mask = torch.cat([masks[n].reshape(-1) for n in names]).to(first.dtype)
     routes = _Routes(model, names, params, loss_fn, batch_loss) if per_sample else None
-    buffer, filled, done = None, 0, 0
+    buffer, spare, filled, done = None, None, 0, 0
     while done < num_grads:
         batch = _to_device(next(batches), first.device)
         was_training = model.training
@@ -155,8 +158,12 @@ def gradient_chunks(model: nn.Module, params: Mapping[str, torch.Tensor], batche
         taken = 0
         while taken < count:
             if buffer is None:
-                buffer = torch.empty(min(chunk_rows or count - taken, num_grads - done), dim, dtype=first.dtype,
-                                     device=first.device)
+                rows = min(chunk_rows or count - taken, num_grads - done)
+                if reuse_chunks and spare is not None and len(spare) == rows:
+                    buffer = spare
+                else:
+                    spare = None
+                    buffer = torch.empty(rows, dim, dtype=first.dtype, device=first.device)
             step = min(count - taken, len(buffer) - filled)
             write(taken, taken + step, buffer[filled: filled + step])
             taken += step
@@ -167,6 +174,7 @@ def gradient_chunks(model: nn.Module, params: Mapping[str, torch.Tensor], batche
                 done += filled
                 chunk, buffer, filled = buffer, None, 0
                 yield chunk
+                spare = chunk if reuse_chunks else None
                 del chunk  # the consumer is done with it: do not hold it while computing the next one
         del write
 

@@ -263,7 +263,7 @@ def _inverse(model, segments, alive, batches, loss: _Loss, num_grads, damping, b
         buffer_bytes = max(_MIN_CHUNK_BYTES, dim * min(block_size, dim))
         rows = max(1, min(num_grads, buffer_bytes // (dim * first.element_size())))
         chunks = gradient_chunks(model, named, batches, num_grads, loss.loss_fn, loss.batch_loss, per_sample,
-                                 masks=flat_masks, chunk_rows=rows)
+                                 masks=flat_masks, chunk_rows=rows, reuse_chunks=True)
         dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
         return BlockFisherInverse.from_chunks(chunks, dim, block_size, damp=damp,
                                               relative_damp=relative, device=first.device, dtype=dtype,
