@@ -219,6 +219,21 @@ def test_streamed_blocks_equal_the_gradient_matrix_route(block_size, dtype, damp
     assert rel_err(streamed.column(101), held.column(101)) <= tol
 
 
+@pytest.mark.parametrize("damping", [{"damp": 1e-3}, {"relative_damp": 0.3}])
+def test_a_mask_on_streamed_blocks_equals_masking_every_row(damping):
+    gen = torch.Generator().manual_seed(3)
+    grads = torch.randn(40, 103, generator=gen, dtype=torch.float64)
+    mask = torch.rand(103, generator=gen) > 0.4
+    held = BlockFisherInverse(grads * mask, block_size=16, **damping)
+    streamed = BlockFisherInverse.from_chunks(iter(grads.split(9)), 103, 16, dtype=torch.float64, mask=mask,
+                                              **damping)
+    x = torch.randn(2, 103, generator=gen, dtype=torch.float64)
+    assert streamed.damp == pytest.approx(held.damp, rel=1e-12)
+    assert rel_err(streamed.ihvp(x), held.ihvp(x)) <= 1e-10 and rel_err(streamed.diag(), held.diag()) <= 1e-10
+    with pytest.raises(ValueError, match=r"mask must be a bool tensor of shape \(103,\)"):
+        BlockFisherInverse.from_chunks(iter(grads.split(9)), 103, 16, damp=1e-3, mask=mask.float())
+
+
 def test_streamed_blocks_refuse_bad_chunks_and_impossible_sizes(monkeypatch):
     with pytest.raises(ValueError, match=r"shape \(n, 10\)"):
         BlockFisherInverse.from_chunks([torch.zeros(2, 9)], 10, 4, damp=1e-2)

@@ -188,7 +188,7 @@ class BlockFisherInverse(FisherInverse):
     @classmethod
     def from_chunks(cls, chunks: Iterable[torch.Tensor], dim: int, block_size: int, damp: float | None = None,
                     relative_damp: float | None = None, device=None, dtype: torch.dtype = torch.float32,
-                    on_rows=None) -> "BlockFisherInverse":
+                    on_rows=None, mask: torch.Tensor | None = None) -> "BlockFisherInverse":
         """Accumulate each block's G_b^T G_b from ``chunks`` of gradient rows, (n_i, dim) each, without
         ever holding the whole (m, d) matrix, then factorise every block in place (primal route).
 
@@ -199,6 +199,10 @@ class BlockFisherInverse(FisherInverse):
             damp / relative_damp: as for the constructor (exactly one).
             dtype: accumulation and storage dtype of the d * B numbers: float32 (default) or float64.
             on_rows: optional ``on_rows(n)`` after each chunk (progress).
+            mask: optional (dim,) bool tensor; coordinates where it is False count as having zero
+                gradient in every row (pruned weights): their rows and columns of the statistics are
+                zeroed once before factorising, which equals masking every chunk at a fraction of the
+                cost (d * B instead of m * d operations).
 
         Memory: d * B numbers in ``dtype`` (checked against the memory available before anything is
         allocated), plus one chunk, plus float64 tiles of at most 128 MB while factorising.
@@ -216,6 +220,10 @@ class BlockFisherInverse(FisherInverse):
         resources.check_fits(dim * size * element + 3 * 8 * _TILE_ELEMENTS, device,
                              f"streamed block Fisher statistics for {dim:,} coordinates in blocks of {size} "
                              f"({dim:,} x {size} {dtype} numbers)", "lower block_size")
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool
+                                 or mask.shape != (dim,)):
+            raise ValueError(f"mask must be a bool tensor of shape ({dim},), got "
+                             f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
         layout = _batch_layout(dim, size)
         sums = [torch.zeros((count, width, width), dtype=dtype, device=device) for _, count, width in layout]
         m = 0
@@ -241,6 +249,10 @@ class BlockFisherInverse(FisherInverse):
                 on_rows(len(rows))
             # Let go of this chunk before the producer computes the next one (two would be alive).
             del chunk, rows, part
+        if mask is not None:
+            for (start, count, width), total in zip(layout, sums):
+                keep = mask[start: start + count * width].to(device=device, dtype=dtype).reshape(count, width)
+                total.mul_(keep[:, :, None]).mul_(keep[:, None, :])
         self = cls.__new__(cls)
         self._num_grads, self._dim, self._dtype, self._block_size = m, dim, dtype, size
         self._batches = []

@@ -262,12 +262,13 @@ def _inverse(model, segments, alive, batches, loss: _Loss, num_grads, damping, b
         # float32 statistics' own d * B * 4 bytes (and at least 64 MB).
         buffer_bytes = max(_MIN_CHUNK_BYTES, dim * min(block_size, dim))
         rows = max(1, min(num_grads, buffer_bytes // (dim * first.element_size())))
+        # Pruned coordinates are zeroed in the block statistics once (mask=), not in every chunk.
         chunks = gradient_chunks(model, named, batches, num_grads, loss.loss_fn, loss.batch_loss, per_sample,
-                                 masks=flat_masks, chunk_rows=rows, reuse_chunks=True)
+                                 chunk_rows=rows, reuse_chunks=True)
         dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
         return BlockFisherInverse.from_chunks(chunks, dim, block_size, damp=damp,
                                               relative_damp=relative, device=first.device, dtype=dtype,
-                                              on_rows=on_gradient_rows)
+                                              on_rows=on_gradient_rows, mask=alive)
     grads = collect_gradients(model, named, batches, loss.loss_fn, num_grads, per_sample, masks=flat_masks,
                               on_rows=on_gradient_rows, batch_loss=loss.batch_loss)
     if block_size is None:
