@@ -229,8 +229,9 @@ def minilm_protocol(quick: bool = False):
     steps = 100 if quick else 400
     train_batches = [encode([train_texts[i] for i in order[s * 32:(s + 1) * 32]],
                             [train_labels[i] for i in order[s * 32:(s + 1) * 32]]) for s in range(steps)]
-    # Gradients for OBS come from training sentences the fine-tuning did not see.
-    rest = order[steps * 32:]
+    # Gradients for OBS come from 1,024 training sentences the fine-tuning did not see, batched in
+    # order of length so that batches carry little padding (the rows do not depend on batching).
+    rest = sorted(order[steps * 32: steps * 32 + 1024], key=lambda i: len(tokenizer.tokenize(train_texts[i])))
     obs_batches = [encode([train_texts[i] for i in rest[s * 32:(s + 1) * 32]],
                           [train_labels[i] for i in rest[s * 32:(s + 1) * 32]]) for s in range(32)]
     dev_batches = [encode(dev_texts[i:i + 128], dev_labels[i:i + 128]) for i in range(0, len(dev_texts), 128)]

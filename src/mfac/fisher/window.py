@@ -75,6 +75,12 @@ class SlidingWindowFisherInverse(FisherInverse):
             half-precision windows accumulate in float32, and results come back in float32
             (``dtype`` reports the result dtype, ``storage_dtype`` the window's).
         device: where the window lives (default: the current default device).
+        reduce: for a window sharded by coordinates (each process holds ``dim`` of the columns of
+            every row): a callable that sums a float64 tensor over the shards, in place, and returns
+            it. Every dot product the window takes (an m-vector per push, the m x m Gram matrix in
+            ``extend`` and on load) goes through it, so all shards hold the same float64 state and
+            each computes its own slice of F^-1 x. ``mfac.distributed`` makes one from a process
+            group. Default None: the window is whole.
 
     Memory: window*d numbers in ``dtype`` plus 2*window^2 float64 numbers (S and its factor), up to
     5*window^2 while a push is staged (copies of S, the shifted matrix, the new factor). The
@@ -85,7 +91,8 @@ class SlidingWindowFisherInverse(FisherInverse):
     input (eps of the compute dtype), as the static inverse.
     """
 
-    def __init__(self, dim: int, window: int, damp: float, dtype: torch.dtype = torch.float32, device=None):
+    def __init__(self, dim: int, window: int, damp: float, dtype: torch.dtype = torch.float32, device=None,
+                 reduce=None):
         dim = _check_positive_int("dim", dim)
         window = _check_positive_int("window", window)
         if not isinstance(dtype, torch.dtype):
@@ -100,6 +107,9 @@ class SlidingWindowFisherInverse(FisherInverse):
         self._gram = torch.zeros(window, window, dtype=torch.float64, device=device)
         self._lower = torch.zeros(0, 0, dtype=torch.float64, device=device)
         self._pushed = 0
+        if reduce is not None and not callable(reduce):
+            raise TypeError(f"reduce must be callable or None, got {type(reduce).__name__}")
+        self._reduce = reduce
 
     dim = property(lambda self: self._grads.shape[1])
     window = property(lambda self: self._grads.shape[0], doc="m, the capacity of the window.")
@@ -109,24 +119,39 @@ class SlidingWindowFisherInverse(FisherInverse):
     device = property(lambda self: self._grads.device)
     storage_dtype = property(lambda self: self._grads.dtype)
     dtype = property(lambda self: compute_dtype(self._grads.dtype))
-    route = property(lambda self: "primal" if self.dim <= self.window else "dual",
-                     doc="'dual' (k x k factor, d > window) or 'primal' (d x d factor, d <= window).")
+    route = property(lambda self: "primal" if self.dim <= self.window and self._reduce is None else "dual",
+                     doc="'dual' (k x k factor, d > window, or sharded) or 'primal' (d x d factor, d <= window).")
     nbytes = property(lambda self: sum(t.numel() * t.element_size() for t in (self._grads, self._gram, self._lower)))
 
     # Window products: the only passes over G ------------------------------------------------------
 
-    def _window_dots(self, vectors: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    def _window_dots(self, vectors: torch.Tensor, rows: int | None = None, replace: tuple | None = None,
+                     grads: torch.Tensor | None = None) -> torch.Tensor:
         """G x for x of shape (d,) or (d, n) over the first ``rows`` slots (default: those held):
-        returns (rows,) or (rows, n) in float64.
+        returns (rows,) or (rows, n) in float64. ``replace=(slot, g)`` takes g as row ``slot``;
+        ``grads`` replaces the stored rows altogether.
 
         This is the single reduction point: with the window's columns sharded across processes,
-        each would compute its partial product here and all-reduce the small result.
+        each computes its partial product here and ``reduce`` sums the small result.
         """
-        grads = self._grads[: self.num_grads if rows is None else rows]
+        grads = self._grads[: self.num_grads if rows is None else rows] if grads is None else grads
         if grads.dtype == self.dtype or grads.shape[0] == 0:
-            return (grads.to(self.dtype) @ vectors).to(torch.float64)
-        parts = [chunk.to(self.dtype) @ vectors for chunk in grads.split(_HALF_CHUNK_ROWS)]
-        return torch.cat(parts).to(torch.float64)
+            out = (grads.to(self.dtype) @ vectors).to(torch.float64)
+        else:
+            out = torch.cat([chunk.to(self.dtype) @ vectors for chunk in grads.split(_HALF_CHUNK_ROWS)])
+            out = out.to(torch.float64)
+        if replace is not None:
+            slot, row = replace
+            out[slot] = (row.to(self.dtype) @ vectors).to(torch.float64)
+        return out if self._reduce is None else self._reduce(out)
+
+    def _all_finite(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is finite on every shard (so all shards take the same decision)."""
+        if self._reduce is None:
+            return all_finite(tensor)
+        flag = torch.zeros(1, dtype=torch.float64, device=self.device)
+        flag[0] = 0.0 if all_finite(tensor) else 1.0
+        return float(self._reduce(flag)[0]) == 0.0
 
     def _window_combine(self, vectors: torch.Tensor, coeffs: torch.Tensor, beta: float, alpha: float,
                         rows: int | None = None) -> torch.Tensor:
@@ -174,8 +199,7 @@ class SlidingWindowFisherInverse(FisherInverse):
         stored = g.to(self.storage_dtype).to(self.dtype)
         slot = self._pushed % self.window
         k = min(self._pushed + 1, self.window)
-        dots = self._window_dots(stored, rows=k)  # row `slot` still holds the outgoing gradient (or zeros)
-        dots[slot] = float(torch.dot(stored, stored))
+        dots = self._window_dots(stored, rows=k, replace=(slot, stored))  # row `slot` becomes g
         # NaN or Inf in g makes its dot products non-finite, so the window pass doubles as the check;
         # only then is g scanned, to tell a non-finite gradient from one too large for the dtype.
         if not all_finite(dots):
@@ -208,7 +232,7 @@ class SlidingWindowFisherInverse(FisherInverse):
             coeffs[slot] = 0.0
             direction = self._window_combine(stored, coeffs, weight, float(k), rows=k)
             staged.direction = direction
-        if want_direction and not math.isfinite(float(torch.linalg.vector_norm(staged.direction, ord=math.inf))):
+        if want_direction and not self._all_finite(staged.direction):
             largest = float(torch.linalg.vector_norm(stored, ord=math.inf))
             raise NonFiniteGradientError(
                 f"F^-1 g overflows {self.dtype} (damp = {self._damp:g} is too small for gradients of size "
@@ -283,7 +307,7 @@ class SlidingWindowFisherInverse(FisherInverse):
         rows = self._grads[:k].clone()
         rows[slots] = grads[first:].to(self.storage_dtype)
         computed = rows.to(self.dtype)
-        gram = (computed @ computed.T).to(torch.float64)
+        gram = self._window_dots(computed.T, grads=rows)
         gram = (gram + gram.T) / 2  # a GEMM need not round A A^T symmetrically; the factor assumes it
         if not all_finite(gram):
             raise NonFiniteGradientError(f"grads are finite but their dot products overflow {self.dtype}; scale them "
@@ -361,7 +385,8 @@ class SlidingWindowFisherInverse(FisherInverse):
         dtypes and finiteness, and that the Gram matrix is symmetric and its diagonal holds the
         rows' squared norms. A failed load raises ValueError naming the key and leaves the window
         bitwise unchanged."""
-        grads, gram, pushed = validate_window_state(state, self.dim, self.window, self._damp, self.storage_dtype)
+        grads, gram, pushed = validate_window_state(state, self.dim, self.window, self._damp, self.storage_dtype,
+                                                    self._reduce)
         k = min(pushed, self.window)
         lower = self._factor(gram[:k, :k].to(self.device), grads[:k].to(self.device))
         self._grads.copy_(grads)
@@ -375,9 +400,11 @@ def window_nbytes(dim: int, window: int, dtype: torch.dtype) -> int:
     return window * dim * torch.empty(0, dtype=dtype).element_size() + 5 * window * window * 8
 
 
-def validate_window_state(state, dim: int, window: int, damp: float, storage_dtype: torch.dtype):
+def validate_window_state(state, dim: int, window: int, damp: float, storage_dtype: torch.dtype, reduce=None):
     """Check a window's state dict against the expected sizes, without allocating anything of the
-    size the state claims; returns (grads, gram, pushed). Raises ValueError naming the problem."""
+    size the state claims; returns (grads, gram, pushed). Raises ValueError naming the problem.
+    ``reduce`` sums the rows' squared norms over the shards of a sharded window (a collective:
+    every shard must load at once)."""
     if not isinstance(state, dict):
         raise ValueError(f"window state must be a dict from state_dict(), got {type(state).__name__}")
     required = {"dim", "window", "damp", "storage_dtype", "pushed", "grads", "gram"}
@@ -419,6 +446,8 @@ def validate_window_state(state, dim: int, window: int, damp: float, storage_dty
     if bool(grads[k:].any()) or bool(gram[k:].any()):
         raise ValueError(f"window state holds data beyond the {k} gradients that pushed = {pushed} implies")
     norms = grads[:k].to(torch.float64).square().sum(1)
+    if reduce is not None:
+        norms = reduce(norms.to(gram.device))
     if not torch.allclose(gram.diagonal()[:k], norms, rtol=1e-3, atol=1e-30):
         raise ValueError("window state's gram does not match its grads (the diagonal must hold the rows' squared "
                          "norms); the two tensors come from different states")

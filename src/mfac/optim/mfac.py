@@ -71,6 +71,13 @@ class MFAC(Optimizer):
             large for the window's dtype, or an update that would make a parameter non-finite)
             changes nothing (parameters, window, momentum), counts in ``skipped_steps`` and warns
             once; "raise": raise FloatingPointError instead, also changing nothing.
+        process_group: a ``torch.distributed`` process group (or ``torch.distributed.group.WORLD``)
+            over which to shard the window by coordinates, for data-parallel training with
+            replicated parameters (DDP): each process keeps a contiguous 1/world of every window
+            row, the float64 m x m state is identical everywhere, and a step sends one m-vector
+            all-reduce and one all-gather of the direction (see :mod:`mfac.distributed`). Every
+            process must call ``step`` together, with the same (already averaged) gradients, and
+            saves and loads its own ``state_dict``. Default None: one process holds the window.
 
     All parameters of all groups form one vector of d coordinates and share one window, as in the
     published method; the window is created at the first ``step``, after which ``add_param_group``
@@ -82,7 +89,7 @@ class MFAC(Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, window: int = 512, damp: float = 1e-5, momentum: float = 0.0,
                  weight_decay: float = 0.0, decoupled_weight_decay: bool = False,
-                 window_dtype: torch.dtype | None = None, nonfinite: str = "skip"):
+                 window_dtype: torch.dtype | None = None, nonfinite: str = "skip", process_group=None):
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an int >= 1 (the number of gradients kept), got {window!r}")
         if window_dtype is not None and (not isinstance(window_dtype, torch.dtype)
@@ -93,6 +100,8 @@ class MFAC(Optimizer):
         self._window_size = window
         self._window_dtype = window_dtype
         self._nonfinite = nonfinite
+        self._group = process_group
+        self._layout = None
         self._fisher: SlidingWindowFisherInverse | None = None
         self._flat_grad: torch.Tensor | None = None
         self._momentum: torch.Tensor | None = None
@@ -106,7 +115,11 @@ class MFAC(Optimizer):
         self._damp = check_damp(damp, compute_dtype(dtype))
         device = self._all_params()[0].device
         vectors = 3 * self.dim * compute_dtype(dtype).itemsize  # flat gradient, momentum, staged update
-        resources.check_fits(window_nbytes(self.dim, window, dtype) + vectors, device,
+        if process_group is not None:
+            from ..distributed import ShardLayout
+
+            self._layout = ShardLayout.of(self.dim, process_group)
+        resources.check_fits(window_nbytes(self._window_dim, window, dtype) + vectors, device,
                              f"MFAC's state (a window of {window} gradients of {self.dim:,} coordinates in {dtype}, "
                              f"plus 3 vectors of d)", "lower window, or use window_dtype=torch.bfloat16")
 
@@ -140,6 +153,22 @@ class MFAC(Optimizer):
         return sum(p.numel() for p in self._all_params())
 
     @property
+    def _window_dim(self) -> int:
+        """Coordinates of the window held here: d, or this process's shard of it."""
+        return self.dim if self._layout is None else self._layout.size
+
+    def _reduce_hook(self):
+        if self._group is None:
+            return None
+        from ..distributed import sum_over
+
+        return sum_over(self._group)
+
+    def _new_window(self, device) -> SlidingWindowFisherInverse:
+        return SlidingWindowFisherInverse(self._window_dim, self._window_size, self._damp,
+                                          dtype=self._storage_dtype(), device=device, reduce=self._reduce_hook())
+
+    @property
     def fisher(self) -> SlidingWindowFisherInverse | None:
         """The sliding-window Fisher inverse (None before the first step). Read it, do not push to it."""
         return self._fisher
@@ -169,8 +198,7 @@ class MFAC(Optimizer):
             if len(devices) > 1:
                 raise ValueError(f"MFAC keeps one window for all parameters, so they must share a device; got "
                                  f"{sorted(map(str, devices))}")
-            self._fisher = SlidingWindowFisherInverse(self.dim, self._window_size, self._damp,
-                                                      dtype=self._storage_dtype(), device=devices.pop())
+            self._fisher = self._new_window(devices.pop())
             self._flat_grad = torch.zeros(self.dim, dtype=self._fisher.dtype, device=self._fisher.device)
         return self._fisher
 
@@ -219,12 +247,19 @@ class MFAC(Optimizer):
         for group in self.param_groups:
             _check_group(group)
         fisher = self._ensure_window()
+        flat = self._gather_gradient()
+        if self._layout is not None:
+            flat = flat[self._layout.start: self._layout.stop]
         try:
-            staged = fisher._stage(self._gather_gradient(), want_direction=True)
+            staged = fisher._stage(flat, want_direction=True)
         except NonFiniteGradientError as error:  # the window refused it and is unchanged
             self._skip(str(error).split(";")[0])
             return loss
         direction = staged.direction
+        if self._layout is not None:
+            from ..distributed import gather_over
+
+            direction = gather_over(direction, self._layout, self._group)
         use_momentum = any(group["momentum"] for group in self.param_groups)
         momentum_buffer = self._momentum
         if use_momentum:
@@ -268,6 +303,7 @@ class MFAC(Optimizer):
             "skipped_steps": self._skipped,
             "window": None if self._fisher is None else self._fisher.state_dict(),
             "momentum": None if self._momentum is None else self._momentum.clone(),
+            "shard": None if self._layout is None else self._layout.as_dict(),
         }
         return state
 
@@ -290,6 +326,15 @@ class MFAC(Optimizer):
             raise ValueError(f"the state dict is for parameters with d = {extra['dim']!r} coordinates, but this "
                              f"optimizer's parameters have d = {self.dim:,}; load it into an MFAC built on the "
                              f"same model")
+        saved_shard = extra.get("shard")
+        mine = None if self._layout is None else self._layout.as_dict()
+        if saved_shard != mine:
+            def describe(shard):
+                return ("one process (no process_group)" if shard is None else
+                        f"process {shard.get('rank')} of {shard.get('world_size')}")
+            raise ValueError(f"the state dict was saved by {describe(saved_shard)}, but this optimizer runs as "
+                             f"{describe(mine)}; each process loads the state it saved, with the same number of "
+                             f"processes")
         for key in ("steps", "skipped_steps"):
             if isinstance(extra[key], bool) or not isinstance(extra[key], int) or extra[key] < 0:
                 raise ValueError(f"the state dict's mfac.{key} must be an int >= 0, got {extra[key]!r}")
@@ -305,7 +350,8 @@ class MFAC(Optimizer):
             if isinstance(window_state, dict) and window_state.get("storage_dtype") != str(dtype):
                 raise ValueError(f"the state dict's window stores {window_state.get('storage_dtype')!r} but this "
                                  f"optimizer's window stores {dtype}; construct MFAC with the same window_dtype")
-            validate_window_state(window_state, self.dim, self._window_size, self._damp, dtype)
+            validate_window_state(window_state, self._window_dim, self._window_size, self._damp, dtype,
+                                  self._reduce_hook())
         elif extra["steps"] > 0:
             raise ValueError(f"the state dict records {extra['steps']} steps but no window; it is not from "
                              f"MFAC.state_dict()")
@@ -321,7 +367,7 @@ class MFAC(Optimizer):
         device = self._all_params()[0].device
         fresh = None
         if window_state is not None:
-            fresh = SlidingWindowFisherInverse(self.dim, self._window_size, self._damp, dtype=dtype, device=device)
+            fresh = self._new_window(device)
             fresh.load_state_dict(window_state)
         saved_groups, saved_contents = self.param_groups, [dict(group) for group in self.param_groups]
         saved_state = self.state

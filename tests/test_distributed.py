@@ -1,0 +1,123 @@
+"""MFAC with its window sharded over torch.distributed processes (gloo, 2 CPU processes)."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from mfac import MFAC
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+STEPS, WINDOW, SAVE_AT = 12, 4, 6  # three windows of steps; a checkpoint half way
+
+
+def make_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def batches():
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 10, generator=gen), torch.randint(0, 3, (8,), generator=gen)) for _ in range(STEPS)]
+
+
+def make_optimizer(params, group=None):
+    return MFAC(params, lr=0.05, window=WINDOW, damp=1e-2, momentum=0.9, process_group=group)
+
+
+def train(model, opt, data, rank=None, world=1, start=0, stop=STEPS, on_step=None):
+    for step in range(start, stop):
+        x, y = data[step]
+        if rank is not None:  # each process its half of the batch; DDP averages the gradients
+            x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if on_step is not None:
+            on_step(step + 1)
+
+
+def _worker(rank, world, folder):
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    try:
+        data = batches()
+        model = nn.parallel.DistributedDataParallel(make_model())
+        opt = make_optimizer(model.parameters(), dist.group.WORLD)
+        saved = {}
+
+        def keep(step):
+            if step == SAVE_AT:
+                saved["model"] = {k: v.clone() for k, v in model.module.state_dict().items()}
+                saved["opt"] = opt.state_dict()
+
+        train(model, opt, data, rank, world, on_step=keep)
+        final = {k: v.clone() for k, v in model.module.state_dict().items()}
+        # Resume each process from its own checkpoint, in a fresh model and optimizer.
+        resumed = nn.parallel.DistributedDataParallel(make_model())
+        resumed.module.load_state_dict(saved["model"])
+        opt2 = make_optimizer(resumed.parameters(), dist.group.WORLD)
+        opt2.load_state_dict(saved["opt"])
+        train(resumed, opt2, data, rank, world, start=SAVE_AT)
+        torch.save({"final": final, "resumed": resumed.module.state_dict(), "opt": saved["opt"],
+                    "window_shape": tuple(opt.fisher._grads.shape), "window_bytes": opt.fisher.nbytes,
+                    "gram": opt.fisher._gram.clone()}, f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ddp")
+    mp.start_processes(_worker, args=(2, str(folder)), nprocs=2, join=True, start_method="spawn")
+    return [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def single_process_run():
+    model = make_model()
+    opt = make_optimizer(model.parameters())
+    train(model, opt, batches())
+    return model, opt
+
+
+def test_sharded_window_matches_one_process(two_processes):
+    model, opt = single_process_run()
+    for result in two_processes:
+        for name, value in model.state_dict().items():
+            err = float((result["final"][name] - value).norm() / value.norm())
+            assert err <= 1e-5, (name, err)
+    # The float64 m x m state is the same on both processes, and matches one process's.
+    assert torch.equal(two_processes[0]["gram"], two_processes[1]["gram"])
+    assert torch.allclose(two_processes[0]["gram"], opt.fisher._gram, rtol=1e-5)
+
+
+def test_each_process_holds_half_the_window(two_processes):
+    dim = sum(p.numel() for p in make_model().parameters())
+    shapes = [r["window_shape"] for r in two_processes]
+    assert [s[0] for s in shapes] == [WINDOW, WINDOW] and sum(s[1] for s in shapes) == dim
+    assert all(abs(s[1] - dim / 2) <= 1 for s in shapes)
+    _, opt = single_process_run()
+    rows_bytes = WINDOW * dim * 4
+    for result in two_processes:  # the rows halve; the small float64 state is the same size everywhere
+        assert result["window_bytes"] - (opt.fisher.nbytes - rows_bytes) == WINDOW * result["window_shape"][1] * 4
+        assert WINDOW * result["window_shape"][1] * 4 <= rows_bytes / 2 + WINDOW * 4
+
+
+def test_each_process_resumes_exactly_from_its_own_checkpoint(two_processes):
+    for result in two_processes:
+        for name, value in result["final"].items():
+            assert torch.equal(result["resumed"][name], value), name
+
+
+def test_a_sharded_state_refuses_to_load_into_one_process(two_processes):
+    model = make_model()
+    opt = make_optimizer(model.parameters())
+    with pytest.raises(ValueError, match="process 0 of 2.*one process"):
+        opt.load_state_dict(two_processes[0]["opt"])
+    assert opt.steps == 0 and opt.fisher is None  # unchanged
+
+
+def test_process_group_needs_an_initialised_backend():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        MFAC(make_model().parameters(), process_group=object())
