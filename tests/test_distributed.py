@@ -121,3 +121,19 @@ def test_a_sharded_state_refuses_to_load_into_one_process(two_processes):
 def test_process_group_needs_an_initialised_backend():
     with pytest.raises(RuntimeError, match="init_process_group"):
         MFAC(make_model().parameters(), process_group=object())
+
+
+def test_the_ddp_example_runs_under_torchrun(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("sklearn")
+    example = Path(__file__).resolve().parents[1] / "examples" / "ddp_mfac.py"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(example), "--steps", "20", "--window", "8", "--save", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "process 0 of 2" in result.stdout and "process 1 of 2" in result.stdout
+    states = [torch.load(tmp_path / f"mfac-rank{r}-of-2.pt", weights_only=True) for r in range(2)]
+    assert [s["mfac"]["shard"]["rank"] for s in states] == [0, 1]
