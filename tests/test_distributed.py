@@ -67,6 +67,51 @@ def _worker(rank, world, folder):
         dist.destroy_process_group()
 
 
+def prune_batches():
+    gen = torch.Generator().manual_seed(2)
+    return [(torch.randn(8, 10, generator=gen), torch.randint(0, 3, (8,), generator=gen)) for _ in range(8)]
+
+
+def prune(model, data, group=None):
+    from mfac.prune import prune_oneshot
+
+    return prune_oneshot(model, 0.6, data, nn.functional.cross_entropy, num_grads=32, block_size=16, recompute=2,
+                         per_sample=True, process_group=group)
+
+
+def _prune_worker(rank, world, folder):
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous-prune", rank=rank, world_size=world)
+    try:
+        mine = [(x.chunk(world)[rank], y.chunk(world)[rank]) for x, y in prune_batches()]
+        model = make_model()
+        masks = prune(model, mine, dist.group.WORLD)
+        torch.save({"masks": masks.state_dict(), "weights": model.state_dict()}, f"{folder}/prune{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_obs_pruning_over_two_processes_agrees_with_one(tmp_path):
+    mp.start_processes(_prune_worker, args=(2, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    results = [torch.load(tmp_path / f"prune{r}.pt", weights_only=True) for r in range(2)]
+    for name in results[0]["weights"]:  # every process ends with the same model, bit for bit
+        assert torch.equal(results[0]["weights"][name], results[1]["weights"][name]), name
+    model = make_model()
+    single = prune(model, prune_batches())
+    differ = sum(int((results[0]["masks"][n] != single[n]).sum()) for n in single)
+    assert differ <= 2, differ  # float round-off may only swap ties at the threshold
+    if differ == 0:
+        for name, value in model.state_dict().items():
+            assert torch.allclose(results[0]["weights"][name], value, rtol=1e-4, atol=1e-6), name
+
+
+def test_distributed_obs_refuses_the_unstreamed_route():
+    from mfac.prune import prune_oneshot
+
+    with pytest.raises(ValueError, match="block_size <= num_grads"):
+        prune_oneshot(make_model(), 0.5, prune_batches(), nn.functional.cross_entropy, num_grads=8, block_size=16,
+                      process_group=object())
+
+
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ddp")

@@ -188,7 +188,7 @@ class BlockFisherInverse(FisherInverse):
     @classmethod
     def from_chunks(cls, chunks: Iterable[torch.Tensor], dim: int, block_size: int, damp: float | None = None,
                     relative_damp: float | None = None, device=None, dtype: torch.dtype = torch.float32,
-                    on_rows=None, mask: torch.Tensor | None = None) -> "BlockFisherInverse":
+                    on_rows=None, mask: torch.Tensor | None = None, reduce=None) -> "BlockFisherInverse":
         """Accumulate each block's G_b^T G_b from ``chunks`` of gradient rows, (n_i, dim) each, without
         ever holding the whole (m, d) matrix, then factorise every block in place (primal route).
 
@@ -203,6 +203,9 @@ class BlockFisherInverse(FisherInverse):
                 gradient in every row (pruned weights): their rows and columns of the statistics are
                 zeroed once before factorising, which equals masking every chunk at a fraction of the
                 cost (d * B instead of m * d operations).
+            reduce: for rows shared out over processes: a callable that sums a tensor over them in
+                place (``mfac.distributed.sum_over``); the statistics and the row count are summed
+                before factorising, so every process builds the same inverse.
 
         Memory: d * B numbers in ``dtype`` (checked against the memory available before anything is
         allocated), plus one chunk, plus float64 tiles of at most 128 MB while factorising.
@@ -249,6 +252,10 @@ class BlockFisherInverse(FisherInverse):
                 on_rows(len(rows))
             # Let go of this chunk before the producer computes the next one (two would be alive).
             del chunk, rows, part
+        if reduce is not None:
+            for total in sums:
+                reduce(total)
+            m = int(reduce(torch.tensor([float(m)], dtype=torch.float64, device=device))[0])
         if mask is not None:
             for (start, count, width), total in zip(layout, sums):
                 keep = mask[start: start + count * width].to(device=device, dtype=dtype).reshape(count, width)

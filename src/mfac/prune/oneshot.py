@@ -129,7 +129,7 @@ def prune_oneshot(model: nn.Module, sparsity: float | None = None, data: Iterabl
                   method: str = "obs", num_grads: int = 256, damp: float | None = None, block_size: int | None = 128,
                   recompute: int = 16, per_sample: bool = False, scope: str = "global", pattern: str | None = None,
                   params=None, masks: Masks | None = None, callback=None, on_gradient_rows=None, *,
-                  batch_loss=None, relative_damp: float | None = None) -> Masks:
+                  batch_loss=None, relative_damp: float | None = None, process_group=None) -> Masks:
     """Prune ``model`` in place and return the masks (True = kept).
 
     Args:
@@ -163,6 +163,12 @@ def prune_oneshot(model: nn.Module, sparsity: float | None = None, data: Iterabl
         masks: masks from an earlier pruning; pruned entries stay pruned.
         callback: called as ``callback(done, total, sparsity)`` after every sub-step (progress).
         on_gradient_rows: called as ``on_gradient_rows(n)`` whenever n more gradient rows are in.
+        process_group: prune data-parallel over the processes of a ``torch.distributed`` group,
+            every process calling with its own ``data`` (e.g. a DistributedSampler's share): each
+            computes its share of the ``num_grads`` rows, the block statistics are summed over the
+            processes (one all-reduce of d * B numbers per sub-step), and every process ends with
+            the same masks and weights. Needs ``block_size <= num_grads`` for OBS (the streamed
+            route).
 
     Cost per OBS sub-step: ``num_grads`` gradient evaluations, then O(d * num_grads * min(block, num_grads))
     for the inverse, its diagonal and one ihvp. Peak memory per sub-step, besides the model:
@@ -193,6 +199,9 @@ def prune_oneshot(model: nn.Module, sparsity: float | None = None, data: Iterabl
             raise ValueError("method='obs' needs data (an iterable of batches) and loss_fn or batch_loss; use "
                              "method='magnitude' to prune without data")
         check_loss(loss_fn, batch_loss)
+        if process_group is not None and (block_size is None or block_size > num_grads):
+            raise ValueError(f"OBS over a process_group streams block statistics, which needs block_size <= "
+                             f"num_grads; got block_size={block_size}, num_grads={num_grads}")
     chosen = resolve_params(model, params)
     segments, offset = [], 0
     for name, param in chosen.items():
@@ -228,7 +237,8 @@ def prune_oneshot(model: nn.Module, sparsity: float | None = None, data: Iterabl
     try:
         for done, (counts, per_group) in enumerate(plan, start=1):
             weights, alive = _prune_step(model, segments, weights, alive, counts, per_group, method, batches,
-                                         _Loss(loss_fn, batch_loss), num_grads, (damp, relative_damp), block_size,
+                                         _Loss(loss_fn, batch_loss, process_group), num_grads,
+                                         (damp, relative_damp), block_size,
                                          per_sample, on_gradient_rows)
             if callback is not None:
                 callback(done, len(plan), 1.0 - float(alive.float().mean()))
@@ -245,8 +255,11 @@ def _write(segments: list[_Segment], flat: torch.Tensor) -> None:
 
 @dataclass
 class _Loss:
+    """How gradient rows are made: the loss, and the process group that shares the rows (or None)."""
+
     loss_fn: object
     batch_loss: object
+    group: object = None
 
 
 def _inverse(model, segments, alive, batches, loss: _Loss, num_grads, damping, block_size, per_sample,
@@ -262,13 +275,19 @@ def _inverse(model, segments, alive, batches, loss: _Loss, num_grads, damping, b
         # float32 statistics' own d * B * 4 bytes (and at least 64 MB).
         buffer_bytes = max(_MIN_CHUNK_BYTES, dim * min(block_size, dim))
         rows = max(1, min(num_grads, buffer_bytes // (dim * first.element_size())))
+        reduce, local_grads = None, num_grads
+        if loss.group is not None:  # this process's share of the rows; the statistics are summed
+            from ..distributed import ShardLayout, sum_over
+
+            share = ShardLayout.of(num_grads, loss.group)
+            reduce, local_grads = sum_over(loss.group), share.size
         # Pruned coordinates are zeroed in the block statistics once (mask=), not in every chunk.
-        chunks = gradient_chunks(model, named, batches, num_grads, loss.loss_fn, loss.batch_loss, per_sample,
+        chunks = gradient_chunks(model, named, batches, local_grads, loss.loss_fn, loss.batch_loss, per_sample,
                                  chunk_rows=rows, reuse_chunks=True)
         dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
         return BlockFisherInverse.from_chunks(chunks, dim, block_size, damp=damp,
                                               relative_damp=relative, device=first.device, dtype=dtype,
-                                              on_rows=on_gradient_rows, mask=alive)
+                                              on_rows=on_gradient_rows, mask=alive, reduce=reduce)
     grads = collect_gradients(model, named, batches, loss.loss_fn, num_grads, per_sample, masks=flat_masks,
                               on_rows=on_gradient_rows, batch_loss=loss.batch_loss)
     if block_size is None:
