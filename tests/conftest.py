@@ -65,3 +65,29 @@ settings.register_profile("thorough", max_examples=2000, deadline=None,
 import os  # noqa: E402
 
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
+
+
+# A tiny BERT and a tokenizer whose vocabulary the tests write (no download) ------------------------
+
+BERT_WORDS = "the a movie film was is good bad great awful not very boring fun plot actors love hate it".split()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("tok")
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *BERT_WORDS]) + "\n")
+    tokenizer = transformers.BertTokenizer.from_pretrained(str(folder))
+    assert len(tokenizer) == len(BERT_WORDS) + 5  # transformers 5 ignores vocab_file=; from_pretrained reads it
+    return tokenizer
+
+
+def tiny_bert(seed=0):
+    """A 2-layer BERT classifier with hidden size 16, dropout off, in train mode."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=len(BERT_WORDS) + 5, hidden_size=16, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=24, max_position_embeddings=32,
+                                     num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return transformers.BertForSequenceClassification(config)

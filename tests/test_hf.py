@@ -8,31 +8,14 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from conftest import tiny_bert  # noqa: E402
 from mfac import MFAC  # noqa: E402
 from mfac.hf import STATE_FILE, PruningCallback, default_pruning_params  # noqa: E402
 
-WORDS = "the a movie film was is good bad great awful not very boring fun plot actors love hate it".split()
 SENTENCES = ["the movie was good", "a very boring film", "great fun", "the plot is not good at all it was awful",
              "love it", "i hate the actors", "not bad", "a great great movie with very good actors",
              "boring", "very very good", "awful plot", "fun fun fun film"]
 LABELS = [1, 0, 1, 0, 1, 0, 1, 1, 0, 1, 0, 1]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tok")
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = transformers.BertTokenizer.from_pretrained(str(folder))
-    assert len(tokenizer) == len(WORDS) + 5
-    return tokenizer
-
-
-def tiny_bert(seed=0):
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(vocab_size=len(WORDS) + 5, hidden_size=16, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=24, max_position_embeddings=32,
-                                     num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return transformers.BertForSequenceClassification(config)
 
 
 class Sentences(torch.utils.data.Dataset):

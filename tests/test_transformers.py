@@ -11,33 +11,20 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import rel_err
+from conftest import BERT_WORDS as WORDS, rel_err
+from conftest import tiny_bert as make_tiny_bert
 from mfac.fisher import BlockFisherInverse
 from mfac.grads import collect_gradients, cycle, gradient_chunks
 from mfac.prune import GradualPruner, prune_oneshot
 
 transformers = pytest.importorskip("transformers")
 
-WORDS = "the a movie film was is good bad great awful not very boring fun plot actors love hate it".split()
 SENTENCES = ["the movie was good", "a very boring film", "great fun", "the plot is not good at all it was awful",
              "love it", "i hate the actors", "not bad", "a great great movie with very good actors"]
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tok")
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = transformers.BertTokenizer.from_pretrained(str(folder))
-    assert len(tokenizer) == len(WORDS) + 5
-    return tokenizer
-
-
 def tiny_bert(seed=0):
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(vocab_size=len(WORDS) + 5, hidden_size=16, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=24, max_position_embeddings=32,
-                                     num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return transformers.BertForSequenceClassification(config).eval()
+    return make_tiny_bert(seed).eval()
 
 
 def dict_batches(tokenizer, size=4):

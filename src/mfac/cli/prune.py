@@ -53,8 +53,13 @@ def run(args) -> int:
               "seconds": time.perf_counter() - start}
     print(f"pruned {args.model} with {args.method} to sparsity {masks.sparsity():.4f}: test accuracy "
           f"{100 * before:.1f}% -> {100 * after:.1f}%")
+    return _write(out, job.save, masks, report)
+
+
+def _write(out, save_model, masks, report: dict) -> int:
+    """The pruned model, its masks and the report, staged and renamed into ``out`` together."""
     with staged_output(out) as staging:
-        report["files"] = [job.save(staging), "masks.safetensors", "report.json"]
+        report["files"] = [save_model(staging), "masks.safetensors", "report.json"]
         save_weights(masks.state_dict(), staging / "masks.safetensors")
         write_json(staging / "report.json", report)
     print(f"written to {out}/: {', '.join(report['files'])}")
@@ -175,9 +180,4 @@ def _gradual(args, out, nm) -> int:
     print(f"trained {args.model} for {args.steps} steps while pruning with {args.method} to sparsity "
           f"{masks.sparsity():.4f} (steps {start_step}-{end_step}, every {every}): test accuracy "
           f"{100 * before:.1f}% -> {100 * after:.1f}%")
-    with staged_output(out) as staging:
-        report["files"] = [job.save_model(staging), "masks.safetensors", "report.json"]
-        save_weights(masks.state_dict(), staging / "masks.safetensors")
-        write_json(staging / "report.json", report)
-    print(f"written to {out}/: {', '.join(report['files'])}")
-    return 0
+    return _write(out, job.save_model, masks, report)
