@@ -187,3 +187,17 @@ def test_pruning_callback_validates_its_arguments():
         PruningCallback(1.5, start_step=1, end_step=2, every=1)
     with pytest.raises(ValueError, match="method"):
         PruningCallback(0.5, start_step=1, end_step=2, every=1, method="random")
+
+
+def test_trainer_with_mfac_under_bf16_mixed_precision(tokenizer, tmp_path):
+    """Trainer's CPU autocast (bf16=True): activations in bfloat16, parameters, gradients and the
+    window in float32."""
+    trainer, model = make_trainer(tokenizer, tmp_path, max_steps=6, bf16=True, save_strategy="no")
+    seen = []
+    model.classifier.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    trainer.train()
+    assert seen and all(dtype == torch.bfloat16 for dtype in seen)  # autocast was on
+    optimizer = inner(trainer.optimizer)
+    assert optimizer.steps == 6 and optimizer.skipped_steps == 0
+    assert optimizer.fisher.storage_dtype == torch.float32
+    assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in model.parameters())
