@@ -8,8 +8,12 @@
            permutation (see pruning.py); pruned to 90% with 128 per-sample gradients and 4
            recomputations; accuracy on those same 2,000 selection images (the evaluation images
            2000-9999 are not looked at). Skipped without ../shared/data.
+  minilm   MiniLM-L6 fine-tuned on SST-2 (pruning.py's protocol), its encoder Linear weights
+           pruned to 70% with 256 per-sample gradients, 2 recomputations, blocks of 128; accuracy
+           on the first 436 dev sentences (the selection half; pruning.py reports all 872).
+           Skipped without transformers, the MiniLM package or ../shared/data.
 
-    python benchmarks/damping.py [--part digits|resnet]
+    python benchmarks/damping.py [--part digits|resnet|minilm]
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from mfac.models import mlp
 from mfac.prune import prune_oneshot, recalibrate_batchnorm
 from mfac.training import accuracy, train_classifier
 
-from pruning import SHARED, cifar_protocol  # same folder
+from pruning import SHARED, batches_accuracy, cifar_protocol, minilm_protocol  # same folder
 
 SETTINGS = [{"damp": 1e-5}, {"damp": 1e-3}] + [{"relative_damp": r} for r in (1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0)]
 
@@ -92,9 +96,35 @@ def part_resnet(seen):
               flush=True)
 
 
+def part_minilm(seen):
+    protocol = minilm_protocol()
+    if protocol is None:
+        return
+    model, obs_batches, dev_batches, _, _ = protocol
+    half = sum(len(b["labels"]) for b in dev_batches) // 2
+    selection, taken = [], 0  # the first half of the dev sentences, in order
+    for batch in dev_batches:
+        take = min(len(batch["labels"]), half - taken)
+        if take <= 0:
+            break
+        selection.append({key: value[:take] for key, value in batch.items()})
+        taken += take
+    encoder = [n for n, p in model.named_parameters() if ".encoder." in n and n.endswith(".weight") and p.dim() == 2]
+    print(f"\n| MiniLM-L6 | sparsity | damping | mean lambda | selection accuracy % ({taken} dev sentences, dense "
+          f"{batches_accuracy(model, selection):.2f}) |\n|---|---|---|---|---|")
+    for kw in [{"damp": 1e-5}] + [{"relative_damp": r} for r in (0.01, 0.1, 0.3, 1.0)]:
+        pruned = copy.deepcopy(model)
+        seen.clear()
+        prune_oneshot(pruned, 0.7, obs_batches, batch_loss=lambda m, b: m(**b).loss, params=encoder, per_sample=True,
+                      num_grads=256, recompute=2, block_size=128, **kw)
+        print(f"| MiniLM-L6 | 70% | {label(kw)} | {statistics.mean(seen):.2e} | "
+              f"{batches_accuracy(pruned, selection):.2f} |", flush=True)
+        del pruned
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["digits", "resnet"], default=None)
+    parser.add_argument("--part", choices=["digits", "resnet", "minilm"], default=None)
     args = parser.parse_args()
     seen = lambdas_used()
     print(f"# OBS damping on held-out data: torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -102,6 +132,8 @@ def main():
         part_digits(seen)
     if args.part in (None, "resnet"):
         part_resnet(seen)
+    if args.part in (None, "minilm"):
+        part_minilm(seen)
 
 
 if __name__ == "__main__":
