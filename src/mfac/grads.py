@@ -145,13 +145,8 @@ def gradient_chunks(model: nn.Module, params: Mapping[str, torch.Tensor], batche
             if per_sample:
                 count, write = routes.rows(batch, num_grads - done - filled)
             else:
-                if batch_loss is not None:
-                    loss_of = batch_loss
-                else:
-                    def loss_of(net, pair):
-                        return loss_fn(net(pair[0]), pair[1])
                 row = torch.empty(1, dim, dtype=first.dtype, device=first.device)
-                _gradient_row(model, names, params, loss_of, batch, row[0])
+                _gradient_row(model, names, params, _as_batch_loss(loss_fn, batch_loss), batch, row[0])
                 count, write = 1, _slices_of(row)
         finally:
             model.train(was_training)
@@ -177,6 +172,16 @@ def gradient_chunks(model: nn.Module, params: Mapping[str, torch.Tensor], batche
                 spare = chunk if reuse_chunks else None
                 del chunk  # the consumer is done with it: do not hold it while computing the next one
         del write
+
+
+def _as_batch_loss(loss_fn, batch_loss):
+    """The loss as ``batch_loss(model, batch)``: given, or ``loss_fn(model(inputs), targets)``."""
+    if batch_loss is not None:
+        return batch_loss
+
+    def loss_of(net, pair):
+        return loss_fn(net(pair[0]), pair[1])
+    return loss_of
 
 
 def _slices_of(rows: torch.Tensor):
@@ -295,9 +300,8 @@ class _Routes:
             sample = tree_map(lambda t: t[i:i + 1] if isinstance(t, torch.Tensor) and t.dim() > 0 else t, batch)
             _gradient_row(self.model, self.names, self.params, self.batch_loss, sample, out)
         else:
-            def loss_of(net, pair):
-                return self.loss_fn(net(pair[0]), pair[1])
-            _gradient_row(self.model, self.names, self.params, loss_of, (batch[0][i:i + 1], batch[1][i:i + 1]), out)
+            _gradient_row(self.model, self.names, self.params, _as_batch_loss(self.loss_fn, None),
+                          (batch[0][i:i + 1], batch[1][i:i + 1]), out)
 
     def _check(self, write, batch, n) -> None:
         first = self.params[self.names[0]]
