@@ -1,6 +1,6 @@
 """Fisher-inverse objects: the linear algebra of M-FAC, on plain tensors.
 
-All four classes represent F^-1 for F = damp*I + G^T G / m (m = gradients held) and share the
+All five classes represent F^-1 for F = damp*I + G^T G / m (m = gradients held) and share the
 protocol of :class:`FisherInverse` (``ihvp``, ``diag``, ``element``, ``column``, ``dim``,
 ``num_grads``, ``damp``, ``device``, ``dtype``):
 
@@ -8,9 +8,12 @@ protocol of :class:`FisherInverse` (``ihvp``, ``diag``, ``element``, ``column``,
 * :class:`StaticFisherInverse`: exact and matrix-free for a fixed set of gradients.
 * :class:`BlockFisherInverse`: block-diagonal approximation for large d (pruning).
 * :class:`SlidingWindowFisherInverse`: the last m gradients of a stream (the optimizer).
+* :class:`CompressedWindowFisherInverse`: the same over gradients compressed to a fraction of
+  their entries with error feedback (EFCP), for windows of 1024 on tens of millions of weights.
 """
 
 from .base import FisherInverse, NonFiniteGradientError
+from .compressed import CompressedWindowFisherInverse
 from .blocks import BlockFisherInverse, StaticFisherInverse
 from .dense import DenseFisherInverse
 from .window import SlidingWindowFisherInverse
@@ -22,4 +25,5 @@ __all__ = [
     "StaticFisherInverse",
     "BlockFisherInverse",
     "SlidingWindowFisherInverse",
+    "CompressedWindowFisherInverse",
 ]

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import resources
+from .. import kernels, resources
 from .base import (FisherInverse, NonFiniteGradientError, all_finite, check_damp, check_finite, check_floating,
                    compute_dtype, robust_cholesky)
 
@@ -57,7 +57,8 @@ class _StagedPush:
     """A push computed but not yet applied: everything ``_commit`` needs, and the result."""
 
     slot: int
-    stored: torch.Tensor  # g rounded to the storage dtype, in the compute dtype
+    stored: torch.Tensor  # g as the window will hold it (rounded, or compressed), dense, in the compute dtype
+    payload: object  # what ``_store`` writes into the window for it
     dots: torch.Tensor  # (k,) float64: the new row and column of S
     lower: torch.Tensor  # (k, k) float64 Cholesky factor of k*damp*I + S_new
     direction: torch.Tensor | None = None  # F^-1 g with g in the window, when asked for
@@ -99,29 +100,38 @@ class SlidingWindowFisherInverse(FisherInverse):
             raise TypeError(f"dtype must be a torch.dtype such as torch.float32, got {dtype!r}")
         check_floating("dtype", dtype)
         self._damp = check_damp(damp, compute_dtype(dtype))
-        device = torch.device(device) if device is not None else torch.empty(0).device
-        resources.check_fits(window_nbytes(dim, window, dtype), device,
-                             f"a sliding window of {window} gradients of {dim:,} coordinates in {dtype}",
-                             "lower window, or store it in a half precision (dtype=torch.bfloat16)")
-        self._grads = torch.zeros(window, dim, dtype=dtype, device=device)
-        self._gram = torch.zeros(window, window, dtype=torch.float64, device=device)
-        self._lower = torch.zeros(0, 0, dtype=torch.float64, device=device)
-        self._pushed = 0
         if reduce is not None and not callable(reduce):
             raise TypeError(f"reduce must be callable or None, got {type(reduce).__name__}")
+        self._dim, self._window, self._storage_dtype = dim, window, dtype
+        self._device = torch.device(device) if device is not None else torch.empty(0).device
         self._reduce = reduce
+        self._allocate()
+        self._gram = torch.zeros(window, window, dtype=torch.float64, device=self._device)
+        self._lower = torch.zeros(0, 0, dtype=torch.float64, device=self._device)
+        self._pushed = 0
 
-    dim = property(lambda self: self._grads.shape[1])
-    window = property(lambda self: self._grads.shape[0], doc="m, the capacity of the window.")
+    def _allocate(self) -> None:
+        """Check that the rows fit, then allocate them (the storage form's own constructor)."""
+        resources.check_fits(window_nbytes(self._dim, self._window, self._storage_dtype), self._device,
+                             f"a sliding window of {self._window} gradients of {self._dim:,} coordinates in "
+                             f"{self._storage_dtype}", "lower window, or store it in a half precision "
+                             "(dtype=torch.bfloat16), or compress it (CompressedWindowFisherInverse)")
+        self._grads = torch.zeros(self._window, self._dim, dtype=self._storage_dtype, device=self._device)
+
+    dim = property(lambda self: self._dim)
+    window = property(lambda self: self._window, doc="m, the capacity of the window.")
     num_grads = property(lambda self: min(self._pushed, self.window))
     pushed = property(lambda self: self._pushed, doc="How many gradients have been pushed in total.")
     damp = property(lambda self: self._damp)
-    device = property(lambda self: self._grads.device)
-    storage_dtype = property(lambda self: self._grads.dtype)
-    dtype = property(lambda self: compute_dtype(self._grads.dtype))
+    device = property(lambda self: self._device)
+    storage_dtype = property(lambda self: self._storage_dtype)
+    dtype = property(lambda self: compute_dtype(self._storage_dtype))
     route = property(lambda self: "primal" if self.dim <= self.window and self._reduce is None else "dual",
                      doc="'dual' (k x k factor, d > window, or sharded) or 'primal' (d x d factor, d <= window).")
-    nbytes = property(lambda self: sum(t.numel() * t.element_size() for t in (self._grads, self._gram, self._lower)))
+    nbytes = property(lambda self: sum(t.numel() * t.element_size() for t in self._state_tensors()))
+
+    def _state_tensors(self) -> tuple:
+        return self._grads, self._gram, self._lower
 
     # Window products: the only passes over G ------------------------------------------------------
 
@@ -137,9 +147,15 @@ class SlidingWindowFisherInverse(FisherInverse):
         grads = self._grads[: self.num_grads if rows is None else rows] if grads is None else grads
         if grads.dtype == self.dtype or grads.shape[0] == 0:
             out = (grads.to(self.dtype) @ vectors).to(torch.float64)
+        elif vectors.dim() == 1:
+            out = kernels.dense_dots(grads, vectors)
         else:
             out = torch.cat([chunk.to(self.dtype) @ vectors for chunk in grads.split(_HALF_CHUNK_ROWS)])
             out = out.to(torch.float64)
+        return self._finish_dots(out, vectors, replace)
+
+    def _finish_dots(self, out: torch.Tensor, vectors: torch.Tensor, replace: tuple | None) -> torch.Tensor:
+        """Put the replaced row's dot products into ``out`` (float64), then sum over the shards."""
         if replace is not None:
             slot, row = replace
             out[slot] = (row.to(self.dtype) @ vectors).to(torch.float64)
@@ -161,6 +177,8 @@ class SlidingWindowFisherInverse(FisherInverse):
         product = torch.addmv if vectors.dim() == 1 else torch.addmm
         if grads.dtype == self.dtype:
             return product(vectors, grads.T, coeffs, beta=beta, alpha=alpha)
+        if vectors.dim() == 1:
+            return kernels.dense_combine(grads, coeffs, vectors, beta, alpha)
         out = vectors * beta
         for chunk, part in zip(grads.split(_HALF_CHUNK_ROWS), coeffs.split(_HALF_CHUNK_ROWS)):
             out = product(out, chunk.to(self.dtype).T, part, alpha=alpha)
@@ -195,8 +213,7 @@ class SlidingWindowFisherInverse(FisherInverse):
     def _stage(self, g, want_direction: bool) -> _StagedPush:
         """Compute everything a push of g changes, and optionally F^-1 g with g in the window,
         without changing the window. Raises NonFiniteGradientError for a g that cannot enter."""
-        g = self._check_gradient(g)
-        stored = g.to(self.storage_dtype).to(self.dtype)
+        stored, payload = self._encode(self._check_gradient(g))
         slot = self._pushed % self.window
         k = min(self._pushed + 1, self.window)
         dots = self._window_dots(stored, rows=k, replace=(slot, stored))  # row `slot` becomes g
@@ -219,7 +236,7 @@ class SlidingWindowFisherInverse(FisherInverse):
         if self.route == "primal":  # at most window x window numbers
             rows = self._grads[:k].clone()
             rows[slot] = stored.to(self.storage_dtype)
-        staged = _StagedPush(slot, stored, dots, self._factor(gram, rows))
+        staged = _StagedPush(slot, stored, payload, dots, self._factor(gram, rows))
         if want_direction and self.route == "primal":
             staged.direction = self._primal_apply(stored, staged.lower, k)
         elif want_direction:
@@ -248,9 +265,17 @@ class SlidingWindowFisherInverse(FisherInverse):
         out = torch.cholesky_solve(columns, lower) * k
         return (out if x.dim() == 2 else out[:, 0]).to(self.dtype)
 
+    def _encode(self, g: torch.Tensor) -> tuple[torch.Tensor, object]:
+        """g as the window will hold it, dense in the compute dtype, and what ``_store`` writes."""
+        stored = g.to(self.storage_dtype).to(self.dtype)
+        return stored, stored
+
+    def _store(self, slot: int, payload) -> None:
+        self._grads[slot] = payload
+
     def _commit(self, staged: _StagedPush) -> None:
         k = staged.dots.shape[0]
-        self._grads[staged.slot] = staged.stored
+        self._store(staged.slot, staged.payload)
         self._gram[staged.slot, :k] = staged.dots
         self._gram[:k, staged.slot] = staged.dots
         self._lower = staged.lower
@@ -328,13 +353,17 @@ class SlidingWindowFisherInverse(FisherInverse):
         out = self._window_combine(vectors, coeffs, 1.0 / self._damp, -1.0 / self._damp)
         return out.mT.contiguous() if x.dim() == 2 else out
 
+    def _columns(self, index: torch.Tensor) -> torch.Tensor:
+        """G[:, index] over the rows held, float64, shape (num_grads, len(index))."""
+        return self._grads[: self.num_grads, index].to(torch.float64)
+
     def _whitened_columns(self, index: torch.Tensor) -> torch.Tensor:
         """Dual route: L^-1 G[:, index]; primal route: L^-1 e_index. float64, (rows of L, len(index))."""
         if self.route == "primal":
             columns = torch.zeros(self.dim, index.numel(), dtype=torch.float64, device=self.device)
             columns[index, torch.arange(index.numel(), device=self.device)] = 1.0
         else:
-            columns = self._grads[: self.num_grads, index].to(torch.float64)
+            columns = self._columns(index)
         return torch.linalg.solve_triangular(self._lower, columns, upper=False)
 
     def _primal_entries(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
@@ -350,11 +379,15 @@ class SlidingWindowFisherInverse(FisherInverse):
             index = torch.arange(self.dim, device=self.device)
             return self._primal_entries(index, index).to(self.dtype)
         k, out = self.num_grads, torch.empty(self.dim, dtype=self.dtype, device=self.device)
-        step = max(1, (1 << 22) // max(k, 1))
+        step = self._diag_step()
         for c0 in range(0, self.dim, step):
             index = torch.arange(c0, min(c0 + step, self.dim), device=self.device)
             out[c0: c0 + step] = (1.0 - self._whitened_columns(index).square().sum(0)) / self._damp
         return out
+
+    def _diag_step(self) -> int:
+        """Columns whitened at a time by ``diag`` (about 32 MB of float64)."""
+        return max(1, (1 << 22) // max(self.num_grads, 1))
 
     def element(self, i, j) -> torch.Tensor:
         """[F^-1]_ij = (delta_ij - (L^-1 G[:, i]) . (L^-1 G[:, j])) / damp. Cost O(window^2) per pair."""

@@ -1,0 +1,190 @@
+/* Window products of M-FAC at memory speed on CPU: G x and beta x + alpha G^T a.
+ *
+ * Two storage forms, both read-only here:
+ *   dense_*   rows of a window stored in bfloat16, (m, d) row-major;
+ *   sparse_*  rows stored as (value, offset) pairs, the same number of entries of every row in
+ *             each block of `block` coordinates: the entries of block b are positions
+ *             starts[b] .. starts[b+1]-1 of every row, and offsets (int16) count from b * block.
+ * Values are float32 or bfloat16 (value_kind 0 or 1); x, a and the results are float32, except
+ * the dot products G x, which come back in float64 (float32 within a block, float64 across
+ * blocks).
+ *
+ * Why blocks: x and the accumulator of G^T a are read in column blocks small enough to stay in
+ * the core's cache while every row streams past, so the window is read once per product and x
+ * (or the result) is not re-read per row. The window is then the only traffic, and a bfloat16
+ * window moves half the bytes of a float32 one.
+ *
+ * Threads: OpenMP over blocks when compiled with -fopenmp (num_threads is the caller's).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define DENSE_BLOCK 8192
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline int thread_id(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+static inline int thread_count(void) {
+#ifdef _OPENMP
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
+}
+
+/* out (m,) float64 = rows (m, d) bf16 @ x (d,) float32. Returns 0, or -1 if memory ran out. */
+int dense_dots(const uint16_t *rows, int64_t m, int64_t d, const float *x, double *out, int num_threads) {
+    int64_t blocks = (d + DENSE_BLOCK - 1) / DENSE_BLOCK;
+    double *partial = calloc((size_t)(num_threads > 0 ? num_threads : 1) * (size_t)m, sizeof(double));
+    if (!partial) return -1;
+    int used = 1;
+#pragma omp parallel num_threads(num_threads)
+    {
+        int t = thread_id(), threads = thread_count();
+#pragma omp single
+        used = threads;
+        double *mine = partial + (size_t)t * (size_t)m;
+        for (int64_t b = blocks * t / threads; b < blocks * (t + 1) / threads; b++) {
+            int64_t c0 = b * DENSE_BLOCK, n = (c0 + DENSE_BLOCK < d ? DENSE_BLOCK : d - c0);
+            const float *xb = x + c0;
+            int64_t i = 0;
+            for (; i + 4 <= m; i += 4) {  /* four rows share each load of x */
+                const uint16_t *r0 = rows + i * d + c0, *r1 = r0 + d, *r2 = r1 + d, *r3 = r2 + d;
+                float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+                for (int64_t c = 0; c < n; c++) {
+                    float xv = xb[c];
+                    s0 += bf16_to_float(r0[c]) * xv;
+                    s1 += bf16_to_float(r1[c]) * xv;
+                    s2 += bf16_to_float(r2[c]) * xv;
+                    s3 += bf16_to_float(r3[c]) * xv;
+                }
+                mine[i] += s0; mine[i + 1] += s1; mine[i + 2] += s2; mine[i + 3] += s3;
+            }
+            for (; i < m; i++) {
+                const uint16_t *r = rows + i * d + c0;
+                float s = 0;
+#pragma omp simd reduction(+ : s)
+                for (int64_t c = 0; c < n; c++) s += bf16_to_float(r[c]) * xb[c];
+                mine[i] += s;
+            }
+        }
+    }
+    for (int64_t i = 0; i < m; i++) {
+        double s = 0;
+        for (int t = 0; t < used; t++) s += partial[(size_t)t * (size_t)m + i];
+        out[i] = s;
+    }
+    free(partial);
+    return 0;
+}
+
+/* out (d,) = beta * x + alpha * rows^T a, rows (m, d) bf16, a (m,) float32. out may alias x. */
+int dense_combine(const uint16_t *rows, int64_t m, int64_t d, const float *a, const float *x, float beta,
+                  float alpha, float *out, int num_threads) {
+    int64_t blocks = (d + DENSE_BLOCK - 1) / DENSE_BLOCK;
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int64_t b = 0; b < blocks; b++) {
+        float acc[DENSE_BLOCK];
+        int64_t c0 = b * DENSE_BLOCK, n = (c0 + DENSE_BLOCK < d ? DENSE_BLOCK : d - c0);
+        for (int64_t c = 0; c < n; c++) acc[c] = 0.0f;
+        for (int64_t i = 0; i < m; i++) {
+            const uint16_t *r = rows + i * d + c0;
+            float ai = a[i];
+#pragma omp simd
+            for (int64_t c = 0; c < n; c++) acc[c] += ai * bf16_to_float(r[c]);
+        }
+        for (int64_t c = 0; c < n; c++) out[c0 + c] = beta * x[c0 + c] + alpha * acc[c];
+    }
+    return 0;
+}
+
+/* out (m,) float64 = G x for the sparse rows described above. */
+int sparse_dots(const void *values, int value_kind, const int16_t *offsets, int64_t m, int64_t nnz,
+                const int64_t *starts, int64_t blocks, int64_t block, const float *x, double *out, int num_threads) {
+    double *partial = calloc((size_t)(num_threads > 0 ? num_threads : 1) * (size_t)m, sizeof(double));
+    if (!partial) return -1;
+    int used = 1;
+#pragma omp parallel num_threads(num_threads)
+    {
+        int t = thread_id(), threads = thread_count();
+#pragma omp single
+        used = threads;
+        double *mine = partial + (size_t)t * (size_t)m;
+        for (int64_t b = blocks * t / threads; b < blocks * (t + 1) / threads; b++) {
+            const float *xb = x + b * block;
+            int64_t e0 = starts[b], e1 = starts[b + 1];
+            for (int64_t i = 0; i < m; i++) {
+                const int16_t *off = offsets + i * nnz;
+                float s = 0;
+                if (value_kind) {
+                    const uint16_t *v = (const uint16_t *)values + i * nnz;
+                    for (int64_t e = e0; e < e1; e++) s += bf16_to_float(v[e]) * xb[(uint16_t)off[e]];
+                } else {
+                    const float *v = (const float *)values + i * nnz;
+                    for (int64_t e = e0; e < e1; e++) s += v[e] * xb[(uint16_t)off[e]];
+                }
+                mine[i] += s;
+            }
+        }
+    }
+    for (int64_t i = 0; i < m; i++) {
+        double s = 0;
+        for (int t = 0; t < used; t++) s += partial[(size_t)t * (size_t)m + i];
+        out[i] = s;
+    }
+    free(partial);
+    return 0;
+}
+
+/* out (d,) = beta * x + alpha * G^T a for the sparse rows described above; out may alias x. */
+int sparse_combine(const void *values, int value_kind, const int16_t *offsets, int64_t m, int64_t nnz,
+                   const int64_t *starts, int64_t blocks, int64_t block, int64_t d, const float *a, const float *x,
+                   float beta, float alpha, float *out, int num_threads) {
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads)
+    {
+        float *acc = malloc((size_t)block * sizeof(float));
+        if (!acc) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++) {
+            if (!acc) continue;
+            int64_t c0 = b * block, n = (c0 + block < d ? block : d - c0);
+            int64_t e0 = starts[b], e1 = starts[b + 1];
+            memset(acc, 0, (size_t)n * sizeof(float));
+            for (int64_t i = 0; i < m; i++) {
+                const int16_t *off = offsets + i * nnz;
+                float ai = a[i];
+                if (value_kind) {
+                    const uint16_t *v = (const uint16_t *)values + i * nnz;
+                    for (int64_t e = e0; e < e1; e++) acc[(uint16_t)off[e]] += ai * bf16_to_float(v[e]);
+                } else {
+                    const float *v = (const float *)values + i * nnz;
+                    for (int64_t e = e0; e < e1; e++) acc[(uint16_t)off[e]] += ai * v[e];
+                }
+            }
+            for (int64_t c = 0; c < n; c++) out[c0 + c] = beta * x[c0 + c] + alpha * acc[c];
+        }
+        free(acc);
+    }
+    return failed ? -1 : 0;
+}
