@@ -151,18 +151,19 @@ def state_equal(a: dict, b: dict) -> bool:
 
 
 @pytest.mark.parametrize("corrupt,message", [
-    (lambda s: s["offsets"].__setitem__((0, 0), 200), "outside their blocks"),
-    (lambda s: s["offsets"].__setitem__((0, 0), -1), "outside their blocks"),
-    (lambda s: s["offsets"].__setitem__((0, -1), 116), "outside their blocks"),  # past the short last block
+    (lambda s: s["offsets"].__setitem__(0, 200), "outside their blocks"),
+    (lambda s: s["offsets"].__setitem__(0, -1), "outside their blocks"),
+    (lambda s: s["offsets"].__setitem__(-1, 116), "outside their blocks"),  # past the short last block
     (lambda s: s.__setitem__("density", 0.5), "density"),
     (lambda s: s.__setitem__("residual", torch.full((500,), math.nan)), "NaN"),
     (lambda s: s["gram"].__setitem__((0, 0), 1e6), "gram"),
+    (lambda s: s["values"].__setitem__(-1, 1.0), "beyond"),  # an entry in the empty fourth slot
     (lambda s: s.pop("residual"), "missing"),
     (lambda s: s.__setitem__("values", s["values"].double()), "values"),
 ])
 def test_corrupt_state_is_refused_and_window_unchanged(corrupt, message):
-    window = CompressedWindowFisherInverse(500, 3, 1e-3, 0.05, block=128)  # last block: 116 coordinates
-    for g in torch.randn(4, 500, generator=torch.Generator().manual_seed(4)):
+    window = CompressedWindowFisherInverse(500, 4, 1e-3, 0.05, block=128)  # last block: 116 coordinates
+    for g in torch.randn(3, 500, generator=torch.Generator().manual_seed(4)):
         window.push(g)
     state = window.state_dict()
     corrupt(state)

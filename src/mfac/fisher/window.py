@@ -378,7 +378,7 @@ class SlidingWindowFisherInverse(FisherInverse):
         if self.route == "primal":
             index = torch.arange(self.dim, device=self.device)
             return self._primal_entries(index, index).to(self.dtype)
-        k, out = self.num_grads, torch.empty(self.dim, dtype=self.dtype, device=self.device)
+        out = torch.empty(self.dim, dtype=self.dtype, device=self.device)
         step = self._diag_step()
         for c0 in range(0, self.dim, step):
             index = torch.arange(c0, min(c0 + step, self.dim), device=self.device)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -26,11 +27,12 @@ import subprocess
 import sys
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-__all__ = ["available", "status", "dense_dots", "dense_combine", "sparse_dots", "sparse_combine"]
+__all__ = ["BlockLayout", "available", "status", "dense_dots", "dense_combine", "sparse_dots", "sparse_combine"]
 
 _SOURCE = Path(__file__).with_name("window.c")
 _FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
@@ -160,49 +162,97 @@ def dense_combine(rows: torch.Tensor, coeffs: torch.Tensor, x: torch.Tensor, bet
 # Compressed rows: (value, offset) pairs in blocks ------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where the entries of a compressed window live.
+
+    Every row keeps ``starts[b+1] - starts[b]`` entries in block b (coordinates ``b * block`` to
+    ``(b+1) * block - 1``), nnz = ``starts[-1]`` in all. Storage is block-major: the entries of
+    block b of all ``capacity`` rows form one contiguous run, row after row, so a product reads
+    each block's run front to back while x (or the accumulator) for that block stays in cache.
+    Entry e of row i is at flat position ``first[e] + i * kept[e]`` of the (capacity * nnz,)
+    values and int16 offsets; its coordinate is ``bases[e] + offset``.
+    """
+
+    block: int
+    capacity: int
+    starts: torch.Tensor  # (blocks + 1,) int64
+    bases: torch.Tensor  # (nnz,) int64: first coordinate of entry e's block
+    first: torch.Tensor  # (nnz,) int64: flat position of entry e in row 0
+    kept: torch.Tensor  # (nnz,) int64: entries per row in entry e's block
+
+    @classmethod
+    def build(cls, dim: int, density: float, block: int, capacity: int, device=None) -> "BlockLayout":
+        sizes = [min(block, dim - start) for start in range(0, dim, block)]
+        per_block = torch.tensor([max(1, math.ceil(density * size)) for size in sizes], dtype=torch.int64)
+        starts = torch.zeros(len(sizes) + 1, dtype=torch.int64)
+        starts[1:] = per_block.cumsum(0)
+        blocks = torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int64), per_block)
+        within = torch.arange(int(starts[-1]), dtype=torch.int64) - starts[blocks]
+        tensors = dict(starts=starts, bases=blocks * block, first=capacity * starts[blocks] + within,
+                       kept=per_block[blocks])
+        return cls(block, capacity, **{key: value.to(device) for key, value in tensors.items()})
+
+    @property
+    def nnz(self) -> int:
+        return self.bases.numel()
+
+    def positions(self, rows: torch.Tensor) -> torch.Tensor:
+        """Flat positions of every entry of the given rows (n,) int64: (n, nnz) int64."""
+        return self.first + rows[:, None] * self.kept
+
+    def sizes(self, dim: int) -> torch.Tensor:
+        """Coordinates in each block, (blocks,) int64."""
+        sizes = torch.full((self.starts.numel() - 1,), self.block, dtype=torch.int64, device=self.starts.device)
+        sizes[-1] = dim - (sizes.numel() - 1) * self.block
+        return sizes
+
+
 def _value_kind(values: torch.Tensor) -> int:
     return {torch.float32: 0, torch.bfloat16: 1}[values.dtype]
 
 
-def _absolute(offsets: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
-    return offsets.long() + bases
+def _row_chunks(layout: BlockLayout, rows: int):
+    """(first row, flat positions) for the rows held, 64 rows at a time: the fallback's gathers."""
+    for start in range(0, rows, 64):
+        index = torch.arange(start, min(start + 64, rows), device=layout.first.device)
+        yield start, layout.positions(index)
 
 
-def sparse_dots(values: torch.Tensor, offsets: torch.Tensor, starts: torch.Tensor, bases: torch.Tensor, block: int,
+def sparse_dots(layout: BlockLayout, values: torch.Tensor, offsets: torch.Tensor, rows: int,
                 x: torch.Tensor) -> torch.Tensor:
-    """G x in float64 for compressed rows G (k of them) and x (d,) float32.
+    """G x in float64 for the first ``rows`` rows of a compressed window and x (d,) float32.
 
-    ``values`` (k, nnz) float32 or bfloat16 and ``offsets`` (k, nnz) int16 hold each row's entries;
-    entries ``starts[b]:starts[b+1]`` (int64, blocks + 1) lie in block b of ``block`` coordinates,
-    at ``bases[e] + offsets[:, e]`` (``bases``: (nnz,) int64, block b's first coordinate). One read
-    of the rows (k nnz (2 + value bytes) bytes); O(k nnz)."""
-    out = torch.empty(values.shape[0], dtype=torch.float64, device=values.device)
-    library = _usable(values, offsets, starts, x) if x.dtype == torch.float32 else None
-    if library is None or values.shape[0] == 0:
-        for start in range(0, values.shape[0], 64):
-            index = _absolute(offsets[start:start + 64], bases)
-            out[start:start + 64] = (values[start:start + 64].float() * x.float()[index]).sum(1).double()
+    ``values`` (capacity * nnz,) float32 or bfloat16 and ``offsets`` (capacity * nnz,) int16 are
+    laid out as :class:`BlockLayout` says. One read of the rows' entries (rows * nnz * (2 + value
+    bytes) bytes); O(rows * nnz)."""
+    out = torch.empty(rows, dtype=torch.float64, device=values.device)
+    library = _usable(values, offsets, layout.starts, x) if x.dtype == torch.float32 else None
+    if library is None or rows == 0:
+        for start, positions in _row_chunks(layout, rows):
+            index = offsets[positions].long() + layout.bases
+            out[start:start + positions.shape[0]] = (values[positions].float() * x.float()[index]).sum(1).double()
         return out
-    _call(library.sparse_dots, values.data_ptr(), _value_kind(values), offsets.data_ptr(), values.shape[0],
-          values.shape[1], starts.data_ptr(), starts.numel() - 1, block, x.data_ptr(), out.data_ptr())
+    _call(library.sparse_dots, values.data_ptr(), _value_kind(values), offsets.data_ptr(), rows, layout.capacity,
+          layout.starts.data_ptr(), layout.starts.numel() - 1, layout.block, x.data_ptr(), out.data_ptr())
     return out
 
 
-def sparse_combine(values: torch.Tensor, offsets: torch.Tensor, starts: torch.Tensor, bases: torch.Tensor, block: int,
+def sparse_combine(layout: BlockLayout, values: torch.Tensor, offsets: torch.Tensor, rows: int,
                    coeffs: torch.Tensor, x: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
-    """beta * x + alpha * G^T coeffs in float32 for compressed rows G (as in :func:`sparse_dots`),
-    coeffs (k,) and x (d,). One read of the rows; O(k nnz + d)."""
+    """beta * x + alpha * G^T coeffs in float32 for the first ``rows`` rows of a compressed window
+    (as in :func:`sparse_dots`), coeffs (rows,) and x (d,). One read of the entries; O(rows nnz + d)."""
     coeffs = coeffs.to(torch.float32).contiguous()
-    library = _usable(values, offsets, starts, x) if x.dtype == torch.float32 else None
+    library = _usable(values, offsets, layout.starts, x) if x.dtype == torch.float32 else None
     if library is None:
         out = x.float() * beta
-        for start in range(0, values.shape[0], 64):
-            index = _absolute(offsets[start:start + 64], bases)
-            weighted = values[start:start + 64].float() * coeffs[start:start + 64, None]
+        for start, positions in _row_chunks(layout, rows):
+            index = offsets[positions].long() + layout.bases
+            weighted = values[positions].float() * coeffs[start:start + positions.shape[0], None]
             out.index_add_(0, index.reshape(-1), weighted.reshape(-1), alpha=alpha)
         return out
     out = torch.empty_like(x)
-    _call(library.sparse_combine, values.data_ptr(), _value_kind(values), offsets.data_ptr(), values.shape[0],
-          values.shape[1], starts.data_ptr(), starts.numel() - 1, block, x.shape[0], coeffs.data_ptr(),
+    _call(library.sparse_combine, values.data_ptr(), _value_kind(values), offsets.data_ptr(), rows, layout.capacity,
+          layout.starts.data_ptr(), layout.starts.numel() - 1, layout.block, x.shape[0], coeffs.data_ptr(),
           x.data_ptr(), beta, alpha, out.data_ptr())
     return out
