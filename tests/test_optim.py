@@ -119,7 +119,7 @@ def test_add_param_group_before_first_step_only():
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(2, dtype=torch.float64))]})
 
 
-@pytest.mark.parametrize("key", ["window", "damp", "window_dtype"])
+@pytest.mark.parametrize("key", ["window", "damp", "window_dtype", "density"])
 def test_optimizer_wide_settings_rejected_per_group(key):
     model = small_model()
     with pytest.raises(ValueError, match=f"{key} is optimizer-wide"):
@@ -284,3 +284,93 @@ def test_mfac_trains_an_mlp_on_digits():
     assert initial > 2.0
     assert final < 0.5, (initial, final)
     assert accuracy(model, split.test_x, split.test_y) > 0.85
+
+
+# Compressed windows (density < 1) -------------------------------------------------------------------
+
+
+def wide_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 40), nn.Tanh(), nn.Linear(40, 3))  # d = 363 > window
+
+
+def test_compressed_step_is_f_inverse_of_the_compressed_gradient():
+    """MFAC(density=...) steps by F^-1 c, c the error-fed compressed gradient, exactly as a
+    CompressedWindowFisherInverse fed the same gradients gives it."""
+    from mfac.fisher import CompressedWindowFisherInverse
+
+    model = wide_model()
+    opt = MFAC(model.parameters(), lr=0.05, window=4, damp=1e-2, momentum=0.5, density=0.1)
+    reference = CompressedWindowFisherInverse(opt.dim, 4, 1e-2, 0.1)
+    buffer = torch.zeros(opt.dim)
+    for step in range(9):
+        x, y = batch(step, torch.float32)
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        buffer = 0.5 * buffer + reference.push_ihvp(g)
+        opt.step()
+        after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        assert torch.allclose(after, before - 0.05 * buffer, rtol=1e-6, atol=1e-7), step
+    assert torch.equal(opt.fisher.residual, reference.residual)
+    assert opt.fisher.nnz == 37  # ceil(0.1 * 363) entries of every gradient
+
+
+def test_compressed_checkpoint_resume_is_bitwise():
+    def make(model):
+        return MFAC(model.parameters(), lr=0.05, window=3, damp=1e-2, momentum=0.9, density=0.2,
+                    window_dtype=torch.bfloat16)
+
+    def run(model, opt, steps, start):
+        for step in range(start, start + steps):
+            x, y = batch(step, torch.float32)
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            opt.step()
+
+    model = wide_model()
+    opt = make(model)
+    run(model, opt, 5, 0)
+    saved = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, saved)
+    run(model, opt, 4, 100)
+    saved.seek(0)
+    checkpoint = torch.load(saved, weights_only=True)
+    resumed = wide_model(seed=1)
+    resumed.load_state_dict(checkpoint["model"])
+    opt2 = make(resumed)
+    opt2.load_state_dict(checkpoint["opt"])
+    run(resumed, opt2, 4, 100)
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    dense = MFAC(wide_model().parameters(), lr=0.05, window=3, damp=1e-2, momentum=0.9, window_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="density"):
+        dense.load_state_dict(checkpoint["opt"])
+
+
+def test_compressed_window_refuses_what_cannot_work():
+    with pytest.raises(ValueError, match="density=1.0"):
+        MFAC(small_model().parameters(), window=64, density=0.1)  # d = 39 <= window
+    for density in (0.0, 2.0, "0.1"):
+        with pytest.raises(ValueError, match="density must be"):
+            MFAC(wide_model().parameters(), window=4, density=density)
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        MFAC(wide_model().parameters(), window=4, density=0.1, window_dtype=torch.float16)
+
+
+def test_compressed_nonfinite_gradient_leaves_residual_unchanged():
+    model = wide_model()
+    opt = MFAC(model.parameters(), lr=0.05, window=3, damp=1e-2, density=0.1)
+    for step in range(3):
+        x, y = batch(step, torch.float32)
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+    residual = opt.fisher.residual
+    params = [p.detach().clone() for p in model.parameters()]
+    next(model.parameters()).grad[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        opt.step()
+    assert torch.equal(opt.fisher.residual, residual)
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))

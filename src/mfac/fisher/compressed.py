@@ -43,7 +43,7 @@ MAX_BLOCK = 32768  # offsets within a block must fit an int16
 DEFAULT_BLOCK = 8192  # measured fastest of 4096..32768 at d = 22.7M, m = 1024, density 1% (BENCHMARKS.md)
 
 
-def _check_density(density) -> float:
+def check_density(density) -> float:
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < float(density) <= 1:
         raise ValueError(f"density must be a number in (0, 1] (the fraction of each gradient's entries kept, "
                          f"e.g. 0.01), got {density!r}")
@@ -92,7 +92,7 @@ class CompressedWindowFisherInverse(SlidingWindowFisherInverse):
                  device=None, block: int = DEFAULT_BLOCK):
         dim = _check_positive_int("dim", dim)
         window = _check_positive_int("window", window)
-        self._density = _check_density(density)
+        self._density = check_density(density)
         block = _check_positive_int("block", block)
         if block > MAX_BLOCK:
             raise ValueError(f"block must be at most {MAX_BLOCK} (offsets within a block are int16), got {block}")

@@ -11,8 +11,12 @@ One step, as published (Frantar et al., 2021):
     buf <- momentum * buf + u               (per group)
     p   <- p - lr * buf
 
-The linear algebra lives in :class:`mfac.fisher.SlidingWindowFisherInverse`; this module only
-flattens gradients into one vector, applies the update and keeps the state.
+With ``density < 1`` the window is compressed as in EFCP (Modoranu et al., 2023): the gradient plus
+an error-feedback residual is cut to its largest entries, which enter the window, and u = F^-1 of
+that compressed gradient (:class:`mfac.fisher.CompressedWindowFisherInverse`).
+
+The linear algebra lives in :mod:`mfac.fisher`; this module only flattens gradients into one
+vector, applies the update and keeps the state.
 """
 
 from __future__ import annotations
@@ -23,14 +27,15 @@ import warnings
 import torch
 from torch.optim import Optimizer
 
-from ..fisher import NonFiniteGradientError, SlidingWindowFisherInverse
+from ..fisher import CompressedWindowFisherInverse, NonFiniteGradientError, SlidingWindowFisherInverse
 from ..fisher.base import all_finite, check_damp, compute_dtype, finite_flag
+from ..fisher.compressed import check_density, compressed_nbytes
 from ..fisher.window import validate_window_state, window_nbytes
 from .. import resources
 
 __all__ = ["MFAC"]
 
-_GLOBAL_KEYS = ("window", "damp", "window_dtype", "nonfinite")
+_GLOBAL_KEYS = ("window", "damp", "window_dtype", "nonfinite", "density")
 
 
 def _check_hyper(name: str, value, low: float = 0.0, high: float = math.inf, high_open: bool = False) -> None:
@@ -78,6 +83,13 @@ class MFAC(Optimizer):
             all-reduce and one all-gather of the direction (see :mod:`mfac.distributed`). Every
             process must call ``step`` together, with the same (already averaged) gradients, and
             saves and loads its own ``state_dict``. Default None: one process holds the window.
+        density: fraction of each gradient's entries the window keeps (optimizer-wide), in (0, 1].
+            Default 1.0: the exact dense window. Below 1 (e.g. 0.01 for windows of 1024 on
+            transformers) each gradient plus an error-feedback residual is cut to its largest
+            ceil(density * 8192) entries per block of 8192 coordinates; the window stores values
+            (``window_dtype`` float32, the default, or bfloat16) and int16 offsets: window * d *
+            density * 6 (or 4) bytes, plus d floats of residual. The step uses F^-1 of the
+            compressed gradient, as EFCP does. Needs d > window; not combined with process_group.
 
     All parameters of all groups form one vector of d coordinates and share one window, as in the
     published method; the window is created at the first ``step``, after which ``add_param_group``
@@ -89,7 +101,8 @@ class MFAC(Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, window: int = 512, damp: float = 1e-5, momentum: float = 0.0,
                  weight_decay: float = 0.0, decoupled_weight_decay: bool = False,
-                 window_dtype: torch.dtype | None = None, nonfinite: str = "skip", process_group=None):
+                 window_dtype: torch.dtype | None = None, nonfinite: str = "skip", process_group=None,
+                 density: float = 1.0):
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an int >= 1 (the number of gradients kept), got {window!r}")
         if window_dtype is not None and (not isinstance(window_dtype, torch.dtype)
@@ -97,6 +110,13 @@ class MFAC(Optimizer):
             raise TypeError(f"window_dtype must be a floating torch.dtype or None, got {window_dtype!r}")
         if nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
+        self._density = check_density(density)
+        if self._density < 1 and process_group is not None:
+            raise ValueError("density < 1 (a compressed window) cannot be combined with process_group yet; "
+                             "shard a dense window (density=1.0) or compress on one process")
+        if self._density < 1 and window_dtype not in (None, torch.float32, torch.bfloat16):
+            raise TypeError(f"a compressed window (density < 1) stores float32 or bfloat16 values, got "
+                            f"window_dtype={window_dtype!r}")
         self._window_size = window
         self._window_dtype = window_dtype
         self._nonfinite = nonfinite
@@ -119,9 +139,18 @@ class MFAC(Optimizer):
             from ..distributed import ShardLayout
 
             self._layout = ShardLayout.of(self.dim, process_group)
-        resources.check_fits(window_nbytes(self._window_dim, window, dtype) + vectors, device,
-                             f"MFAC's state (a window of {window} gradients of {self.dim:,} coordinates in {dtype}, "
-                             f"plus 3 vectors of d)", "lower window, or use window_dtype=torch.bfloat16")
+        if self._density < 1:
+            if self.dim <= window:
+                raise ValueError(f"density < 1 needs more coordinates than the window holds gradients, got d = "
+                                 f"{self.dim} and window = {window}; use density=1.0 (the dense window costs no "
+                                 f"more for a model this small)")
+            state = compressed_nbytes(self.dim, window, self._density, dtype)
+        else:
+            state = window_nbytes(self._window_dim, window, dtype)
+        resources.check_fits(state + vectors, device,
+                             f"MFAC's state (a window of {window} gradients of {self.dim:,} coordinates in {dtype}"
+                             f"{f' at density {self._density:g}' if self._density < 1 else ''}, plus 3 vectors of d)",
+                             "lower window, or use window_dtype=torch.bfloat16, or density < 1")
 
     # Param groups ----------------------------------------------------------------------------------
 
@@ -165,6 +194,9 @@ class MFAC(Optimizer):
         return sum_over(self._group)
 
     def _new_window(self, device) -> SlidingWindowFisherInverse:
+        if self._density < 1:
+            return CompressedWindowFisherInverse(self.dim, self._window_size, self._damp, self._density,
+                                                 dtype=self._storage_dtype(), device=device)
         return SlidingWindowFisherInverse(self._window_dim, self._window_size, self._damp,
                                           dtype=self._storage_dtype(), device=device, reduce=self._reduce_hook())
 
@@ -187,7 +219,7 @@ class MFAC(Optimizer):
         if self._window_dtype is not None:
             return self._window_dtype
         dtypes = {compute_dtype(p.dtype) for p in self._all_params()}
-        return torch.float64 if torch.float64 in dtypes else torch.float32
+        return torch.float64 if torch.float64 in dtypes and self._density == 1 else torch.float32
 
     def _ensure_window(self) -> SlidingWindowFisherInverse:
         if self._fisher is None:
@@ -350,8 +382,13 @@ class MFAC(Optimizer):
             if isinstance(window_state, dict) and window_state.get("storage_dtype") != str(dtype):
                 raise ValueError(f"the state dict's window stores {window_state.get('storage_dtype')!r} but this "
                                  f"optimizer's window stores {dtype}; construct MFAC with the same window_dtype")
-            validate_window_state(window_state, self._window_dim, self._window_size, self._damp, dtype,
-                                  self._reduce_hook())
+            if isinstance(window_state, dict) and window_state.get("density", 1.0) != self._density:
+                raise ValueError(f"the state dict's window has density = {window_state.get('density', 1.0)!r} but "
+                                 f"this optimizer has density = {self._density:g}; construct MFAC with the same "
+                                 f"density")
+            if self._density == 1:  # a compressed window checks its whole state in load_state_dict below
+                validate_window_state(window_state, self._window_dim, self._window_size, self._damp, dtype,
+                                      self._reduce_hook())
         elif extra["steps"] > 0:
             raise ValueError(f"the state dict records {extra['steps']} steps but no window; it is not from "
                              f"MFAC.state_dict()")
