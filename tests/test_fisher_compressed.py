@@ -15,7 +15,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import dense_fisher, rel_err, solve, tolerance
+from conftest import ALL_DEVICES, dense_fisher, rel_err, solve, tolerance
 from mfac import kernels
 from mfac.fisher import CompressedWindowFisherInverse, NonFiniteGradientError, SlidingWindowFisherInverse
 from mfac.fisher.compressed import compressed_nbytes
@@ -60,6 +60,24 @@ def test_ihvp_diag_element_match_dense_inverse_of_held_rows(dim, capacity, densi
     batch = torch.randn(3, dim, generator=gen)
     fisher = dense_fisher(held_rows(window), damp)
     assert rel_err(window.ihvp(batch), solve(fisher, batch.T).T) <= tolerance(fisher, torch.float32)
+
+
+def test_push_ihvp_of_another_vector_uses_the_window_with_the_new_row():
+    """push_ihvp(g, x): F^-1 x with the compressed g in the window, against a dense float64 solve;
+    a bad x is refused before the window changes."""
+    gen = torch.Generator().manual_seed(11)
+    window = CompressedWindowFisherInverse(600, 4, 1e-2, 0.05, block=200)
+    for g in torch.randn(5, 600, generator=gen):
+        window.push(g)
+    g, x = torch.randn(600, generator=gen), torch.randn(600, generator=gen)
+    out = window.push_ihvp(g, x)
+    fisher = dense_fisher(held_rows(window), 1e-2)
+    assert rel_err(out, solve(fisher, x)) <= tolerance(fisher, torch.float32)
+    assert rel_err(window.push_ihvp(g, g), solve(dense_fisher(held_rows(window), 1e-2), g)) <= 1e-4
+    before = window.state_dict()
+    with pytest.raises(ValueError, match="shape"):
+        window.push_ihvp(g, torch.randn(2, 600))
+    assert state_equal(window.state_dict(), before)
 
 
 def test_top_k_per_block_and_error_feedback_lose_nothing():
@@ -272,3 +290,37 @@ def test_fallback_window_matches_dense_inverse(without_kernels):
     for g in torch.randn(7, 700, generator=torch.Generator().manual_seed(9)):
         window.push(g)
     check_against_dense(window, 1e-3, torch.randn(700))
+
+
+def test_without_a_compiler_everything_falls_back_to_torch(tmp_path):
+    """No compiler (or MFAC_KERNELS=0): the status says why, and the window still works."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import torch; from mfac import kernels; from mfac.fisher import CompressedWindowFisherInverse as C\n"
+              "w = C(3000, 4, 1e-3, 0.05)\n"
+              "for g in torch.randn(5, 3000): u = w.push_ihvp(g)\n"
+              "print(kernels.available(), '|', kernels.status(), '|', bool(torch.isfinite(u).all()))")
+    for extra in ({"CC": str(tmp_path / "no-such-compiler")}, {"MFAC_KERNELS": "0"}):
+        env = {**os.environ, "MFAC_KERNEL_CACHE": str(tmp_path / "cache"), **extra}
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        available, status, finite = done.stdout.strip().split(" | ")
+        assert available == "False" and finite == "True"
+        assert ("no C compiler" in status) if "CC" in extra else ("MFAC_KERNELS=0" in status)
+    assert not any((tmp_path / "cache").glob("*.so"))
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compressed_window_on_device(device, dtype):
+    """On a GPU the products take the torch route; the results must still be F^-1 over the rows held."""
+    window = CompressedWindowFisherInverse(900, 5, 1e-3, 0.05, dtype=dtype, device=device, block=256)
+    gen = torch.Generator().manual_seed(10)
+    for g in torch.randn(7, 900, generator=gen):
+        out = window.push_ihvp(g.to(device))
+    assert out.device.type == device and window.residual.device.type == device
+    x = torch.randn(900, generator=gen)
+    fisher = dense_fisher(held_rows(window).cpu(), 1e-3)
+    assert rel_err(window.ihvp(x.to(device)).cpu(), solve(fisher, x)) <= tolerance(fisher, torch.float32)

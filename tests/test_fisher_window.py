@@ -31,6 +31,17 @@ def test_every_push_matches_dense_inverse_of_last_window(d, window, damp):
     check_against(win, fisher, tol)
 
 
+@pytest.mark.parametrize("d,window", [(30, 6), (5, 12)])
+def test_push_ihvp_of_another_vector(d, window):
+    """push_ihvp(g, x) = F^-1 x with g in the window, on both routes (dual d > window, primal d <= window)."""
+    grads = stream(2 * window + 3, d, seed=3)
+    probes = stream(len(grads), d, seed=4)
+    win = SlidingWindowFisherInverse(d, window, 1e-3, dtype=torch.float64)
+    for t, (g, x) in enumerate(zip(grads, probes)):
+        fisher = dense_fisher(grads[max(0, t + 1 - window): t + 1], 1e-3)
+        assert rel_err(win.push_ihvp(g, x), solve(fisher, x)) <= tolerance(fisher, torch.float64), t
+
+
 @pytest.mark.parametrize("d,window", [(40, 8), (6, 10)])
 def test_long_streams_stay_accurate(d, window):
     """40 windows of pushes on an ill-conditioned stream (gradient scales spanning 1e3) still match

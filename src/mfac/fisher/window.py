@@ -256,6 +256,25 @@ class SlidingWindowFisherInverse(FisherInverse):
                 f"{largest:.3g}); the window was left unchanged")
         return staged
 
+    def _staged_ihvp(self, staged: _StagedPush, x: torch.Tensor) -> torch.Tensor:
+        """F^-1 x for x (d,) as it will be once ``staged`` is committed, without changing anything:
+        the staged row stands in for the one it replaces. Two reads of the window. Raises
+        NonFiniteGradientError if the result is not finite."""
+        k = staged.dots.shape[0]
+        if self.route == "primal":
+            out = self._primal_apply(x, staged.lower, k)
+        else:
+            coeffs = torch.cholesky_solve(self._window_dots(x, rows=k, replace=(staged.slot, staged.stored))[:, None],
+                                          staged.lower)[:, 0]
+            weight = float(coeffs[staged.slot])
+            coeffs[staged.slot] = 0.0  # the old row in that slot: its part is the staged row's, added below
+            out = self._window_combine(x, coeffs, 1.0 / self._damp, -1.0 / self._damp, rows=k)
+            out.add_(staged.stored, alpha=-weight / self._damp)
+        if not self._all_finite(out):
+            raise NonFiniteGradientError(f"F^-1 x overflows {self.dtype} (damp = {self._damp:g} is too small for "
+                                         f"this x); the window was left unchanged")
+        return out
+
     def _primal_apply(self, x: torch.Tensor, lower: torch.Tensor, k: int) -> torch.Tensor:
         """Primal route: F^-1 x = k (k*damp*I + G^T G)^-1 x for x of shape (d,) or (d, n)."""
         if k == 0:
@@ -299,17 +318,24 @@ class SlidingWindowFisherInverse(FisherInverse):
         window unchanged. Cost: one pass over the window plus O(window^3 / 3)."""
         self._commit(self._stage(g, want_direction=False))
 
-    def push_ihvp(self, g: torch.Tensor) -> torch.Tensor:
-        """Push g, then return F^-1 g with g already in the window, shape (d,), in ``dtype``.
+    def push_ihvp(self, g: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Push g, then return F^-1 g with g already in the window, shape (d,), in ``dtype``; or,
+        with ``x`` (shape (d,)), F^-1 x with g in the window.
 
         The window's copy of g is what both the update and the product use, so with a half-precision
-        window this is F^-1 of g rounded to that precision. If g or the result is not finite,
-        NonFiniteGradientError is raised and the window is unchanged. Cost: two passes over the
-        window (G g, then G^T a) plus O(window^3 / 3).
+        window this is F^-1 of g rounded to that precision (and with a compressed window, of the
+        compressed g). If g or the result is not finite, NonFiniteGradientError is raised and the
+        window is unchanged. Cost: two passes over the window (G g, then G^T a) plus
+        O(window^3 / 3); one more with ``x``.
         """
-        staged = self._stage(g, want_direction=True)
+        if x is not None:
+            x = self._check_vectors(x)
+            if x.dim() != 1:
+                raise ValueError(f"x must have shape ({self.dim},), got {tuple(x.shape)}")
+        staged = self._stage(g, want_direction=x is None)
+        direction = staged.direction if x is None else self._staged_ihvp(staged, x.to(self.dtype))
         self._commit(staged)
-        return staged.direction
+        return direction
 
     def extend(self, grads: torch.Tensor) -> None:
         """Push the rows of ``grads`` (n, d) in order, as n calls to ``push`` would, but with one
