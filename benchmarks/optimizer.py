@@ -169,10 +169,10 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TRANSFORMER_RUNS = {  # name -> (optimizer, settings); lr is given per run as name:lr
     "adamw": ("AdamW", {}),
     "mfac32": ("MFAC window 32, momentum 0.9, damp 1e-6", dict(window=32, damp=1e-6, momentum=0.9)),
-    "efcp1024": ("MFAC window 1024, density 1%, bfloat16, damp 1e-6",
-                 dict(window=1024, damp=1e-6, density=0.01, window_dtype=torch.bfloat16)),
-    "efcp1024m": ("MFAC window 1024, density 1%, bfloat16, damp 1e-6, momentum 0.9",
-                  dict(window=1024, damp=1e-6, density=0.01, window_dtype=torch.bfloat16, momentum=0.9)),
+    "efcp1024": ("MFAC window 1024, density 1%, bfloat16, damp 1e-4 (full gradient preconditioned)",
+                 dict(window=1024, damp=1e-4, density=0.01, window_dtype=torch.bfloat16)),
+    "efcp1024c": ("MFAC window 1024, density 1%, bfloat16, damp 1e-6 (compressed gradient, as EFCP)",
+                  dict(window=1024, damp=1e-6, density=0.01, window_dtype=torch.bfloat16, precondition="compressed")),
 }
 
 
@@ -264,7 +264,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150, help="transformer part: training steps")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="transformer part: seeds")
     parser.add_argument("--runs", nargs="+", default=["adamw:2e-5", "adamw:5e-5", "adamw:1e-4", "mfac32:3e-5",
-                                                      "efcp1024:1e-5", "efcp1024:1e-4"],
+                                                      "efcp1024c:1e-5", "efcp1024c:1e-4", "efcp1024:1e-6",
+                                                      "efcp1024:1e-5"],
                         help="transformer part: name:lr, names " + ", ".join(TRANSFORMER_RUNS))
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a single transformer run (subprocess)
     args = parser.parse_args()

@@ -34,7 +34,7 @@ import math
 import torch
 
 from .. import kernels, resources
-from .base import NonFiniteGradientError, all_finite, check_finite, check_floating
+from .base import NonFiniteGradientError, all_finite
 from .window import SlidingWindowFisherInverse, _check_positive_int
 
 __all__ = ["CompressedWindowFisherInverse", "compressed_nbytes"]
@@ -240,13 +240,7 @@ class CompressedWindowFisherInverse(SlidingWindowFisherInverse):
         """Push the rows of ``grads`` (n, d) in order, as n calls to ``push`` would (each row passes
         through error feedback), with one factorisation at the end: O(n k nnz + k^3). A non-finite
         row rejects the whole batch and leaves the window unchanged."""
-        if not isinstance(grads, torch.Tensor) or grads.dim() != 2 or grads.shape[1] != self.dim:
-            shape = tuple(grads.shape) if isinstance(grads, torch.Tensor) else type(grads).__name__
-            raise ValueError(f"grads must be a tensor of shape (n, {self.dim}), got {shape}")
-        check_floating("grads", grads.dtype)
-        if grads.device != self.device:
-            raise ValueError(f"grads is on {grads.device} but the window lives on {self.device}")
-        check_finite("grads", grads)
+        self._check_batch(grads)
         if grads.shape[0] == 0:
             return
         saved = (self._values.clone(), self._offsets.clone(), self._residual.clone(), self._gram.clone(),

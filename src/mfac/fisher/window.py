@@ -300,6 +300,17 @@ class SlidingWindowFisherInverse(FisherInverse):
         self._lower = staged.lower
         self._pushed += 1
 
+    def _check_batch(self, grads) -> None:
+        """Refuse, before anything changes, a batch for ``extend`` that is not (n, d), floating,
+        on the window's device and finite."""
+        if not isinstance(grads, torch.Tensor) or grads.dim() != 2 or grads.shape[1] != self.dim:
+            shape = tuple(grads.shape) if isinstance(grads, torch.Tensor) else type(grads).__name__
+            raise ValueError(f"grads must be a tensor of shape (n, {self.dim}), got {shape}")
+        check_floating("grads", grads.dtype)
+        if grads.device != self.device:
+            raise ValueError(f"grads is on {grads.device} but the window lives on {self.device}")
+        check_finite("grads", grads)
+
     def _check_gradient(self, g) -> torch.Tensor:
         if not isinstance(g, torch.Tensor):
             raise TypeError(f"g must be a torch.Tensor of shape ({self.dim},), got {type(g).__name__}")
@@ -342,13 +353,7 @@ class SlidingWindowFisherInverse(FisherInverse):
         Gram matrix and one factorisation: O(k^2 d + k^3) with k = min(n + held, window). Use it to
         warm-start a window from a batch. A non-finite row rejects the whole batch and leaves the
         window unchanged; an empty batch changes nothing."""
-        if not isinstance(grads, torch.Tensor) or grads.dim() != 2 or grads.shape[1] != self.dim:
-            shape = tuple(grads.shape) if isinstance(grads, torch.Tensor) else type(grads).__name__
-            raise ValueError(f"grads must be a tensor of shape (n, {self.dim}), got {shape}")
-        check_floating("grads", grads.dtype)
-        if grads.device != self.device:
-            raise ValueError(f"grads is on {grads.device} but the window lives on {self.device}")
-        check_finite("grads", grads)
+        self._check_batch(grads)
         n = grads.shape[0]
         if n == 0:
             return

@@ -48,6 +48,16 @@ static inline int thread_count(void) {
 #endif
 }
 
+/* out[i] = the sum over threads of partial[t * m + i]; frees partial. */
+static void sum_partials(double *partial, int threads, int64_t m, double *out) {
+    for (int64_t i = 0; i < m; i++) {
+        double s = 0;
+        for (int t = 0; t < threads; t++) s += partial[(size_t)t * (size_t)m + i];
+        out[i] = s;
+    }
+    free(partial);
+}
+
 /* out (m,) float64 = rows (m, d) bf16 @ x (d,) float32. Returns 0, or -1 if memory ran out. */
 int dense_dots(const uint16_t *rows, int64_t m, int64_t d, const float *x, double *out, int num_threads) {
     int64_t blocks = (d + DENSE_BLOCK - 1) / DENSE_BLOCK;
@@ -86,12 +96,7 @@ int dense_dots(const uint16_t *rows, int64_t m, int64_t d, const float *x, doubl
             }
         }
     }
-    for (int64_t i = 0; i < m; i++) {
-        double s = 0;
-        for (int t = 0; t < used; t++) s += partial[(size_t)t * (size_t)m + i];
-        out[i] = s;
-    }
-    free(partial);
+    sum_partials(partial, used, m, out);
     return 0;
 }
 
@@ -159,12 +164,7 @@ int sparse_dots(const void *values, int value_kind, const int16_t *offsets, int6
             }
         }
     }
-    for (int64_t i = 0; i < m; i++) {
-        double s = 0;
-        for (int t = 0; t < used; t++) s += partial[(size_t)t * (size_t)m + i];
-        out[i] = s;
-    }
-    free(partial);
+    sum_partials(partial, used, m, out);
     return 0;
 }
 
