@@ -7,10 +7,13 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 import torch.multiprocessing as mp
 from torch import nn
 
 from mfac import MFAC
+from mfac.distributed import get_optimizer_state_dict, set_optimizer_state_dict
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -94,6 +97,8 @@ def _worker(rank, world, folder):
             if step == SAVE_AT:
                 saved["model"] = {k: v.clone() for k, v in model.module.state_dict().items()}
                 saved["opt"] = opt.state_dict()
+                dcp.save({"model": model.module.state_dict(), "optim": get_optimizer_state_dict(opt)},
+                         checkpoint_id=f"{folder}/dcp")
 
         train(model, opt, data, rank, world, on_step=keep)
         final = {k: v.clone() for k, v in model.module.state_dict().items()}
@@ -103,10 +108,20 @@ def _worker(rank, world, folder):
         opt2 = make_optimizer(resumed.parameters(), dist.group.WORLD)
         opt2.load_state_dict(saved["opt"])
         train(resumed, opt2, data, rank, world, start=SAVE_AT)
+        # And from the distributed checkpoint, into a fresh model and optimizer that have not stepped.
+        fresh = make_model()
+        opt3 = make_optimizer(fresh.parameters(), dist.group.WORLD)
+        state = {"model": fresh.state_dict(), "optim": get_optimizer_state_dict(opt3)}
+        dcp.load(state, checkpoint_id=f"{folder}/dcp")
+        fresh.load_state_dict(state["model"])
+        set_optimizer_state_dict(opt3, state["optim"])
+        from_dcp = nn.parallel.DistributedDataParallel(fresh)
+        train(from_dcp, opt3, data, rank, world, start=SAVE_AT)
         result = {"final": final, "resumed": resumed.module.state_dict(), "opt": saved["opt"],
+                  "from_dcp": from_dcp.module.state_dict(), "rows_at_save": saved["opt"]["mfac"]["window"]["grads"],
                   "window_shape": tuple(opt.fisher._grads.shape), "window_bytes": opt.fisher.nbytes,
                   "gram": opt.fisher._gram.clone()}
-        del model, resumed, opt, opt2, saved, keep
+        del model, resumed, opt, opt2, saved, keep, fresh, opt3, state, from_dcp
         _save_atomically(result, f"{folder}/rank{rank}.pt")
         _finish()
     finally:
@@ -160,9 +175,15 @@ def test_distributed_obs_refuses_the_unstreamed_route():
 
 
 @pytest.fixture(scope="module")
-def two_processes(tmp_path_factory):
+def ddp_run(tmp_path_factory):
+    """Two processes' results and the folder holding their distributed checkpoint (folder / "dcp")."""
     folder = tmp_path_factory.mktemp("ddp")
-    return spawn_two(_worker, folder, [f"rank{r}.pt" for r in range(2)])
+    return spawn_two(_worker, folder, [f"rank{r}.pt" for r in range(2)]), folder
+
+
+@pytest.fixture(scope="module")
+def two_processes(ddp_run):
+    return ddp_run[0]
 
 
 def single_process_run():
@@ -201,6 +222,45 @@ def test_each_process_resumes_exactly_from_its_own_checkpoint(two_processes):
             assert torch.equal(result["resumed"][name], value), name
 
 
+def test_each_process_resumes_exactly_from_the_distributed_checkpoint(two_processes):
+    for result in two_processes:
+        for name, value in result["final"].items():
+            assert torch.equal(result["from_dcp"][name], value), name
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_distributed_checkpoint_of_two_processes_resumes_in_one(ddp_run):
+    results, folder = ddp_run
+    model = make_model()
+    opt = make_optimizer(model.parameters())
+    state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(opt)}
+    dcp.load(state, checkpoint_id=str(folder / "dcp"))
+    model.load_state_dict(state["model"])
+    set_optimizer_state_dict(opt, state["optim"])
+    # The one window is the two shards side by side, bit for bit.
+    assert torch.equal(opt.fisher._grads, torch.cat([r["rows_at_save"] for r in results], dim=1))
+    assert opt.steps == SAVE_AT and opt.fisher.num_grads == min(SAVE_AT, WINDOW)
+    train(model, opt, batches(), start=SAVE_AT)
+    single, _ = single_process_run()
+    for name, value in single.state_dict().items():
+        assert float((model.state_dict()[name] - value).norm() / value.norm()) <= 1e-5, name
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_distributed_checkpoint_refuses_another_model(ddp_run):
+    _, folder = ddp_run
+    model = nn.Sequential(nn.Linear(10, 17), nn.Tanh(), nn.Linear(17, 3))
+    opt = make_optimizer(model.parameters())
+    state = {"optim": get_optimizer_state_dict(opt)}
+    with pytest.raises(CheckpointException) as refused:  # DCP itself refuses rows of another size
+        dcp.load(state, checkpoint_id=str(folder / "dcp"))
+    assert any("Size mismatch" in str(f) and "window.grads" in str(f) for f in refused.value.failures.values())
+    state["optim"]["mfac"]["window"]["dim"] = 1234
+    with pytest.raises(ValueError, match="d = 1234"):
+        set_optimizer_state_dict(opt, state["optim"])
+    assert opt.steps == 0 and opt.fisher is None
+
+
 def test_a_sharded_state_refuses_to_load_into_one_process(two_processes):
     model = make_model()
     opt = make_optimizer(model.parameters())
@@ -228,3 +288,37 @@ def test_the_ddp_example_runs_under_torchrun(tmp_path):
     assert "process 0 of 2" in result.stdout and "process 1 of 2" in result.stdout
     states = [torch.load(tmp_path / f"mfac-rank{r}-of-2.pt", weights_only=True) for r in range(2)]
     assert [s["mfac"]["shard"]["rank"] for s in states] == [0, 1]
+
+
+@pytest.mark.parametrize("dim,world", [(33, 2), (10, 3), (7, 3), (100, 8), (4, 4)])
+def test_shards_are_torch_chunks(dim, world):
+    from mfac.distributed import ShardLayout
+
+    chunks = torch.arange(dim).chunk(world)
+    assert len(chunks) == world
+    for rank, chunk in enumerate(chunks):
+        start, stop = ShardLayout(dim, world, rank).bounds()
+        assert torch.equal(torch.arange(start, stop), chunk)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_distributed_checkpoint_in_one_process_resumes_bitwise(tmp_path):
+    """Saved before the first step (an empty window) and after a few: both resume exactly."""
+    data = batches()
+    for save_at in (0, SAVE_AT):
+        model = make_model()
+        opt = make_optimizer(model.parameters())
+        train(model, opt, data, stop=save_at)
+        folder = str(tmp_path / f"dcp{save_at}")
+        dcp.save({"model": model.state_dict(), "optim": get_optimizer_state_dict(opt)}, checkpoint_id=folder)
+        train(model, opt, data, start=save_at)
+        again = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3))
+        opt2 = make_optimizer(again.parameters())
+        state = {"model": again.state_dict(), "optim": get_optimizer_state_dict(opt2)}
+        dcp.load(state, checkpoint_id=folder)
+        again.load_state_dict(state["model"])
+        set_optimizer_state_dict(opt2, state["optim"])
+        assert opt2.steps == save_at and (opt2.fisher is None) == (save_at == 0)
+        train(again, opt2, data, start=save_at)
+        for name, value in model.state_dict().items():
+            assert torch.equal(again.state_dict()[name], value), (save_at, name)

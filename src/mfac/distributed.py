@@ -13,8 +13,12 @@ and every product the algorithm needs reduces to small vectors:
 So a step sends about 8 m + 4 d bytes per process (float32 parameters) against m d numbers held
 by each process / world size: the window's memory divides by the number of processes.
 
-* :class:`ShardLayout`: which contiguous range of the d coordinates each process holds.
+* :class:`ShardLayout`: which contiguous range of the d coordinates each process holds (torch's
+  chunking, the same as a DTensor sharded on that dimension).
 * :func:`sum_over` / :func:`gather_over`: the two collectives, as plain functions of tensors.
+* :func:`get_optimizer_state_dict` / :func:`set_optimizer_state_dict`: MFAC's state for
+  ``torch.distributed.checkpoint`` (DCP), with the window rows as one DTensor sharded by coordinates,
+  so a checkpoint saved by N processes loads into M processes (or one) and each reads only its shard.
 """
 
 from __future__ import annotations
@@ -24,13 +28,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["ShardLayout", "sum_over", "gather_over"]
+__all__ = ["ShardLayout", "sum_over", "gather_over", "get_optimizer_state_dict", "set_optimizer_state_dict"]
 
 
 @dataclass(frozen=True)
 class ShardLayout:
-    """Coordinates [start, stop) of ``dim`` held by ``rank`` of ``world_size`` processes: contiguous,
-    sizes differing by at most one."""
+    """Coordinates [start, stop) of ``dim`` held by ``rank`` of ``world_size`` processes: contiguous
+    chunks of ceil(dim / world_size), the last one shorter, as ``torch.chunk`` and DTensor's ``Shard``
+    split a dimension (so a checkpoint's shards line up with DCP's)."""
 
     dim: int
     world_size: int
@@ -42,13 +47,15 @@ class ShardLayout:
             raise RuntimeError("process_group needs torch.distributed to be initialised "
                                "(torch.distributed.init_process_group) before the optimizer is built")
         world, rank = dist.get_world_size(group), dist.get_rank(group)
-        if dim < world:
-            raise ValueError(f"cannot shard {dim} coordinates over {world} processes; use fewer processes")
+        if (world - 1) * -(-dim // world) >= dim:
+            raise ValueError(f"cannot split {dim} coordinates over {world} processes so that each holds some "
+                             f"(chunks of {-(-dim // world)}); use fewer processes")
         return cls(dim, world, rank)
 
     def bounds(self, rank: int | None = None) -> tuple[int, int]:
         rank = self.rank if rank is None else rank
-        return self.dim * rank // self.world_size, self.dim * (rank + 1) // self.world_size
+        chunk = -(-self.dim // self.world_size)
+        return min(self.dim, rank * chunk), min(self.dim, (rank + 1) * chunk)
 
     @property
     def start(self) -> int:
@@ -84,3 +91,101 @@ def gather_over(local: torch.Tensor, layout: ShardLayout, group) -> torch.Tensor
     dist.all_gather(parts, padded, group=group)
     return torch.cat([part[: stop - start] for part, (start, stop) in
                       zip(parts, (layout.bounds(r) for r in range(layout.world_size)))])
+
+
+# Checkpoints with torch.distributed.checkpoint ---------------------------------------------------
+
+def _rows_as_dtensor(rows: torch.Tensor, layout: ShardLayout, group):
+    """This process's (m, size) rows as the (m, dim) DTensor sharded on coordinates over ``group``."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = DeviceMesh.from_group(group, rows.device.type)
+    whole = DTensor.from_local(rows, mesh, [Shard(1)], run_check=False,
+                               shape=torch.Size((rows.shape[0], layout.dim)), stride=(layout.dim, 1))
+    chunks = whole.__create_chunk_list__()  # what DCP will record: it must be exactly our slice
+    if [(tuple(c.offsets), tuple(c.sizes)) for c in chunks] != [((0, layout.start), tuple(rows.shape))]:
+        raise RuntimeError(f"DTensor places this shard at {chunks}, not at coordinates "
+                           f"[{layout.start}, {layout.stop}); this torch version shards differently")
+    return whole
+
+
+def get_optimizer_state_dict(optimizer) -> dict:
+    """MFAC's state in a form ``torch.distributed.checkpoint`` saves and reshards.
+
+    The same as ``optimizer.state_dict()`` but for the window: its rows are one (m, d) DTensor sharded
+    by coordinates over the optimizer's process group (a plain (m, d) tensor in one process), and
+    nothing in it names a process. Every process calls it, at once, with the same optimizer settings.
+    Before the first step it returns an empty window of the right sizes, which is what
+    :func:`set_optimizer_state_dict` needs as a template to load into::
+
+        state = {"model": model.state_dict(), "optim": mfac.distributed.get_optimizer_state_dict(opt)}
+        torch.distributed.checkpoint.save(state, checkpoint_id=folder)
+        ...                                    # later, with any number of processes
+        state = {"model": model.state_dict(), "optim": mfac.distributed.get_optimizer_state_dict(opt)}
+        torch.distributed.checkpoint.load(state, checkpoint_id=folder)
+        model.load_state_dict(state["model"])
+        mfac.distributed.set_optimizer_state_dict(opt, state["optim"])
+
+    Memory: a copy of this process's window rows (m x d / world numbers) while the dict lives.
+    Compressed windows (density < 1) run in one process and are returned as in ``state_dict()``.
+    """
+    from .fisher.window import compute_dtype
+
+    state = optimizer.state_dict()
+    extra = dict(state["mfac"])
+    if getattr(optimizer, "_density", 1.0) < 1:
+        return state
+    layout = optimizer._layout
+    if extra["window"] is None:  # an empty window of the saved sizes: a template to load into
+        dtype = optimizer._storage_dtype()
+        device = optimizer._all_params()[0].device
+        m = optimizer._window_size
+        extra["window"] = {"dim": optimizer._window_dim, "window": m, "damp": optimizer._damp,
+                           "storage_dtype": str(dtype), "pushed": 0,
+                           "grads": torch.zeros(m, optimizer._window_dim, dtype=dtype, device=device),
+                           "gram": torch.zeros(m, m, dtype=torch.float64, device=device)}
+        if any(group["momentum"] for group in optimizer.param_groups):
+            extra["momentum"] = torch.zeros(optimizer.dim, dtype=compute_dtype(dtype), device=device)
+    window = dict(extra["window"])
+    if layout is not None:
+        window["grads"] = _rows_as_dtensor(window["grads"], layout, optimizer._group)
+    window["dim"] = optimizer.dim
+    extra["window"], extra["shard"] = window, None
+    state["mfac"] = extra
+    return state
+
+
+def set_optimizer_state_dict(optimizer, state: dict) -> None:
+    """Load a state from :func:`get_optimizer_state_dict` (after ``torch.distributed.checkpoint.load``
+    filled it) into ``optimizer``, which may run on a different number of processes than the one
+    that saved it. Every process calls it at once; it is checked as ``MFAC.load_state_dict`` checks a
+    state, and a failed load leaves the optimizer unchanged."""
+    if not isinstance(state, dict) or not isinstance(state.get("mfac"), dict):
+        raise ValueError("state must be the dict from mfac.distributed.get_optimizer_state_dict(), filled by "
+                         "torch.distributed.checkpoint.load")
+    if getattr(optimizer, "_density", 1.0) < 1:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.tensor import DTensor
+
+    state = dict(state)
+    extra = dict(state["mfac"])
+    window = dict(extra["window"]) if isinstance(extra.get("window"), dict) else None
+    layout = optimizer._layout
+    if window is not None:
+        if window.get("dim") != optimizer.dim:
+            raise ValueError(f"the checkpoint's window has d = {window.get('dim')!r} coordinates but this "
+                             f"optimizer's parameters have d = {optimizer.dim:,}; load it into an MFAC built on "
+                             f"the same model")
+        rows = window.get("grads")
+        if isinstance(rows, DTensor):
+            rows = rows.to_local()
+        window["grads"], window["dim"] = rows, optimizer._window_dim
+        if extra.get("steps") == 0 and window.get("pushed") == 0:  # saved before the first step
+            window = None
+            if isinstance(extra.get("momentum"), torch.Tensor) and not extra["momentum"].any():
+                extra["momentum"] = None
+    extra["window"], extra["shard"] = window, None if layout is None else layout.as_dict()
+    state["mfac"] = extra
+    optimizer.load_state_dict(state)
