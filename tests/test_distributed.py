@@ -322,3 +322,92 @@ def test_a_distributed_checkpoint_in_one_process_resumes_bitwise(tmp_path):
         train(again, opt2, data, start=save_at)
         for name, value in model.state_dict().items():
             assert torch.equal(again.state_dict()[name], value), (save_at, name)
+
+
+def _fsdp_worker(rank, world, folder):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import fully_shard
+    _init(rank, world, f"{folder}/rendezvous-fsdp")
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        data = batches()
+        saved = {}
+
+        def sharded_model():
+            model = make_model()
+            for layer in model:
+                if isinstance(layer, nn.Linear):
+                    fully_shard(layer, mesh=mesh)
+            return fully_shard(model, mesh=mesh)
+
+        model = sharded_model()
+        opt = make_optimizer(model.parameters())
+
+        def keep(step):
+            if step == SAVE_AT:
+                saved["model"] = {k: v.to_local().clone() for k, v in model.state_dict().items()}
+                saved["opt"] = opt.state_dict()
+
+        train(model, opt, data, rank, world, on_step=keep)
+        final = {k: v.full_tensor() for k, v in model.state_dict().items()}
+        resumed = sharded_model()
+        for name, value in resumed.state_dict().items():
+            value.to_local().copy_(saved["model"][name])
+        opt2 = make_optimizer(resumed.parameters())
+        opt2.load_state_dict(saved["opt"])
+        train(resumed, opt2, data, rank, world, start=SAVE_AT)
+        refusals = []
+        from torch.distributed.tensor import Replicate, distribute_tensor
+
+        for params in ([*resumed.parameters(), nn.Parameter(torch.zeros(3))],
+                       [nn.Parameter(distribute_tensor(torch.zeros(4, 3), mesh, [Replicate()]))]):
+            try:
+                make_optimizer(params)
+            except ValueError as error:
+                refusals.append(str(error))
+        result = {"final": final, "resumed": {k: v.full_tensor() for k, v in resumed.state_dict().items()},
+                  "refusals": refusals,
+                  "window_shape": tuple(opt.fisher._grads.shape), "dim": opt.dim, "shard": saved["opt"]["mfac"]["shard"]}
+        del model, resumed, opt, opt2, saved, keep
+        _save_atomically(result, f"{folder}/fsdp{rank}.pt")
+        _finish()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def fsdp_processes(tmp_path_factory):
+    pytest.importorskip("torch.distributed.tensor")
+    folder = tmp_path_factory.mktemp("fsdp")
+    return spawn_two(_fsdp_worker, folder, [f"fsdp{r}.pt" for r in range(2)])
+
+
+def test_fsdp2_parameters_train_as_one_process(fsdp_processes):
+    """fully_shard'ed parameters: each process's window holds its own shards, and training matches one
+    process within float32 round-off; nothing is gathered."""
+    model, _ = single_process_run()
+    for result in fsdp_processes:
+        for name, value in model.state_dict().items():
+            err = float((result["final"][name] - value).norm() / value.norm())
+            assert err <= 1e-5, (name, err)
+    dim = sum(p.numel() for p in model.parameters())
+    assert sum(r["dim"] for r in fsdp_processes) == dim  # the shards partition the coordinates
+    assert [r["window_shape"] for r in fsdp_processes] == [(WINDOW, r["dim"]) for r in fsdp_processes]
+    assert [r["shard"]["rank"] for r in fsdp_processes] == [0, 1]
+
+
+def test_fsdp2_refuses_mixed_or_replicated_parameters(fsdp_processes):
+    for result in fsdp_processes:
+        mixed, replicated = result["refusals"]
+        assert "both DTensor parameters (FSDP2) and plain ones" in mixed
+        assert "not sharded" in replicated and "fully_shard" in replicated
+
+
+def test_fsdp2_processes_resume_exactly(fsdp_processes):
+    for result in fsdp_processes:
+        for name, value in result["final"].items():
+            assert torch.equal(result["resumed"][name], value), name

@@ -15,6 +15,8 @@ by each process / world size: the window's memory divides by the number of proce
 
 * :class:`ShardLayout`: which contiguous range of the d coordinates each process holds (torch's
   chunking, the same as a DTensor sharded on that dimension).
+* :class:`ParamShards`: parameters that are already sharded (FSDP2's ``fully_shard``, DTensors): each
+  process's window covers its own parameter shards, and nothing is gathered.
 * :func:`sum_over` / :func:`gather_over`: the two collectives, as plain functions of tensors.
 * :func:`get_optimizer_state_dict` / :func:`set_optimizer_state_dict`: MFAC's state for
   ``torch.distributed.checkpoint`` (DCP), with the window rows as one DTensor sharded by coordinates,
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["ShardLayout", "sum_over", "gather_over", "get_optimizer_state_dict", "set_optimizer_state_dict"]
+__all__ = ["ShardLayout", "ParamShards", "sum_over", "gather_over", "all_true", "get_optimizer_state_dict", "set_optimizer_state_dict"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,58 @@ class ShardLayout:
     def as_dict(self) -> dict:
         return {"dim": self.dim, "world_size": self.world_size, "rank": self.rank, "start": self.start,
                 "stop": self.stop}
+
+
+@dataclass(frozen=True)
+class ParamShards:
+    """Parameters sharded by FSDP2 (DTensors with ``Shard`` placements on a one-dimensional mesh): this
+    process's window holds the coordinates of its local shards, in parameter order. Any partition of
+    the coordinates gives the same products once partial dot products are summed over the group, so
+    nothing else changes, and the direction needs no gathering: each process updates its own shards."""
+
+    world_size: int
+    rank: int
+
+    @classmethod
+    def of(cls, params: list, group) -> tuple["ParamShards", object]:
+        """Check that every parameter is a DTensor sharded over the same one-dimensional mesh; returns
+        the layout and the mesh's process group (``group`` when given, checked against the mesh)."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        plain = [i for i, p in enumerate(params) if not isinstance(p, DTensor)]
+        if plain:
+            raise ValueError(f"MFAC got both DTensor parameters (FSDP2) and plain ones (positions {plain[:5]}); "
+                             f"shard the whole model with fully_shard, or none of it")
+        meshes = {id(p.device_mesh): p.device_mesh for p in params}
+        mesh = params[0].device_mesh
+        if len(meshes) > 1 or mesh.ndim != 1:
+            raise ValueError("MFAC supports parameters sharded over one one-dimensional device mesh (FSDP2 "
+                             "fully_shard); got several meshes or a multi-dimensional one (HSDP is not supported)")
+        for i, p in enumerate(params):
+            if not all(isinstance(placement, Shard) for placement in p.placements):
+                raise ValueError(f"parameter {i} is placed as {p.placements}, not sharded: a replicated DTensor "
+                                 f"would enter the window once per process. Use fully_shard (Shard placements)")
+        mesh_group = mesh.get_group()
+        if group is not None and dist.get_world_size(group) != dist.get_world_size(mesh_group):
+            raise ValueError(f"process_group has {dist.get_world_size(group)} processes but the parameters are "
+                             f"sharded over {dist.get_world_size(mesh_group)}; pass process_group=None to use the "
+                             f"parameters' mesh")
+        return cls(dist.get_world_size(mesh_group), dist.get_rank(mesh_group)), mesh_group
+
+    def as_dict(self) -> dict:
+        return {"params": "sharded", "world_size": self.world_size, "rank": self.rank}
+
+
+def local_tensor(tensor):
+    """A DTensor's local shard (a view: writing to it writes the parameter); other tensors as they are."""
+    return tensor.to_local() if hasattr(tensor, "to_local") and hasattr(tensor, "device_mesh") else tensor
+
+
+def all_true(flag: torch.Tensor, group) -> torch.Tensor:
+    """A boolean scalar that is True on every process of ``group`` only if it is True on all of them."""
+    as_int = flag.to(torch.int32).reshape(1)
+    dist.all_reduce(as_int, op=dist.ReduceOp.MIN, group=group)
+    return as_int[0].bool()
 
 
 def sum_over(group):
@@ -132,6 +186,9 @@ def get_optimizer_state_dict(optimizer) -> dict:
     """
     from .fisher.window import compute_dtype
 
+    if getattr(optimizer, "_param_shards", None) is not None:
+        raise ValueError("get_optimizer_state_dict does not support parameters sharded by FSDP2 yet; save each "
+                         "process's optimizer.state_dict() with torch.save and load it on the same process")
     state = optimizer.state_dict()
     extra = dict(state["mfac"])
     if getattr(optimizer, "_density", 1.0) < 1:

@@ -46,6 +46,10 @@ def _check_hyper(name: str, value, low: float = 0.0, high: float = math.inf, hig
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
+def _unchanged(tensor):
+    return tensor
+
+
 def _check_group(group: dict) -> None:
     """Settings that cannot work are refused before a step changes anything (schedulers and users
     may edit param groups between steps, so this runs at every step too)."""
@@ -84,6 +88,9 @@ class MFAC(Optimizer):
             all-reduce and one all-gather of the direction (see :mod:`mfac.distributed`). Every
             process must call ``step`` together, with the same (already averaged) gradients, and
             saves and loads its own ``state_dict``. Default None: one process holds the window.
+            Parameters sharded by FSDP2 (``fully_shard``: DTensors) need no process_group: each
+            process's window covers its own shards, the group is the parameters' mesh, a step sends
+            the same m-vector all-reduce and gathers nothing.
         density: fraction of each gradient's entries the window keeps (optimizer-wide), in (0, 1].
             Default 1.0: the exact dense window. Below 1 (e.g. 0.01 for windows of 1024 on
             transformers) each gradient plus an error-feedback residual is cut to its largest
@@ -129,7 +136,9 @@ class MFAC(Optimizer):
         self._window_dtype = window_dtype
         self._nonfinite = nonfinite
         self._group = process_group
-        self._layout = None
+        self._layout = None  # the coordinates of this process, when the window is sharded over replicas
+        self._param_shards = None  # set when the parameters themselves are sharded (FSDP2)
+        self._local = _unchanged
         self._fisher: SlidingWindowFisherInverse | None = None
         self._flat_grad: torch.Tensor | None = None
         self._momentum: torch.Tensor | None = None
@@ -139,14 +148,23 @@ class MFAC(Optimizer):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                         decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults)
+        sharded_params = any(hasattr(p, "device_mesh") and hasattr(p, "to_local") for p in self._all_params())
+        if self._density < 1 and sharded_params:
+            raise ValueError("density < 1 (a compressed window) cannot be combined with FSDP2's sharded parameters "
+                             "yet; use density=1.0")
+        if sharded_params:
+            from ..distributed import ParamShards, local_tensor
+
+            self._param_shards, self._group = ParamShards.of(self._all_params(), process_group)
+            self._local = local_tensor
+        elif process_group is not None:
+            from ..distributed import ShardLayout
+
+            self._layout = ShardLayout.of(self.dim, process_group)
         dtype = self._storage_dtype()
         self._damp = check_damp(damp, compute_dtype(dtype))
         device = self._all_params()[0].device
         vectors = 3 * self.dim * compute_dtype(dtype).itemsize  # flat gradient, momentum, staged update
-        if process_group is not None:
-            from ..distributed import ShardLayout
-
-            self._layout = ShardLayout.of(self.dim, process_group)
         if self._density < 1:
             if self.dim <= window:
                 raise ValueError(f"density < 1 needs more coordinates than the window holds gradients, got d = "
@@ -186,8 +204,8 @@ class MFAC(Optimizer):
 
     @property
     def dim(self) -> int:
-        """d: the number of coordinates of all parameters together."""
-        return sum(p.numel() for p in self._all_params())
+        """d: the number of coordinates of all parameters together (of this process's shards, under FSDP2)."""
+        return sum(self._local(p).numel() for p in self._all_params())
 
     @property
     def _window_dim(self) -> int:
@@ -250,16 +268,17 @@ class MFAC(Optimizer):
         for group in self.param_groups:
             coupled_decay = 0.0 if group["decoupled_weight_decay"] else group["weight_decay"]
             for p in group["params"]:
+                grad, p = self._local(p.grad), self._local(p)
                 part = flat[offset: offset + p.numel()]
                 offset += p.numel()
-                if p.grad is None:
+                if grad is None:
                     part.zero_()
-                elif p.grad.is_sparse:
+                elif grad.is_sparse:
                     raise RuntimeError("MFAC does not support sparse gradients")
                 elif coupled_decay:
-                    torch.add(p.grad.reshape(-1), p.reshape(-1), alpha=coupled_decay, out=part)
+                    torch.add(grad.reshape(-1), p.reshape(-1), alpha=coupled_decay, out=part)
                 else:
-                    part.copy_(p.grad.reshape(-1))
+                    part.copy_(grad.reshape(-1))
         return flat
 
     def _skip(self, reason: str) -> None:
@@ -309,9 +328,11 @@ class MFAC(Optimizer):
         for group in self.param_groups:
             lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:
-                start, offset = offset, offset + p.numel()
                 if p.grad is None:
+                    offset += self._local(p).numel()
                     continue
+                p = self._local(p)
+                start, offset = offset, offset + p.numel()
                 update = direction[start:offset]
                 if momentum:
                     update = momentum_buffer[start:offset].mul_(momentum).add_(update)
@@ -319,6 +340,10 @@ class MFAC(Optimizer):
                 new = torch.add(base, update.view_as(p).to(p.dtype), alpha=-lr)
                 finite &= finite_flag(new)
                 updates.append((p, new))
+        if self._param_shards is not None:  # each process sees its own shards: all must agree to step
+            from ..distributed import all_true
+
+            finite = all_true(finite, self._group)
         if not bool(finite):
             self._skip("the update would make a parameter NaN or Inf (lr too large for this preconditioned "
                        "direction?)")
@@ -344,9 +369,16 @@ class MFAC(Optimizer):
             "skipped_steps": self._skipped,
             "window": None if self._fisher is None else self._fisher.state_dict(),
             "momentum": None if self._momentum is None else self._momentum.clone(),
-            "shard": None if self._layout is None else self._layout.as_dict(),
+            "shard": self._shard_description(),
         }
         return state
+
+    def _shard_description(self) -> dict | None:
+        """Which part of the coordinates this process's state covers: None for all of them."""
+        for shards in (self._layout, self._param_shards):
+            if shards is not None:
+                return shards.as_dict()
+        return None
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore a state from ``state_dict``; continuing then gives bitwise the same parameters as
@@ -368,7 +400,7 @@ class MFAC(Optimizer):
                              f"optimizer's parameters have d = {self.dim:,}; load it into an MFAC built on the "
                              f"same model")
         saved_shard = extra.get("shard")
-        mine = None if self._layout is None else self._layout.as_dict()
+        mine = self._shard_description()
         if saved_shard != mine:
             def describe(shard):
                 return ("one process (no process_group)" if shard is None else
