@@ -351,9 +351,19 @@ def _fsdp_worker(rank, world, folder):
             if step == SAVE_AT:
                 saved["model"] = {k: v.to_local().clone() for k, v in model.state_dict().items()}
                 saved["opt"] = opt.state_dict()
+                dcp.save({"model": model.state_dict(), "optim": get_optimizer_state_dict(opt)},
+                         checkpoint_id=f"{folder}/dcp-fsdp")
 
         train(model, opt, data, rank, world, on_step=keep)
         final = {k: v.full_tensor() for k, v in model.state_dict().items()}
+        fresh = sharded_model()
+        opt3 = make_optimizer(fresh.parameters())
+        state = {"model": fresh.state_dict(), "optim": get_optimizer_state_dict(opt3)}
+        dcp.load(state, checkpoint_id=f"{folder}/dcp-fsdp")
+        fresh.load_state_dict(state["model"])
+        set_optimizer_state_dict(opt3, state["optim"])
+        train(fresh, opt3, data, rank, world, start=SAVE_AT)
+        from_dcp = {k: v.full_tensor() for k, v in fresh.state_dict().items()}
         resumed = sharded_model()
         for name, value in resumed.state_dict().items():
             value.to_local().copy_(saved["model"][name])
@@ -370,9 +380,9 @@ def _fsdp_worker(rank, world, folder):
             except ValueError as error:
                 refusals.append(str(error))
         result = {"final": final, "resumed": {k: v.full_tensor() for k, v in resumed.state_dict().items()},
-                  "refusals": refusals,
+                  "refusals": refusals, "from_dcp": from_dcp,
                   "window_shape": tuple(opt.fisher._grads.shape), "dim": opt.dim, "shard": saved["opt"]["mfac"]["shard"]}
-        del model, resumed, opt, opt2, saved, keep
+        del model, resumed, opt, opt2, saved, keep, fresh, opt3, state
         _save_atomically(result, f"{folder}/fsdp{rank}.pt")
         _finish()
     finally:
@@ -408,6 +418,8 @@ def test_fsdp2_refuses_mixed_or_replicated_parameters(fsdp_processes):
 
 
 def test_fsdp2_processes_resume_exactly(fsdp_processes):
+    """From each process's own state_dict, and from a distributed checkpoint (one DTensor per parameter)."""
     for result in fsdp_processes:
         for name, value in result["final"].items():
             assert torch.equal(result["resumed"][name], value), name
+            assert torch.equal(result["from_dcp"][name], value), name

@@ -164,6 +164,52 @@ def _rows_as_dtensor(rows: torch.Tensor, layout: ShardLayout, group):
     return whole
 
 
+def _per_parameter(optimizer, rows: torch.Tensor, momentum):
+    """FSDP2: the window's (m, local d) rows and the flat momentum as one DTensor per parameter, placed
+    like the parameter (its dimension 0 is the rows' dimension 1), keyed by the parameter's position."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    rows_by_param, momentum_by_param, offset = {}, None if momentum is None else {}, 0
+    for i, p in enumerate(optimizer._all_params()):
+        local = p.to_local()
+        part = slice(offset, offset + local.numel())
+        offset += local.numel()
+        shape = torch.Size((rows.shape[0], *p.shape))
+        rows_by_param[str(i)] = DTensor.from_local(
+            rows[:, part].reshape(rows.shape[0], *local.shape).contiguous(), p.device_mesh,
+            [Shard(placement.dim + 1) for placement in p.placements], run_check=False, shape=shape,
+            stride=_contiguous_stride(shape))
+        if momentum is not None:
+            momentum_by_param[str(i)] = DTensor.from_local(momentum[part].reshape(local.shape).clone(), p.device_mesh,
+                                                           p.placements, run_check=False, shape=p.shape,
+                                                           stride=_contiguous_stride(p.shape))
+    return rows_by_param, momentum_by_param
+
+
+def _contiguous_stride(shape) -> tuple[int, ...]:
+    stride, running = [], 1
+    for size in reversed(shape):
+        stride.append(running)
+        running *= size
+    return tuple(reversed(stride))
+
+
+def _from_per_parameter(optimizer, parts):
+    """Inverse of :func:`_per_parameter` for one of its dicts: the flat local tensor (rows or vector)."""
+    from torch.distributed.tensor import DTensor
+
+    params = optimizer._all_params()
+    if not isinstance(parts, dict) or sorted(parts, key=int) != [str(i) for i in range(len(params))]:
+        raise ValueError(f"the checkpoint holds the window of {len(parts) if isinstance(parts, dict) else '?'} "
+                         f"parameters but this optimizer has {len(params)}; load it into an MFAC built on the same "
+                         f"model")
+    locals_ = [parts[str(i)].to_local() if isinstance(parts[str(i)], DTensor) else parts[str(i)]
+               for i in range(len(params))]
+    if locals_[0].dim() == params[0].dim() + 1:  # window rows: (m, *local shape) each
+        return torch.cat([t.reshape(t.shape[0], -1) for t in locals_], dim=1)
+    return torch.cat([t.reshape(-1) for t in locals_])
+
+
 def get_optimizer_state_dict(optimizer) -> dict:
     """MFAC's state in a form ``torch.distributed.checkpoint`` saves and reshards.
 
@@ -183,12 +229,12 @@ def get_optimizer_state_dict(optimizer) -> dict:
 
     Memory: a copy of this process's window rows (m x d / world numbers) while the dict lives.
     Compressed windows (density < 1) run in one process and are returned as in ``state_dict()``.
+    With FSDP2's sharded parameters the rows and the momentum are stored as one DTensor per
+    parameter, placed like it, so such checkpoints reshard across FSDP2 runs of any size (but load
+    only into FSDP2-sharded optimizers).
     """
     from .fisher.window import compute_dtype
 
-    if getattr(optimizer, "_param_shards", None) is not None:
-        raise ValueError("get_optimizer_state_dict does not support parameters sharded by FSDP2 yet; save each "
-                         "process's optimizer.state_dict() with torch.save and load it on the same process")
     state = optimizer.state_dict()
     extra = dict(state["mfac"])
     if getattr(optimizer, "_density", 1.0) < 1:
@@ -205,9 +251,13 @@ def get_optimizer_state_dict(optimizer) -> dict:
         if any(group["momentum"] for group in optimizer.param_groups):
             extra["momentum"] = torch.zeros(optimizer.dim, dtype=compute_dtype(dtype), device=device)
     window = dict(extra["window"])
-    if layout is not None:
-        window["grads"] = _rows_as_dtensor(window["grads"], layout, optimizer._group)
-    window["dim"] = optimizer.dim
+    if optimizer._param_shards is not None:
+        window["grads"], extra["momentum"] = _per_parameter(optimizer, window["grads"], extra["momentum"])
+        window["dim"] = extra["dim"] = sum(p.numel() for p in optimizer._all_params())  # not this shard's
+    else:
+        if layout is not None:
+            window["grads"] = _rows_as_dtensor(window["grads"], layout, optimizer._group)
+        window["dim"] = optimizer.dim
     extra["window"], extra["shard"] = window, None
     state["mfac"] = extra
     return state
@@ -229,20 +279,24 @@ def set_optimizer_state_dict(optimizer, state: dict) -> None:
     state = dict(state)
     extra = dict(state["mfac"])
     window = dict(extra["window"]) if isinstance(extra.get("window"), dict) else None
-    layout = optimizer._layout
+    dim = sum(p.numel() for p in optimizer._all_params())  # all processes' coordinates together
+    for saved in (extra.get("dim"), None if window is None else window.get("dim")):
+        if saved is not None and saved != dim:
+            raise ValueError(f"the checkpoint's window has d = {saved!r} coordinates but this optimizer's "
+                             f"parameters have d = {dim:,}; load it into an MFAC built on the same model")
     if window is not None:
-        if window.get("dim") != optimizer.dim:
-            raise ValueError(f"the checkpoint's window has d = {window.get('dim')!r} coordinates but this "
-                             f"optimizer's parameters have d = {optimizer.dim:,}; load it into an MFAC built on "
-                             f"the same model")
         rows = window.get("grads")
-        if isinstance(rows, DTensor):
+        if optimizer._param_shards is not None:
+            rows = _from_per_parameter(optimizer, rows)
+            if isinstance(extra.get("momentum"), dict):
+                extra["momentum"] = _from_per_parameter(optimizer, extra["momentum"])
+        elif isinstance(rows, DTensor):
             rows = rows.to_local()
         window["grads"], window["dim"] = rows, optimizer._window_dim
         if extra.get("steps") == 0 and window.get("pushed") == 0:  # saved before the first step
             window = None
             if isinstance(extra.get("momentum"), torch.Tensor) and not extra["momentum"].any():
                 extra["momentum"] = None
-    extra["window"], extra["shard"] = window, None if layout is None else layout.as_dict()
+    extra["window"], extra["dim"], extra["shard"] = window, optimizer.dim, optimizer._shard_description()
     state["mfac"] = extra
     optimizer.load_state_dict(state)
