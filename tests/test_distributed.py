@@ -379,6 +379,12 @@ def _fsdp_worker(rank, world, folder):
                 make_optimizer(params)
             except ValueError as error:
                 refusals.append(str(error))
+        late = make_optimizer(resumed.parameters())
+        late.add_param_group({"params": [nn.Parameter(torch.zeros(3))]})
+        try:
+            late.step()
+        except ValueError as error:
+            refusals.append(str(error))
         result = {"final": final, "resumed": {k: v.full_tensor() for k, v in resumed.state_dict().items()},
                   "refusals": refusals, "from_dcp": from_dcp,
                   "window_shape": tuple(opt.fisher._grads.shape), "dim": opt.dim, "shard": saved["opt"]["mfac"]["shard"]}
@@ -412,9 +418,10 @@ def test_fsdp2_parameters_train_as_one_process(fsdp_processes):
 
 def test_fsdp2_refuses_mixed_or_replicated_parameters(fsdp_processes):
     for result in fsdp_processes:
-        mixed, replicated = result["refusals"]
+        mixed, replicated, added_later = result["refusals"]
         assert "both DTensor parameters (FSDP2) and plain ones" in mixed
         assert "not sharded" in replicated and "fully_shard" in replicated
+        assert "mixes FSDP2 (DTensor) and plain parameters" in added_later
 
 
 def test_fsdp2_processes_resume_exactly(fsdp_processes):

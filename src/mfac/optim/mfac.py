@@ -252,6 +252,11 @@ class MFAC(Optimizer):
             params = self._all_params()
             if not params:
                 raise ValueError("MFAC has no parameters to optimize")
+            sharded = [hasattr(p, "device_mesh") and hasattr(p, "to_local") for p in params]
+            if any(sharded) and (self._param_shards is None or not all(sharded)):
+                raise ValueError("MFAC's parameters changed form after construction: a param group added later "
+                                 "mixes FSDP2 (DTensor) and plain parameters; build MFAC once the model is sharded, "
+                                 "with all its parameters")
             devices = {p.device for p in params}
             if len(devices) > 1:
                 raise ValueError(f"MFAC keeps one window for all parameters, so they must share a device; got "
