@@ -324,3 +324,19 @@ def test_compressed_window_on_device(device, dtype):
     x = torch.randn(900, generator=gen)
     fisher = dense_fisher(held_rows(window).cpu(), 1e-3)
     assert rel_err(window.ihvp(x.to(device)).cpu(), solve(fisher, x)) <= tolerance(fisher, torch.float32)
+
+
+@pytest.mark.skipif(not kernels.available(), reason=f"compiled kernels unavailable: {kernels.status()}")
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 8, 9])
+def test_dense_bfloat16_kernels_against_float64(m):
+    """G x and beta x + alpha G^T a on bfloat16 rows, for row counts around the kernels' groups of four
+    and a width that ends mid-vector and mid-block, against the same products in float64."""
+    gen = torch.Generator().manual_seed(m)
+    d = 2 * 8192 + 13
+    rows = (torch.randn(m, d, generator=gen) * torch.logspace(-3, 3, m)[:, None]).bfloat16()
+    x, a = torch.randn(d, generator=gen), torch.randn(m, generator=gen)
+    exact_rows = rows.double()
+    dots = kernels.dense_dots(rows, x)
+    assert rel_err(dots, exact_rows @ x.double()) <= 1e-5
+    combined = kernels.dense_combine(rows, a, x.clone(), 0.5, -2.0)
+    assert rel_err(combined, 0.5 * x.double() - 2.0 * exact_rows.T @ a.double()) <= 1e-5
