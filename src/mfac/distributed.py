@@ -235,6 +235,15 @@ def get_optimizer_state_dict(optimizer) -> dict:
     """
     from .fisher.window import compute_dtype
 
+    from . import resources
+
+    if optimizer._density < 1:  # the compressed window is copied as it is stored
+        rows_bytes = 0 if optimizer.fisher is None else optimizer.fisher.nbytes
+    else:
+        rows_bytes = optimizer._window_size * optimizer._window_dim * optimizer._storage_dtype().itemsize
+    resources.check_fits(2 * rows_bytes if optimizer._param_shards is not None else rows_bytes,
+                         optimizer._all_params()[0].device, "a copy of this process's MFAC window for a checkpoint",
+                         "save each process's optimizer.state_dict() with torch.save instead, or free memory first")
     state = optimizer.state_dict()
     extra = dict(state["mfac"])
     if getattr(optimizer, "_density", 1.0) < 1:

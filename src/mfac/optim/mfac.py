@@ -50,6 +50,11 @@ def _unchanged(tensor):
     return tensor
 
 
+def _is_dtensor(tensor) -> bool:
+    """A DTensor (FSDP2's parameters), recognised without importing torch.distributed."""
+    return hasattr(tensor, "device_mesh") and hasattr(tensor, "to_local")
+
+
 def _check_group(group: dict) -> None:
     """Settings that cannot work are refused before a step changes anything (schedulers and users
     may edit param groups between steps, so this runs at every step too)."""
@@ -148,7 +153,7 @@ class MFAC(Optimizer):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                         decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults)
-        sharded_params = any(hasattr(p, "device_mesh") and hasattr(p, "to_local") for p in self._all_params())
+        sharded_params = any(map(_is_dtensor, self._all_params()))
         if self._density < 1 and sharded_params:
             raise ValueError("density < 1 (a compressed window) cannot be combined with FSDP2's sharded parameters "
                              "yet; use density=1.0")
@@ -252,7 +257,7 @@ class MFAC(Optimizer):
             params = self._all_params()
             if not params:
                 raise ValueError("MFAC has no parameters to optimize")
-            sharded = [hasattr(p, "device_mesh") and hasattr(p, "to_local") for p in params]
+            sharded = [_is_dtensor(p) for p in params]
             if any(sharded) and (self._param_shards is None or not all(sharded)):
                 raise ValueError("MFAC's parameters changed form after construction: a param group added later "
                                  "mixes FSDP2 (DTensor) and plain parameters; build MFAC once the model is sharded, "
