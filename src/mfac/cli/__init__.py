@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from contextlib import contextmanager
 
 __all__ = ["main", "run_program"]
 
@@ -33,11 +34,16 @@ def _interrupted() -> int:
 
 class _InterruptFlag:
     """Records a Ctrl-C even where a library swallows the KeyboardInterrupt (some imports catch
-    BaseException), so the command still ends with status 130."""
+    BaseException), so the command still ends with status 130.
+
+    Inside ``deferred()`` a Ctrl-C is only recorded: a KeyboardInterrupt raised in the middle of
+    importing torch can leave its C++ side half set up (seen here as an abort, status -6), so
+    ``_main`` loads the library first (about a second) and then honours the Ctrl-C."""
 
     def __init__(self):
         self.seen = False
         self.previous = None
+        self._deferring = False
 
     def __enter__(self):
         try:
@@ -48,7 +54,18 @@ class _InterruptFlag:
 
     def _handle(self, signum, frame):
         self.seen = True
-        raise KeyboardInterrupt
+        if not self._deferring:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def deferred(self):
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+        if self.seen:
+            raise KeyboardInterrupt
 
     def __exit__(self, *exc):
         if self.previous is not None:
@@ -67,11 +84,11 @@ def main(argv=None) -> int:
 
 
 def _main(argv, interrupt: _InterruptFlag) -> int:
-    from .common import CliError, RunError
-    from .parser import build_parser
-
     if interrupt.seen:
         raise KeyboardInterrupt
+    with interrupt.deferred():
+        from .common import CliError, RunError
+        from .parser import build_parser
     args = build_parser().parse_args(argv)
     debug = bool(os.environ.get("MFAC_DEBUG"))
     try:
@@ -96,7 +113,11 @@ def _main(argv, interrupt: _InterruptFlag) -> int:
 def run_program() -> None:
     """Entry point of the installed ``mfac`` script and of ``python -m mfac``: runs ``main`` and
     exits with its status. A Ctrl-C that arrives, or is still pending, once ``main`` has returned
-    (interpreter shutdown included) ends the process with 130 too, without a traceback."""
+    (interpreter shutdown included) ends the process with 130 too, without a traceback.
+
+    After an interruption the process leaves with ``os._exit(130)``: once a KeyboardInterrupt has
+    passed through certain interpreter paths (an import, ``exec``), CPython ends a normal exit by
+    killing itself with SIGINT (status -2) even though the exception was handled."""
 
     def exit_now(signum, frame):
         sys.stdout.flush()
@@ -107,4 +128,6 @@ def run_program() -> None:
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
+    if code == INTERRUPTED:
+        os._exit(INTERRUPTED)
     sys.exit(code)
