@@ -2,6 +2,7 @@
 
 import gc
 import os
+import warnings
 from datetime import timedelta
 
 import pytest
@@ -364,6 +365,15 @@ def _fsdp_worker(rank, world, folder):
         set_optimizer_state_dict(opt3, state["optim"])
         train(fresh, opt3, data, rank, world, start=SAVE_AT)
         from_dcp = {k: v.full_tensor() for k, v in fresh.state_dict().items()}
+        # A checkpoint written by one process (plain parameters) loads into the sharded run.
+        from_one = sharded_model()
+        opt4 = make_optimizer(from_one.parameters())
+        state = {"model": from_one.state_dict(), "optim": get_optimizer_state_dict(opt4)}
+        dcp.load(state, checkpoint_id=f"{folder}/dcp-one")
+        from_one.load_state_dict(state["model"])
+        set_optimizer_state_dict(opt4, state["optim"])
+        train(from_one, opt4, data, rank, world, start=SAVE_AT)
+        from_one = {k: v.full_tensor() for k, v in from_one.state_dict().items()}
         resumed = sharded_model()
         for name, value in resumed.state_dict().items():
             value.to_local().copy_(saved["model"][name])
@@ -386,9 +396,9 @@ def _fsdp_worker(rank, world, folder):
         except ValueError as error:
             refusals.append(str(error))
         result = {"final": final, "resumed": {k: v.full_tensor() for k, v in resumed.state_dict().items()},
-                  "refusals": refusals, "from_dcp": from_dcp,
+                  "refusals": refusals, "from_dcp": from_dcp, "from_one": from_one,
                   "window_shape": tuple(opt.fisher._grads.shape), "dim": opt.dim, "shard": saved["opt"]["mfac"]["shard"]}
-        del model, resumed, opt, opt2, saved, keep, fresh, opt3, state
+        del model, resumed, opt, opt2, saved, keep, fresh, opt3, opt4, state
         _save_atomically(result, f"{folder}/fsdp{rank}.pt")
         _finish()
     finally:
@@ -396,10 +406,24 @@ def _fsdp_worker(rank, world, folder):
 
 
 @pytest.fixture(scope="module")
-def fsdp_processes(tmp_path_factory):
+def fsdp_run(tmp_path_factory):
+    """Two FSDP2 processes' results and their folder: "dcp-fsdp" is their distributed checkpoint,
+    "dcp-one" the one written first by one process at the same step, which they also resume from."""
     pytest.importorskip("torch.distributed.tensor")
     folder = tmp_path_factory.mktemp("fsdp")
-    return spawn_two(_fsdp_worker, folder, [f"fsdp{r}.pt" for r in range(2)])
+    model = make_model()
+    opt = make_optimizer(model.parameters())
+    train(model, opt, batches(), stop=SAVE_AT)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.save({"model": model.state_dict(), "optim": get_optimizer_state_dict(opt)},
+                 checkpoint_id=str(folder / "dcp-one"))
+    return spawn_two(_fsdp_worker, folder, [f"fsdp{r}.pt" for r in range(2)]), folder
+
+
+@pytest.fixture(scope="module")
+def fsdp_processes(fsdp_run):
+    return fsdp_run[0]
 
 
 def test_fsdp2_parameters_train_as_one_process(fsdp_processes):
@@ -425,8 +449,34 @@ def test_fsdp2_refuses_mixed_or_replicated_parameters(fsdp_processes):
 
 
 def test_fsdp2_processes_resume_exactly(fsdp_processes):
-    """From each process's own state_dict, and from a distributed checkpoint (one DTensor per parameter)."""
+    """From each process's own state_dict, and from a distributed checkpoint of the same two processes."""
     for result in fsdp_processes:
         for name, value in result["final"].items():
             assert torch.equal(result["resumed"][name], value), name
             assert torch.equal(result["from_dcp"][name], value), name
+
+
+def test_fsdp2_processes_resume_from_one_process_checkpoint(fsdp_processes):
+    """The rows are saved in the whole model's flat coordinates in every form, so a one-process
+    checkpoint resumes under FSDP2 and ends where the one-process run ends (float32 round-off)."""
+    model, _ = single_process_run()
+    for result in fsdp_processes:
+        for name, value in model.state_dict().items():
+            err = float((result["from_one"][name] - value).norm() / value.norm())
+            assert err <= 1e-5, (name, err)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_an_fsdp2_checkpoint_resumes_in_one_process(fsdp_run):
+    results, folder = fsdp_run
+    model = make_model()
+    opt = make_optimizer(model.parameters())
+    state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(opt)}
+    dcp.load(state, checkpoint_id=str(folder / "dcp-fsdp"))
+    model.load_state_dict(state["model"])
+    set_optimizer_state_dict(opt, state["optim"])
+    assert opt.steps == SAVE_AT and opt.fisher.num_grads == min(SAVE_AT, WINDOW)
+    train(model, opt, batches(), start=SAVE_AT)
+    single, _ = single_process_run()
+    for name, value in single.state_dict().items():
+        assert float((model.state_dict()[name] - value).norm() / value.norm()) <= 1e-5, name

@@ -25,6 +25,7 @@ by each process / world size: the window's memory divides by the number of proce
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -164,26 +165,50 @@ def _rows_as_dtensor(rows: torch.Tensor, layout: ShardLayout, group):
     return whole
 
 
-def _per_parameter(optimizer, rows: torch.Tensor, momentum):
-    """FSDP2: the window's (m, local d) rows and the flat momentum as one DTensor per parameter, placed
-    like the parameter (its dimension 0 is the rows' dimension 1), keyed by the parameter's position."""
-    from torch.distributed.tensor import DTensor, Shard
-
-    rows_by_param, momentum_by_param, offset = {}, None if momentum is None else {}, 0
+def _flat_ranges(optimizer) -> list[tuple[int, int]]:
+    """FSDP2: where each parameter's local shard lies in the flat coordinates of the whole model (the
+    order of one process's window): one (global offset, length) per parameter. FSDP2 shards dimension
+    0, so a shard is one contiguous range of its flattened parameter."""
+    ranges, param_offset = [], 0
     for i, p in enumerate(optimizer._all_params()):
-        local = p.to_local()
-        part = slice(offset, offset + local.numel())
-        offset += local.numel()
-        shape = torch.Size((rows.shape[0], *p.shape))
-        rows_by_param[str(i)] = DTensor.from_local(
-            rows[:, part].reshape(rows.shape[0], *local.shape).contiguous(), p.device_mesh,
-            [Shard(placement.dim + 1) for placement in p.placements], run_check=False, shape=shape,
-            stride=_contiguous_stride(shape))
-        if momentum is not None:
-            momentum_by_param[str(i)] = DTensor.from_local(momentum[part].reshape(local.shape).clone(), p.device_mesh,
-                                                           p.placements, run_check=False, shape=p.shape,
-                                                           stride=_contiguous_stride(p.shape))
-    return rows_by_param, momentum_by_param
+        (chunk,) = p.__create_chunk_list__()
+        offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
+        if p.dim() == 0 or any(offsets[1:]) or sizes[1:] != tuple(p.shape[1:]):
+            raise ValueError(f"parameter {i} is sharded along a dimension other than 0 ({p.placements}); "
+                             f"distributed checkpoints of MFAC need FSDP2's default dimension-0 sharding. Save "
+                             f"each process's optimizer.state_dict() with torch.save instead")
+        row = math.prod(p.shape[1:])
+        ranges.append((param_offset + offsets[0] * row, sizes[0] * row))
+        param_offset += p.numel()
+    return ranges
+
+
+def _as_flat_shards(optimizer, local: torch.Tensor):
+    """FSDP2: this process's window rows (m, local d), or its flat momentum (local d,), as a DTensor
+    of the whole model's shape, (m, d) or (d,), holding one piece per parameter at that parameter's
+    flat coordinates: the tensor a DDP or one-process optimizer saves, so checkpoints load across all
+    three forms. The pieces sit in torch's LocalShardsWrapper (several shards of one DTensor in one
+    process, made for distributed checkpoints); loading writes into them in place."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Shard
+    try:
+        from torch.distributed.tensor._shards_wrapper import LocalShardsWrapper
+    except ImportError:  # torch < 2.5
+        raise RuntimeError(f"distributed checkpoints of MFAC over FSDP2-sharded parameters need torch >= 2.5 "
+                           f"(this is {torch.__version__}); save each process's optimizer.state_dict() with "
+                           f"torch.save instead") from None
+
+    parts, offsets, local_offset = [], [], 0
+    lead = local.shape[:-1]
+    for global_offset, length in _flat_ranges(optimizer):
+        if length:
+            parts.append(local[..., local_offset:local_offset + length].contiguous())
+            offsets.append((*(0 for _ in lead), global_offset))
+        local_offset += length
+    shape = torch.Size((*lead, sum(p.numel() for p in optimizer._all_params())))
+    mesh = DeviceMesh.from_group(optimizer._group, local.device.type)
+    return DTensor.from_local(LocalShardsWrapper(parts, offsets), mesh, [Shard(len(lead))], run_check=False,
+                              shape=shape, stride=_contiguous_stride(shape))
 
 
 def _contiguous_stride(shape) -> tuple[int, ...]:
@@ -194,20 +219,13 @@ def _contiguous_stride(shape) -> tuple[int, ...]:
     return tuple(reversed(stride))
 
 
-def _from_per_parameter(optimizer, parts):
-    """Inverse of :func:`_per_parameter` for one of its dicts: the flat local tensor (rows or vector)."""
-    from torch.distributed.tensor import DTensor
-
-    params = optimizer._all_params()
-    if not isinstance(parts, dict) or sorted(parts, key=int) != [str(i) for i in range(len(params))]:
-        raise ValueError(f"the checkpoint holds the window of {len(parts) if isinstance(parts, dict) else '?'} "
-                         f"parameters but this optimizer has {len(params)}; load it into an MFAC built on the same "
-                         f"model")
-    locals_ = [parts[str(i)].to_local() if isinstance(parts[str(i)], DTensor) else parts[str(i)]
-               for i in range(len(params))]
-    if locals_[0].dim() == params[0].dim() + 1:  # window rows: (m, *local shape) each
-        return torch.cat([t.reshape(t.shape[0], -1) for t in locals_], dim=1)
-    return torch.cat([t.reshape(-1) for t in locals_])
+def _from_flat_shards(optimizer, tensor) -> torch.Tensor:
+    """Inverse of :func:`_as_flat_shards`: this process's local rows or vector."""
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    if hasattr(local, "local_shards"):
+        return torch.cat(local.local_shards(), dim=-1)
+    ranges = [r for r in _flat_ranges(optimizer) if r[1]]  # a plain tensor of the whole model
+    return torch.cat([tensor[..., start:start + length] for start, length in ranges], dim=-1)
 
 
 def get_optimizer_state_dict(optimizer) -> dict:
@@ -229,9 +247,11 @@ def get_optimizer_state_dict(optimizer) -> dict:
 
     Memory: a copy of this process's window rows (m x d / world numbers) while the dict lives.
     Compressed windows (density < 1) run in one process and are returned as in ``state_dict()``.
-    With FSDP2's sharded parameters the rows and the momentum are stored as one DTensor per
-    parameter, placed like it, so such checkpoints reshard across FSDP2 runs of any size (but load
-    only into FSDP2-sharded optimizers).
+    Whatever the form (one process, a window sharded under DDP, FSDP2's sharded parameters), the rows
+    are saved as the (m, d) tensor of one process's window, d in the order of the parameters, and the
+    momentum as its (d,) vector, each process writing the coordinates it holds (with FSDP2 one
+    piece per parameter), so a checkpoint loads into any of the three forms, at any
+    number of processes.
     """
     from .fisher.window import compute_dtype
 
@@ -261,7 +281,9 @@ def get_optimizer_state_dict(optimizer) -> dict:
             extra["momentum"] = torch.zeros(optimizer.dim, dtype=compute_dtype(dtype), device=device)
     window = dict(extra["window"])
     if optimizer._param_shards is not None:
-        window["grads"], extra["momentum"] = _per_parameter(optimizer, window["grads"], extra["momentum"])
+        window["grads"] = _as_flat_shards(optimizer, window["grads"])
+        if extra.get("momentum") is not None:
+            extra["momentum"] = _as_flat_shards(optimizer, extra["momentum"])
         window["dim"] = extra["dim"] = sum(p.numel() for p in optimizer._all_params())  # not this shard's
     else:
         if layout is not None:
@@ -296,9 +318,9 @@ def set_optimizer_state_dict(optimizer, state: dict) -> None:
     if window is not None:
         rows = window.get("grads")
         if optimizer._param_shards is not None:
-            rows = _from_per_parameter(optimizer, rows)
-            if isinstance(extra.get("momentum"), dict):
-                extra["momentum"] = _from_per_parameter(optimizer, extra["momentum"])
+            rows = _from_flat_shards(optimizer, rows)
+            if extra.get("momentum") is not None:
+                extra["momentum"] = _from_flat_shards(optimizer, extra["momentum"])
         elif isinstance(rows, DTensor):
             rows = rows.to_local()
         window["grads"], window["dim"] = rows, optimizer._window_dim
