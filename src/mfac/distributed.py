@@ -15,8 +15,9 @@ by each process / world size: the window's memory divides by the number of proce
 
 * :class:`ShardLayout`: which contiguous range of the d coordinates each process holds (torch's
   chunking, the same as a DTensor sharded on that dimension).
-* :class:`ParamShards`: parameters that are already sharded (FSDP2's ``fully_shard``, DTensors): each
-  process's window covers its own parameter shards, and nothing is gathered.
+* :class:`ParamShards`: parameters that are already sharded (FSDP2's ``fully_shard``, DTensors, on a
+  1-D mesh or HSDP's 2-D one): each process's window covers its own parameter shards, the products
+  reduce over the shard dimension only, and nothing is gathered.
 * :func:`sum_over` / :func:`gather_over`: the two collectives, as plain functions of tensors.
 * :func:`get_optimizer_state_dict` / :func:`set_optimizer_state_dict`: MFAC's state for
   ``torch.distributed.checkpoint`` (DCP), with the window rows as one DTensor sharded by coordinates,
@@ -86,12 +87,16 @@ class ParamShards:
 
     world_size: int
     rank: int
+    replicas: int = 1
 
     @classmethod
     def of(cls, params: list, group) -> tuple["ParamShards", object]:
-        """Check that every parameter is a DTensor sharded over the same one-dimensional mesh; returns
-        the layout and the mesh's process group (``group`` when given, checked against the mesh)."""
-        from torch.distributed.tensor import DTensor, Shard
+        """Check that every parameter is a DTensor sharded over the same device mesh, either one-dimensional
+        (FSDP2) or two-dimensional with replicas on the first dimension and shards on the second (HSDP);
+        returns the layout and the process group of the shard dimension (``group`` when given, checked
+        against it). Under HSDP every replica group runs the same window on identical gradients (FSDP2
+        all-reduces them over the replicas), so the window's products reduce over the shards only."""
+        from torch.distributed.tensor import DTensor, Replicate, Shard
 
         plain = [i for i, p in enumerate(params) if not isinstance(p, DTensor)]
         if plain:
@@ -99,22 +104,27 @@ class ParamShards:
                              f"shard the whole model with fully_shard, or none of it")
         meshes = {id(p.device_mesh): p.device_mesh for p in params}
         mesh = params[0].device_mesh
-        if len(meshes) > 1 or mesh.ndim != 1:
-            raise ValueError("MFAC supports parameters sharded over one one-dimensional device mesh (FSDP2 "
-                             "fully_shard); got several meshes or a multi-dimensional one (HSDP is not supported)")
+        if len(meshes) > 1 or mesh.ndim not in (1, 2):
+            raise ValueError("MFAC supports parameters sharded over one device mesh, one-dimensional (FSDP2 "
+                             "fully_shard) or two-dimensional with replicas then shards (HSDP); got several meshes "
+                             f"or a {mesh.ndim}-dimensional one")
         for i, p in enumerate(params):
-            if not all(isinstance(placement, Shard) for placement in p.placements):
+            *replicated, sharded = p.placements
+            if not isinstance(sharded, Shard) or not all(isinstance(r, Replicate) for r in replicated):
                 raise ValueError(f"parameter {i} is placed as {p.placements}, not sharded: a replicated DTensor "
-                                 f"would enter the window once per process. Use fully_shard (Shard placements)")
-        mesh_group = mesh.get_group()
-        if group is not None and dist.get_world_size(group) != dist.get_world_size(mesh_group):
+                                 f"would enter the window once per process. Use fully_shard (Shard placements; "
+                                 f"with a 2-D mesh, HSDP's (Replicate(), Shard(0)))")
+        shard_group = mesh.get_group(mesh.ndim - 1)
+        replicas = mesh.size(0) if mesh.ndim == 2 else 1
+        if group is not None and dist.get_world_size(group) != dist.get_world_size(shard_group):
             raise ValueError(f"process_group has {dist.get_world_size(group)} processes but the parameters are "
-                             f"sharded over {dist.get_world_size(mesh_group)}; pass process_group=None to use the "
+                             f"sharded over {dist.get_world_size(shard_group)}; pass process_group=None to use the "
                              f"parameters' mesh")
-        return cls(dist.get_world_size(mesh_group), dist.get_rank(mesh_group)), mesh_group
+        return cls(dist.get_world_size(shard_group), dist.get_rank(shard_group), replicas), shard_group
 
     def as_dict(self) -> dict:
-        return {"params": "sharded", "world_size": self.world_size, "rank": self.rank}
+        described = {"params": "sharded", "world_size": self.world_size, "rank": self.rank}
+        return described if self.replicas == 1 else {**described, "replicas": self.replicas}
 
 
 def local_tensor(tensor):
