@@ -93,9 +93,9 @@ class MFAC(Optimizer):
             all-reduce and one all-gather of the direction (see :mod:`mfac.distributed`). Every
             process must call ``step`` together, with the same (already averaged) gradients, and
             saves and loads its own ``state_dict``. Default None: one process holds the window.
-            Parameters sharded by FSDP2 (``fully_shard``: DTensors) need no process_group: each
-            process's window covers its own shards, the group is the parameters' mesh, a step sends
-            the same m-vector all-reduce and gathers nothing.
+            Parameters sharded by FSDP2 (``fully_shard``: DTensors, on a 1-D mesh or HSDP's 2-D
+            one) need no process_group: each process's window covers its own shards, the group is
+            the mesh's shard dimension, a step sends the same m-vector all-reduce and gathers nothing.
         density: fraction of each gradient's entries the window keeps (optimizer-wide), in (0, 1].
             Default 1.0: the exact dense window. Below 1 (e.g. 0.01 for windows of 1024 on
             transformers) each gradient plus an error-feedback residual is cut to its largest
