@@ -195,12 +195,30 @@ def single_process_run():
     return model, opt
 
 
+def assert_matches_one_process(parameters: dict):
+    """Parameters after training equal one process's run within float32 round-off (relative 1e-5)."""
+    model, _ = single_process_run()
+    for name, value in model.state_dict().items():
+        err = float((parameters[name] - value).norm() / value.norm())
+        assert err <= 1e-5, (name, err)
+
+
+def load_in_one_process(checkpoint):
+    """A fresh model and MFAC in this process, loaded from a distributed checkpoint's folder."""
+    model = make_model()
+    opt = make_optimizer(model.parameters())
+    state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(opt)}
+    dcp.load(state, checkpoint_id=str(checkpoint))
+    model.load_state_dict(state["model"])
+    set_optimizer_state_dict(opt, state["optim"])
+    assert opt.steps == SAVE_AT and opt.fisher.num_grads == min(SAVE_AT, WINDOW)
+    return model, opt
+
+
 def test_sharded_window_matches_one_process(two_processes):
-    model, opt = single_process_run()
+    _, opt = single_process_run()
     for result in two_processes:
-        for name, value in model.state_dict().items():
-            err = float((result["final"][name] - value).norm() / value.norm())
-            assert err <= 1e-5, (name, err)
+        assert_matches_one_process(result["final"])
     # The float64 m x m state is the same on both processes, and matches one process's.
     assert torch.equal(two_processes[0]["gram"], two_processes[1]["gram"])
     assert torch.allclose(two_processes[0]["gram"], opt.fisher._gram, rtol=1e-5)
@@ -233,19 +251,11 @@ def test_each_process_resumes_exactly_from_the_distributed_checkpoint(two_proces
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_a_distributed_checkpoint_of_two_processes_resumes_in_one(ddp_run):
     results, folder = ddp_run
-    model = make_model()
-    opt = make_optimizer(model.parameters())
-    state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(opt)}
-    dcp.load(state, checkpoint_id=str(folder / "dcp"))
-    model.load_state_dict(state["model"])
-    set_optimizer_state_dict(opt, state["optim"])
+    model, opt = load_in_one_process(folder / "dcp")
     # The one window is the two shards side by side, bit for bit.
     assert torch.equal(opt.fisher._grads, torch.cat([r["rows_at_save"] for r in results], dim=1))
-    assert opt.steps == SAVE_AT and opt.fisher.num_grads == min(SAVE_AT, WINDOW)
     train(model, opt, batches(), start=SAVE_AT)
-    single, _ = single_process_run()
-    for name, value in single.state_dict().items():
-        assert float((model.state_dict()[name] - value).norm() / value.norm()) <= 1e-5, name
+    assert_matches_one_process(model.state_dict())
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -326,6 +336,19 @@ def test_a_distributed_checkpoint_in_one_process_resumes_bitwise(tmp_path):
             assert torch.equal(again.state_dict()[name], value), (save_at, name)
 
 
+def _resume_sharded(make_sharded_model, checkpoint, rank, world):
+    """In a worker: a fresh sharded model and MFAC loaded from a distributed checkpoint and trained
+    from SAVE_AT to the end; returns the final parameters, gathered."""
+    model = make_sharded_model()
+    opt = make_optimizer(model.parameters())
+    state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(opt)}
+    dcp.load(state, checkpoint_id=checkpoint)
+    model.load_state_dict(state["model"])
+    set_optimizer_state_dict(opt, state["optim"])
+    train(model, opt, batches(), rank, world, start=SAVE_AT)
+    return {k: v.full_tensor() for k, v in model.state_dict().items()}
+
+
 def _fsdp_worker(rank, world, folder):
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -358,23 +381,9 @@ def _fsdp_worker(rank, world, folder):
 
         train(model, opt, data, rank, world, on_step=keep)
         final = {k: v.full_tensor() for k, v in model.state_dict().items()}
-        fresh = sharded_model()
-        opt3 = make_optimizer(fresh.parameters())
-        state = {"model": fresh.state_dict(), "optim": get_optimizer_state_dict(opt3)}
-        dcp.load(state, checkpoint_id=f"{folder}/dcp-fsdp")
-        fresh.load_state_dict(state["model"])
-        set_optimizer_state_dict(opt3, state["optim"])
-        train(fresh, opt3, data, rank, world, start=SAVE_AT)
-        from_dcp = {k: v.full_tensor() for k, v in fresh.state_dict().items()}
+        from_dcp = _resume_sharded(sharded_model, f"{folder}/dcp-fsdp", rank, world)
         # A checkpoint written by one process (plain parameters) loads into the sharded run.
-        from_one = sharded_model()
-        opt4 = make_optimizer(from_one.parameters())
-        state = {"model": from_one.state_dict(), "optim": get_optimizer_state_dict(opt4)}
-        dcp.load(state, checkpoint_id=f"{folder}/dcp-one")
-        from_one.load_state_dict(state["model"])
-        set_optimizer_state_dict(opt4, state["optim"])
-        train(from_one, opt4, data, rank, world, start=SAVE_AT)
-        from_one = {k: v.full_tensor() for k, v in from_one.state_dict().items()}
+        from_one = _resume_sharded(sharded_model, f"{folder}/dcp-one", rank, world)
         resumed = sharded_model()
         for name, value in resumed.state_dict().items():
             value.to_local().copy_(saved["model"][name])
@@ -399,7 +408,7 @@ def _fsdp_worker(rank, world, folder):
         result = {"final": final, "resumed": {k: v.full_tensor() for k, v in resumed.state_dict().items()},
                   "refusals": refusals, "from_dcp": from_dcp, "from_one": from_one,
                   "window_shape": tuple(opt.fisher._grads.shape), "dim": opt.dim, "shard": saved["opt"]["mfac"]["shard"]}
-        del model, resumed, opt, opt2, saved, keep, fresh, opt3, opt4, state
+        del model, resumed, opt, opt2, saved, keep
         _save_atomically(result, f"{folder}/fsdp{rank}.pt")
         _finish()
     finally:
@@ -430,12 +439,9 @@ def fsdp_processes(fsdp_run):
 def test_fsdp2_parameters_train_as_one_process(fsdp_processes):
     """fully_shard'ed parameters: each process's window holds its own shards, and training matches one
     process within float32 round-off; nothing is gathered."""
-    model, _ = single_process_run()
     for result in fsdp_processes:
-        for name, value in model.state_dict().items():
-            err = float((result["final"][name] - value).norm() / value.norm())
-            assert err <= 1e-5, (name, err)
-    dim = sum(p.numel() for p in model.parameters())
+        assert_matches_one_process(result["final"])
+    dim = sum(p.numel() for p in make_model().parameters())
     assert sum(r["dim"] for r in fsdp_processes) == dim  # the shards partition the coordinates
     assert [r["window_shape"] for r in fsdp_processes] == [(WINDOW, r["dim"]) for r in fsdp_processes]
     assert [r["shard"]["rank"] for r in fsdp_processes] == [0, 1]
@@ -460,27 +466,16 @@ def test_fsdp2_processes_resume_exactly(fsdp_processes):
 def test_fsdp2_processes_resume_from_one_process_checkpoint(fsdp_processes):
     """The rows are saved in the whole model's flat coordinates in every form, so a one-process
     checkpoint resumes under FSDP2 and ends where the one-process run ends (float32 round-off)."""
-    model, _ = single_process_run()
     for result in fsdp_processes:
-        for name, value in model.state_dict().items():
-            err = float((result["from_one"][name] - value).norm() / value.norm())
-            assert err <= 1e-5, (name, err)
+        assert_matches_one_process(result["from_one"])
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_an_fsdp2_checkpoint_resumes_in_one_process(fsdp_run):
-    results, folder = fsdp_run
-    model = make_model()
-    opt = make_optimizer(model.parameters())
-    state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(opt)}
-    dcp.load(state, checkpoint_id=str(folder / "dcp-fsdp"))
-    model.load_state_dict(state["model"])
-    set_optimizer_state_dict(opt, state["optim"])
-    assert opt.steps == SAVE_AT and opt.fisher.num_grads == min(SAVE_AT, WINDOW)
+    _, folder = fsdp_run
+    model, opt = load_in_one_process(folder / "dcp-fsdp")
     train(model, opt, batches(), start=SAVE_AT)
-    single, _ = single_process_run()
-    for name, value in single.state_dict().items():
-        assert float((model.state_dict()[name] - value).norm() / value.norm()) <= 1e-5, name
+    assert_matches_one_process(model.state_dict())
 
 
 def _hsdp_worker(rank, world, folder):
@@ -508,16 +503,10 @@ def _hsdp_worker(rank, world, folder):
 
         train(model, opt, batches(), rank, world, on_step=keep)
         final = {k: v.full_tensor() for k, v in model.state_dict().items()}
-        fresh = hybrid_model()
-        opt2 = make_optimizer(fresh.parameters())
-        state = {"model": fresh.state_dict(), "optim": get_optimizer_state_dict(opt2)}
-        dcp.load(state, checkpoint_id=f"{folder}/dcp-hsdp")
-        fresh.load_state_dict(state["model"])
-        set_optimizer_state_dict(opt2, state["optim"])
-        train(fresh, opt2, batches(), rank, world, start=SAVE_AT)
-        result = {"final": final, "from_dcp": {k: v.full_tensor() for k, v in fresh.state_dict().items()},
+        from_dcp = _resume_sharded(hybrid_model, f"{folder}/dcp-hsdp", rank, world)
+        result = {"final": final, "from_dcp": from_dcp,
                   "window_shape": tuple(opt.fisher._grads.shape), "shard": opt.state_dict()["mfac"]["shard"]}
-        del model, opt, fresh, opt2, state, keep
+        del model, opt, keep
         _save_atomically(result, f"{folder}/hsdp{rank}.pt")
         _finish()
     finally:
@@ -530,12 +519,10 @@ def test_hsdp_replicas_of_sharded_windows_train_as_one_process(tmp_path):
     and the distributed checkpoint resumes exactly."""
     pytest.importorskip("torch.distributed.tensor")
     results = spawn(_hsdp_worker, tmp_path, [f"hsdp{r}.pt" for r in range(4)], processes=4)
-    model, _ = single_process_run()
-    dim = sum(p.numel() for p in model.parameters())
+    dim = sum(p.numel() for p in make_model().parameters())
     for result in results:
-        for name, value in model.state_dict().items():
-            err = float((result["final"][name] - value).norm() / value.norm())
-            assert err <= 1e-5, (name, err)
+        assert_matches_one_process(result["final"])
+        for name, value in result["final"].items():
             assert torch.equal(result["from_dcp"][name], result["final"][name]), name
             assert torch.equal(result["final"][name], results[0]["final"][name]), name
     assert sum(r["window_shape"][1] for r in results) == 2 * dim  # each coordinate in one process per replica
