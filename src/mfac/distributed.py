@@ -20,8 +20,9 @@ by each process / world size: the window's memory divides by the number of proce
   reduce over the shard dimension only, and nothing is gathered.
 * :func:`sum_over` / :func:`gather_over`: the two collectives, as plain functions of tensors.
 * :func:`get_optimizer_state_dict` / :func:`set_optimizer_state_dict`: MFAC's state for
-  ``torch.distributed.checkpoint`` (DCP), with the window rows as one DTensor sharded by coordinates,
-  so a checkpoint saved by N processes loads into M processes (or one) and each reads only its shard.
+  ``torch.distributed.checkpoint`` (DCP), with the window rows as one DTensor sharded by coordinates
+  (the whole model's, in parameter order, whatever the form), so a checkpoint saved by N processes
+  loads into M processes (or one), with DDP or FSDP2, and each reads only its shard.
 """
 
 from __future__ import annotations
