@@ -528,3 +528,35 @@ def test_hsdp_replicas_of_sharded_windows_train_as_one_process(tmp_path):
     assert sum(r["window_shape"][1] for r in results) == 2 * dim  # each coordinate in one process per replica
     assert [r["shard"]["replicas"] for r in results] == [2] * 4
     assert sorted(r["shard"]["rank"] for r in results) == [0, 0, 1, 1]
+
+
+def _nccl_worker(rank, world, folder):
+    torch.cuda.set_device(rank)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dist.init_process_group("nccl", init_method=f"file://{folder}/rendezvous-nccl", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    try:
+        device = torch.device("cuda", rank)
+        model = nn.parallel.DistributedDataParallel(make_model().to(device), device_ids=[rank])
+        opt = make_optimizer(model.parameters(), dist.group.WORLD)
+        data = [(x.to(device), y.to(device)) for x, y in batches()]
+        train(model, opt, data, rank, world)
+        result = {"final": {k: v.cpu() for k, v in model.module.state_dict().items()},
+                  "window_shape": tuple(opt.fisher._grads.shape), "gram": opt.fisher._gram.cpu()}
+        del model, opt
+        _save_atomically(result, f"{folder}/nccl{rank}.pt")
+        _finish()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.device_count() >= 2 and dist.is_nccl_available()),
+                    reason="needs two CUDA devices and NCCL")
+def test_sharded_window_over_nccl_matches_one_process(tmp_path):
+    """The DDP route on two GPUs with NCCL: half of the window on each, the same float64 m x m state on both,
+    and parameters within 1e-5 of one CPU process (TF32 off)."""
+    results = spawn(_nccl_worker, tmp_path, [f"nccl{r}.pt" for r in range(2)])
+    for result in results:
+        assert_matches_one_process(result["final"])
+    assert torch.equal(results[0]["gram"], results[1]["gram"])
+    assert sum(r["window_shape"][1] for r in results) == sum(p.numel() for p in make_model().parameters())
