@@ -220,6 +220,13 @@ def transformer_run(name: str, lr: float, steps: int, seed: int, overrides: dict
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
+def parse_run(run: str) -> tuple[str, float, dict]:
+    """"efcp1024:1e-4:damp=1e-3,momentum=0.9" -> ("efcp1024", 1e-4, {"damp": 1e-3, "momentum": 0.9})."""
+    name, lr, *extra = run.split(":")
+    settings = (item.split("=") for item in extra[0].split(",")) if extra else ()
+    return name, float(lr), {key: float(value) for key, value in settings}
+
+
 def part_transformer(runs: list[str], steps: int, seeds: list[int]) -> None:
     missing = minilm_sst2.missing()
     if missing:
@@ -230,10 +237,10 @@ def part_transformer(runs: list[str], steps: int, seeds: list[int]) -> None:
           "skipped |")
     print("|---|---|---|---|---|---|---|---|---|")
     for run in runs:
-        name, lr, *extra = run.split(":")
-        overrides = {key: float(value) for key, value in (item.split("=") for item in extra[0].split(","))} if extra else {}
+        name, lr, overrides = parse_run(run)
         for seed in seeds:
-            done = subprocess.run([sys.executable, __file__, "--one", json.dumps([name, float(lr), steps, seed, overrides])],
+            one = json.dumps([name, lr, steps, seed, overrides])
+            done = subprocess.run([sys.executable, __file__, "--one", one],
                                   capture_output=True, text=True)
             if done.returncode != 0:
                 print(f"| {name} | {lr} | {seed} | failed: {done.stderr.strip().splitlines()[-1:]} |||||")

@@ -194,12 +194,13 @@ def _flat_ranges(optimizer) -> list[tuple[int, int]]:
     return ranges
 
 
-def _as_flat_shards(optimizer, local: torch.Tensor):
+def _as_flat_shards(optimizer, local: torch.Tensor, ranges: list[tuple[int, int]]):
     """FSDP2: this process's window rows (m, local d), or its flat momentum (local d,), as a DTensor
     of the whole model's shape, (m, d) or (d,), holding one piece per parameter at that parameter's
     flat coordinates: the tensor a DDP or one-process optimizer saves, so checkpoints load across all
     three forms. The pieces sit in torch's LocalShardsWrapper (several shards of one DTensor in one
-    process, made for distributed checkpoints); loading writes into them in place."""
+    process, made for distributed checkpoints); loading writes into them in place. ``ranges``: from
+    :func:`_flat_ranges`."""
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.tensor import DTensor, Shard
     try:
@@ -211,7 +212,7 @@ def _as_flat_shards(optimizer, local: torch.Tensor):
 
     parts, offsets, local_offset = [], [], 0
     lead = local.shape[:-1]
-    for global_offset, length in _flat_ranges(optimizer):
+    for global_offset, length in ranges:
         if length:
             parts.append(local[..., local_offset:local_offset + length].contiguous())
             offsets.append((*(0 for _ in lead), global_offset))
@@ -292,9 +293,10 @@ def get_optimizer_state_dict(optimizer) -> dict:
             extra["momentum"] = torch.zeros(optimizer.dim, dtype=compute_dtype(dtype), device=device)
     window = dict(extra["window"])
     if optimizer._param_shards is not None:
-        window["grads"] = _as_flat_shards(optimizer, window["grads"])
+        ranges = _flat_ranges(optimizer)
+        window["grads"] = _as_flat_shards(optimizer, window["grads"], ranges)
         if extra.get("momentum") is not None:
-            extra["momentum"] = _as_flat_shards(optimizer, extra["momentum"])
+            extra["momentum"] = _as_flat_shards(optimizer, extra["momentum"], ranges)
         window["dim"] = extra["dim"] = sum(p.numel() for p in optimizer._all_params())  # not this shard's
     else:
         if layout is not None:
