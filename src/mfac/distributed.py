@@ -128,9 +128,14 @@ class ParamShards:
         return described if self.replicas == 1 else {**described, "replicas": self.replicas}
 
 
+def is_dtensor(tensor) -> bool:
+    """A DTensor (FSDP2's parameters), recognised without importing torch.distributed.tensor."""
+    return hasattr(tensor, "device_mesh") and hasattr(tensor, "to_local")
+
+
 def local_tensor(tensor):
     """A DTensor's local shard (a view: writing to it writes the parameter); other tensors as they are."""
-    return tensor.to_local() if hasattr(tensor, "to_local") and hasattr(tensor, "device_mesh") else tensor
+    return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
 def all_true(flag: torch.Tensor, group) -> torch.Tensor:

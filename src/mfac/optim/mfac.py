@@ -28,6 +28,7 @@ import warnings
 import torch
 from torch.optim import Optimizer
 
+from ..distributed import is_dtensor
 from ..fisher import CompressedWindowFisherInverse, NonFiniteGradientError, SlidingWindowFisherInverse
 from ..fisher.base import all_finite, check_damp, compute_dtype, finite_flag
 from ..fisher.compressed import check_density, compressed_nbytes
@@ -48,11 +49,6 @@ def _check_hyper(name: str, value, low: float = 0.0, high: float = math.inf, hig
 
 def _unchanged(tensor):
     return tensor
-
-
-def _is_dtensor(tensor) -> bool:
-    """A DTensor (FSDP2's parameters), recognised without importing torch.distributed."""
-    return hasattr(tensor, "device_mesh") and hasattr(tensor, "to_local")
 
 
 def _check_group(group: dict) -> None:
@@ -153,7 +149,7 @@ class MFAC(Optimizer):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                         decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults)
-        sharded_params = any(map(_is_dtensor, self._all_params()))
+        sharded_params = any(map(is_dtensor, self._all_params()))
         if self._density < 1 and sharded_params:
             raise ValueError("density < 1 (a compressed window) cannot be combined with FSDP2's sharded parameters "
                              "yet; use density=1.0")
@@ -257,7 +253,7 @@ class MFAC(Optimizer):
             params = self._all_params()
             if not params:
                 raise ValueError("MFAC has no parameters to optimize")
-            sharded = [_is_dtensor(p) for p in params]
+            sharded = [is_dtensor(p) for p in params]
             if any(sharded) and (self._param_shards is None or not all(sharded)):
                 raise ValueError("MFAC's parameters changed form after construction: a param group added later "
                                  "mixes FSDP2 (DTensor) and plain parameters; build MFAC once the model is sharded, "
