@@ -15,6 +15,9 @@ import torch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 MAX_LENGTH = 64  # tokens per sentence in every MiniLM benchmark
+# The README's transformer recipe for MFAC (lr given per run): a compressed window of 1024 gradients
+# at 1% density in bfloat16, the full gradient preconditioned.
+MFAC_RECIPE = dict(window=1024, density=0.01, window_dtype=torch.bfloat16, damp=1e-4)
 
 
 def missing(*modules: str) -> list[str]:

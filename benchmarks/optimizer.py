@@ -168,7 +168,7 @@ TRANSFORMER_RUNS = {  # name -> (optimizer, settings); lr is given per run as na
     "adamw": ("AdamW", {}),
     "mfac32": ("MFAC window 32, momentum 0.9, damp 1e-6", dict(window=32, damp=1e-6, momentum=0.9)),
     "efcp1024": ("MFAC window 1024, density 1%, bfloat16, damp 1e-4 (full gradient preconditioned)",
-                 dict(window=1024, damp=1e-4, density=0.01, window_dtype=torch.bfloat16)),
+                 minilm_sst2.MFAC_RECIPE),
     "efcp1024c": ("MFAC window 1024, density 1%, bfloat16, damp 1e-6 (compressed gradient, as EFCP)",
                   dict(window=1024, damp=1e-6, density=0.01, window_dtype=torch.bfloat16, precondition="compressed")),
 }
