@@ -121,8 +121,8 @@ def _worker(rank, world, folder):
         train(from_dcp, opt3, data, rank, world, start=SAVE_AT)
         result = {"final": final, "resumed": resumed.module.state_dict(), "opt": saved["opt"],
                   "from_dcp": from_dcp.module.state_dict(), "rows_at_save": saved["opt"]["mfac"]["window"]["grads"],
-                  "window_shape": tuple(opt.fisher._grads.shape), "window_bytes": opt.fisher.nbytes,
-                  "gram": opt.fisher._gram.clone()}
+                  "window_shape": tuple(opt.fisher.state_dict()["grads"].shape), "window_bytes": opt.fisher.nbytes,
+                  "gram": opt.fisher.state_dict()["gram"]}
         del model, resumed, opt, opt2, saved, keep, fresh, opt3, state, from_dcp
         _save_atomically(result, f"{folder}/rank{rank}.pt")
         _finish()
@@ -221,7 +221,7 @@ def test_sharded_window_matches_one_process(two_processes):
         assert_matches_one_process(result["final"])
     # The float64 m x m state is the same on both processes, and matches one process's.
     assert torch.equal(two_processes[0]["gram"], two_processes[1]["gram"])
-    assert torch.allclose(two_processes[0]["gram"], opt.fisher._gram, rtol=1e-5)
+    assert torch.allclose(two_processes[0]["gram"], opt.fisher.state_dict()["gram"], rtol=1e-5)
 
 
 def test_each_process_holds_half_the_window(two_processes):
@@ -253,7 +253,7 @@ def test_a_distributed_checkpoint_of_two_processes_resumes_in_one(ddp_run):
     results, folder = ddp_run
     model, opt = load_in_one_process(folder / "dcp")
     # The one window is the two shards side by side, bit for bit.
-    assert torch.equal(opt.fisher._grads, torch.cat([r["rows_at_save"] for r in results], dim=1))
+    assert torch.equal(opt.fisher.state_dict()["grads"], torch.cat([r["rows_at_save"] for r in results], dim=1))
     train(model, opt, batches(), start=SAVE_AT)
     assert_matches_one_process(model.state_dict())
 
@@ -407,7 +407,7 @@ def _fsdp_worker(rank, world, folder):
             refusals.append(str(error))
         result = {"final": final, "resumed": {k: v.full_tensor() for k, v in resumed.state_dict().items()},
                   "refusals": refusals, "from_dcp": from_dcp, "from_one": from_one,
-                  "window_shape": tuple(opt.fisher._grads.shape), "dim": opt.dim, "shard": saved["opt"]["mfac"]["shard"]}
+                  "window_shape": tuple(opt.fisher.state_dict()["grads"].shape), "dim": opt.dim, "shard": saved["opt"]["mfac"]["shard"]}
         del model, resumed, opt, opt2, saved, keep
         _save_atomically(result, f"{folder}/fsdp{rank}.pt")
         _finish()
@@ -505,7 +505,7 @@ def _hsdp_worker(rank, world, folder):
         final = {k: v.full_tensor() for k, v in model.state_dict().items()}
         from_dcp = _resume_sharded(hybrid_model, f"{folder}/dcp-hsdp", rank, world)
         result = {"final": final, "from_dcp": from_dcp,
-                  "window_shape": tuple(opt.fisher._grads.shape), "shard": opt.state_dict()["mfac"]["shard"]}
+                  "window_shape": tuple(opt.fisher.state_dict()["grads"].shape), "shard": opt.state_dict()["mfac"]["shard"]}
         del model, opt, keep
         _save_atomically(result, f"{folder}/hsdp{rank}.pt")
         _finish()
@@ -542,7 +542,7 @@ def _nccl_worker(rank, world, folder):
         data = [(x.to(device), y.to(device)) for x, y in batches()]
         train(model, opt, data, rank, world)
         result = {"final": {k: v.cpu() for k, v in model.module.state_dict().items()},
-                  "window_shape": tuple(opt.fisher._grads.shape), "gram": opt.fisher._gram.cpu()}
+                  "window_shape": tuple(opt.fisher.state_dict()["grads"].shape), "gram": opt.fisher.state_dict()["gram"].cpu()}
         del model, opt
         _save_atomically(result, f"{folder}/nccl{rank}.pt")
         _finish()

@@ -24,8 +24,7 @@ from mfac.resources import InsufficientMemoryError
 
 def held_rows(window: CompressedWindowFisherInverse) -> torch.Tensor:
     """The rows the window holds, oldest slot order irrelevant to F: (num_grads, d) float64."""
-    blocks = window._starts.numel() - 1
-    return torch.cat([window._decode_block(b) for b in range(blocks)], 1).double()
+    return window.rows()
 
 
 def check_against_dense(window, damp, x):

@@ -37,6 +37,13 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _HALF_TYPES else dtype
 
 
+def check_positive_int(name: str, value) -> int:
+    """Return ``value`` if it is an int >= 1 (not a bool), else raise ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
 def check_damp(damp, dtype: torch.dtype | None = None) -> float:
     """Return ``damp`` as a float, or raise if it is not a finite number > 0; with ``dtype`` (the
     dtype results are computed in), also if 1/damp would overflow there (damp below the smallest

@@ -1,10 +1,10 @@
 """The compressed sliding window: M-FAC over sparsified gradients with error feedback (EFCP).
 
 Modoranu et al. (2023), "Error Feedback Can Accurately Compress Preconditioners": a window of m
-gradients of d coordinates is the optimizer's whole state (93 GB for m = 1024 on MiniLM-L6 in
-float32). Keeping only the largest 1% of each gradient's entries makes it 100x smaller, and
-error feedback makes the loss harmless: what a gradient leaves out is kept in a residual and
-added to the next one, so every coordinate's mass enters the window eventually.
+gradients of d coordinates is the optimizer's whole state (m * d * 4 bytes in float32: 93 GB for
+m = 1024 on MiniLM-L6). Keeping only the largest 1% of each gradient's entries makes it 100x
+smaller, and error feedback makes the loss harmless: what a gradient leaves out is kept in a
+residual and added to the next one, so every coordinate's mass enters the window eventually.
 
 For each gradient g pushed:
 
@@ -15,29 +15,28 @@ For each gradient g pushed:
 
 and ``push_ihvp`` returns F^-1 c, with F = damp*I + C^T C / k over the compressed rows C held,
 as the EFCP optimizer does (it preconditions the compressed gradient). ``ihvp(x)`` is the exact
-F^-1 x over those rows for any x: the Woodbury algebra, the float64 Gram matrix and its Cholesky
-factor are those of :class:`SlidingWindowFisherInverse`; only the storage and the two window
-products differ.
+F^-1 x over those rows for any x: the algebra is that of :class:`SlidingWindowFisherInverse`; only
+the storage form (:class:`CompressedRows`) differs.
 
 Storage: every row holds the same number of entries in each block (a top-k per block, not over
 the whole vector), as (value, int16 offset within the block) pairs, so a row costs
 nnz * (2 + 4) bytes in float32 or nnz * (2 + 2) in bfloat16, nnz = sum over blocks of
 ceil(density * block size). The entries are stored block-major (:class:`mfac.kernels.BlockLayout`):
 a product (:mod:`mfac.kernels`) reads each block's entries of all rows as one contiguous run while
-that block of x, or of the result, stays in cache. Row-major storage measured 1.7x slower.
+that block of x, or of the result, stays in cache (measured against row-major storage in
+BENCHMARKS.md, "benchmarks/fisher.py").
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .. import kernels, resources
-from .base import NonFiniteGradientError, all_finite
-from .window import SlidingWindowFisherInverse, _check_positive_int
+from .base import NonFiniteGradientError, all_finite, check_positive_int
+from .rows import StagedBatch
+from .window import GRAM_COPIES, SlidingWindowFisherInverse
 
-__all__ = ["CompressedWindowFisherInverse", "compressed_nbytes"]
+__all__ = ["CompressedWindowFisherInverse", "CompressedRows", "compressed_nbytes", "check_density"]
 
 MAX_BLOCK = 32768  # offsets within a block must fit an int16
 DEFAULT_BLOCK = 8192  # measured fastest of 4096..32768 at d = 22.7M, m = 1024, density 1% (BENCHMARKS.md)
@@ -52,17 +51,216 @@ def check_density(density) -> float:
 
 def compressed_nbytes(dim: int, window: int, density: float, dtype: torch.dtype = torch.float32,
                       block: int = DEFAULT_BLOCK) -> int:
-    """Bytes a CompressedWindowFisherInverse holds at its peak: values and offsets of every row,
-    the residual and two dense staging vectors (float32), three index tables, 5 m x m float64."""
-    full, last = divmod(dim, block)
-    nnz = full * max(1, math.ceil(density * block)) + (max(1, math.ceil(density * last)) if last else 0)
-    value_bytes = torch.empty(0, dtype=dtype).element_size()
-    return window * nnz * (value_bytes + 2) + 3 * dim * 4 + 3 * nnz * 8 + 5 * window * window * 8
+    """Bytes a CompressedWindowFisherInverse holds at its peak: its rows
+    (:meth:`CompressedRows.nbytes_for`) plus 5 m x m float64 matrices."""
+    return CompressedRows.nbytes_for(dim, window, density, dtype, block) + GRAM_COPIES * window * window * 8
+
+
+class CompressedRows:
+    """Storage form of a compressed window (see :mod:`mfac.fisher.rows` for the protocol): per row,
+    the top ``density`` of every block of ``block`` coordinates of g + residual, as values in
+    ``dtype`` (float32 or bfloat16) and int16 offsets, laid out block-major; and the (d,) float32
+    error-feedback residual.
+
+    Memory: capacity * nnz * (value bytes + 2) + 3 d float32 + 3 nnz int64 (:meth:`nbytes_for`).
+    """
+
+    def __init__(self, dim: int, capacity: int, density: float, dtype: torch.dtype, device: torch.device,
+                 block: int):
+        self.dim, self.capacity, self.density, self.block = dim, capacity, density, block
+        self.storage_dtype, self.dtype, self.device = dtype, torch.float32, device
+        resources.check_fits(self.nbytes_for(dim, capacity, density, dtype, block), device,
+                             f"a compressed window of {capacity} gradients of {dim:,} coordinates at density "
+                             f"{density:g} in {dtype}", "lower window or density")
+        self.layout = kernels.BlockLayout.build(dim, density, block, capacity, device)
+        size = capacity * self.layout.nnz
+        self._values = torch.zeros(size, dtype=dtype, device=device)
+        self._offsets = torch.zeros(size, dtype=torch.int16, device=device)
+        self._residual = torch.zeros(dim, dtype=torch.float32, device=device)
+
+    @staticmethod
+    def nbytes_for(dim: int, capacity: int, density: float, dtype: torch.dtype, block: int) -> int:
+        """Bytes of the rows' values and offsets, the residual and two dense staging vectors
+        (float32), and the layout's three index tables, from the layout's own entry count."""
+        nnz = sum(kernels.BlockLayout.entries_per_block(dim, density, block))
+        return capacity * nnz * (dtype.itemsize + 2) + 3 * dim * 4 + 3 * nnz * 8
+
+    @property
+    def nbytes(self) -> int:
+        layout = self.layout
+        tensors = (self._values, self._offsets, self._residual, layout.starts, layout.bases, layout.first, layout.kept)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    nnz = property(lambda self: self.layout.nnz, doc="Entries kept of every gradient.")
+    residual = property(lambda self: self._residual.clone(), doc="The error-feedback vector (d,), float32.")
+    diag_chunk = property(lambda self: self.block, doc="Columns per chunk of ``diag``: one block.")
+
+    def _runs(self, flat: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """Views of a block-major (capacity * nnz,) tensor as (blocks, capacity, kept) runs: one for
+        the blocks of ``block`` coordinates, one for a shorter last block; with each run's first block."""
+        starts, blocks = self.layout.starts, self.layout.starts.numel() - 1
+        full = self.dim // self.block
+        runs, done = [], 0
+        for first, count in ((0, full), (full, blocks - full)):
+            if count:
+                kept = int(starts[first + 1] - starts[first])
+                size = count * self.capacity * kept
+                runs.append((first, flat[done: done + size].view(count, self.capacity, kept)))
+                done += size
+        return runs
+
+    # Compression ------------------------------------------------------------------------------------
+
+    def _compress(self, accumulated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top entries of every block of ``accumulated`` (d,) float32: returns (values in the storage
+        dtype, int16 offsets, the dense (d,) float32 vector of the values as stored)."""
+        full = (self.dim // self.block) * self.block
+        offsets, values = [], []
+        starts = self.layout.starts.tolist()
+        if full:
+            blocks = accumulated[:full].view(-1, self.block)
+            index = blocks.abs().topk(starts[1] - starts[0], dim=1, sorted=False).indices
+            values.append(blocks.gather(1, index).reshape(-1))
+            offsets.append(index.reshape(-1))
+        if full < self.dim:
+            tail = accumulated[full:]
+            index = tail.abs().topk(starts[-1] - starts[-2], sorted=False).indices
+            values.append(tail[index])
+            offsets.append(index)
+        values = torch.cat(values).to(self.storage_dtype)
+        offsets = torch.cat(offsets)
+        stored = torch.zeros(self.dim, dtype=torch.float32, device=self.device)
+        stored[offsets + self.layout.bases] = values.float()
+        return values, offsets.to(torch.int16), stored
+
+    def encode(self, g: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        # A NaN would be kept by top-k or hidden in the residual: refuse non-finite input first.
+        if not all_finite(g):
+            raise NonFiniteGradientError("g contains NaN or Inf; non-finite gradients cannot enter the window, "
+                                         "which was left unchanged")
+        accumulated = self._residual + g.to(torch.float32)
+        if not all_finite(accumulated):
+            raise NonFiniteGradientError("g plus the error-feedback residual overflows float32; scale the loss down "
+                                         "or clip gradients; the window was left unchanged")
+        values, offsets, stored = self._compress(accumulated)
+        return stored, (values, offsets, accumulated.sub_(stored))
+
+    def write(self, slot: int, payload: tuple) -> None:
+        values, offsets, residual = payload
+        positions = self.layout.positions(torch.tensor([slot], device=self.device))[0]
+        self._values[positions] = values
+        self._offsets[positions] = offsets
+        self._residual = residual
+
+    # Products ---------------------------------------------------------------------------------------
+
+    def dots(self, vectors: torch.Tensor, rows: int) -> torch.Tensor:
+        columns = vectors if vectors.dim() == 2 else vectors[:, None]
+        out = torch.stack([kernels.sparse_dots(self.layout, self._values, self._offsets, rows,
+                                               column.to(torch.float32).contiguous())
+                           for column in columns.unbind(1)], 1)
+        return out if vectors.dim() == 2 else out[:, 0]
+
+    def combine(self, vectors: torch.Tensor, coeffs: torch.Tensor, beta: float, alpha: float,
+                rows: int) -> torch.Tensor:
+        if vectors.dim() == 1:
+            return kernels.sparse_combine(self.layout, self._values, self._offsets, rows, coeffs,
+                                          vectors.to(torch.float32).contiguous(), beta, alpha)
+        return torch.stack([kernels.sparse_combine(self.layout, self._values, self._offsets, rows, part,
+                                                   column.to(torch.float32).contiguous(), beta, alpha)
+                            for column, part in zip(vectors.unbind(1), coeffs.unbind(1))], 1)
+
+    def _decode_block(self, block: int, rows: int) -> torch.Tensor:
+        """Block ``block`` of the first ``rows`` rows, dense: (rows, block size) float32."""
+        size = min(self.block, self.dim - block * self.block)
+        values, offsets = self._run_of(self._values, block)[:rows], self._run_of(self._offsets, block)[:rows]
+        out = torch.zeros(rows, size, dtype=torch.float32, device=self.device)
+        out.scatter_(1, offsets.long(), values.float())
+        return out
+
+    def _run_of(self, flat: torch.Tensor, block: int) -> torch.Tensor:
+        """Block ``block``'s entries of every slot, (capacity, kept), a view of ``flat``."""
+        for first, run in reversed(self._runs(flat)):
+            if block >= first:
+                return run[block - first]
+        raise IndexError(block)
+
+    def columns(self, index: torch.Tensor, rows: int) -> torch.Tensor:
+        """G[:, index] over the first ``rows`` rows, float64; decodes each block touched (rows * block
+        float32 numbers at a time)."""
+        out = torch.empty(rows, index.numel(), dtype=torch.float64, device=self.device)
+        blocks = torch.div(index, self.block, rounding_mode="floor")
+        for block in torch.unique(blocks).tolist():
+            picked = (blocks == block).nonzero()[:, 0]
+            out[:, picked] = self._decode_block(block, rows)[:, index[picked] - block * self.block].double()
+        return out
+
+    def stage_batch(self, grads: torch.Tensor, pushed: int, gram: torch.Tensor, reduce) -> StagedBatch:
+        """Error feedback chains the rows, so they are compressed and written one at a time (each
+        read against the rows before it: O(n k nnz)); a failure restores the rows as they were."""
+        saved = (self._values.clone(), self._offsets.clone(), self._residual.clone())
+        gram = gram.clone()
+        try:
+            for row in grads:
+                stored, payload = self.encode(row)
+                slot, k = pushed % self.capacity, min(pushed + 1, self.capacity)
+                dots = self.dots(stored, k)
+                dots[slot] = (stored @ stored).to(torch.float64)
+                dots = reduce(dots)
+                if not all_finite(dots):
+                    raise NonFiniteGradientError("grads are finite but their dot products overflow float32; scale "
+                                                 "them down; the window was left unchanged")
+                self.write(slot, payload)
+                gram[slot, :k] = dots
+                gram[:k, slot] = dots
+                pushed += 1
+        except BaseException:
+            self._values, self._offsets, self._residual = saved
+            raise
+        k = min(pushed, self.capacity)
+        return StagedBatch(gram[:k, :k], None, lambda: None)
+
+    # Checkpoint schema ------------------------------------------------------------------------------
+
+    def settings(self) -> dict:
+        return {"density": self.density, "block": self.block}
+
+    def tensor_spec(self) -> dict:
+        size = self.capacity * self.layout.nnz
+        return {"values": ((size,), self.storage_dtype), "offsets": ((size,), torch.int16),
+                "residual": ((self.dim,), torch.float32)}
+
+    def state_tensors(self) -> dict:
+        return {"values": self._values.clone(), "offsets": self._offsets.clone(), "residual": self._residual.clone()}
+
+    def check_state(self, tensors: dict, k: int) -> None:
+        """Offsets index memory in the kernels: each must lie inside its block, and no row may name a
+        coordinate twice (``diag`` and ``column`` would then disagree on it); nothing beyond k rows."""
+        for first, run in self._runs(tensors["offsets"]):
+            size = min(self.block, self.dim - first * self.block)  # a shorter last block has a run of its own
+            if bool((run < 0).any()) or bool((run >= size).any()):
+                raise ValueError("window state's offsets fall outside their blocks; the file is corrupt or was not "
+                                 "written by state_dict()")
+            ordered = run[:, :k].sort(dim=-1).values
+            if ordered.shape[-1] > 1 and bool((ordered[..., 1:] == ordered[..., :-1]).any()):
+                raise ValueError("window state's offsets repeat a coordinate within a row; the file is corrupt or "
+                                 "was not written by state_dict()")
+        if any(bool(run[:, k:].any()) for key in ("values", "offsets") for _, run in self._runs(tensors[key])):
+            raise ValueError(f"window state holds rows beyond the {k} gradients that its pushed count implies")
+
+    def row_norms(self, tensors: dict, k: int) -> torch.Tensor:
+        return sum(run[:, :k].double().square().sum((0, 2)) for _, run in self._runs(tensors["values"]))
+
+    def load(self, tensors: dict) -> None:
+        self._values.copy_(tensors["values"])
+        self._offsets.copy_(tensors["offsets"])
+        self._residual.copy_(tensors["residual"])
 
 
 class CompressedWindowFisherInverse(SlidingWindowFisherInverse):
     """F^-1 over the last ``window`` gradients, each compressed to ``density`` of its entries with
-    error feedback (EFCP); the same protocol as :class:`SlidingWindowFisherInverse`.
+    error feedback (EFCP): a :class:`SlidingWindowFisherInverse` whose rows are stored as
+    :class:`CompressedRows`.
 
     Args:
         dim: d, the length of every gradient; must exceed ``window`` (for smaller models the dense
@@ -90,10 +288,10 @@ class CompressedWindowFisherInverse(SlidingWindowFisherInverse):
 
     def __init__(self, dim: int, window: int, damp: float, density: float, dtype: torch.dtype = torch.float32,
                  device=None, block: int = DEFAULT_BLOCK):
-        dim = _check_positive_int("dim", dim)
-        window = _check_positive_int("window", window)
-        self._density = check_density(density)
-        block = _check_positive_int("block", block)
+        dim = check_positive_int("dim", dim)
+        window = check_positive_int("window", window)
+        density = check_density(density)
+        block = check_positive_int("block", block)
         if block > MAX_BLOCK:
             raise ValueError(f"block must be at most {MAX_BLOCK} (offsets within a block are int16), got {block}")
         if dim <= window:
@@ -101,224 +299,11 @@ class CompressedWindowFisherInverse(SlidingWindowFisherInverse):
                              f"model this small the dense SlidingWindowFisherInverse costs no more: use it")
         if dtype not in (torch.float32, torch.bfloat16):
             raise TypeError(f"dtype must be torch.float32 or torch.bfloat16 for a compressed window, got {dtype!r}")
-        self._block = min(block, dim)
-        super().__init__(dim, window, damp, dtype=dtype, device=device)
+        device = torch.device(device) if device is not None else torch.empty(0).device
+        storage = CompressedRows(dim, window, density, dtype, device, min(block, dim))
+        super().__init__(dim, window, damp, dtype=dtype, device=device, storage=storage)
 
-    def _allocate(self) -> None:
-        resources.check_fits(compressed_nbytes(self._dim, self._window, self._density, self._storage_dtype,
-                                               self._block), self._device,
-                             f"a compressed window of {self._window} gradients of {self._dim:,} coordinates at "
-                             f"density {self._density:g} in {self._storage_dtype}", "lower window or density")
-        self._layout = kernels.BlockLayout.build(self._dim, self._density, self._block, self._window, self._device)
-        self._starts = self._layout.starts
-        size = self._window * self._layout.nnz
-        self._values = torch.zeros(size, dtype=self._storage_dtype, device=self._device)
-        self._offsets = torch.zeros(size, dtype=torch.int16, device=self._device)
-        self._residual = torch.zeros(self._dim, dtype=torch.float32, device=self._device)
-
-    density = property(lambda self: self._density, doc="Fraction of each gradient's entries kept.")
-    block = property(lambda self: self._block, doc="Coordinates per block of the per-block top-k.")
-    nnz = property(lambda self: self._layout.nnz, doc="Entries kept of every gradient.")
-    route = property(lambda self: "dual", doc="Always 'dual' (a k x k factor): d > window.")
-    residual = property(lambda self: self._residual.clone(), doc="The error-feedback vector (d,), float32.")
-
-    def _state_tensors(self) -> tuple:
-        layout = self._layout
-        return (self._values, self._offsets, self._residual, layout.starts, layout.bases, layout.first, layout.kept,
-                self._gram, self._lower)
-
-    def _runs(self, flat: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-        """Views of a block-major (window * nnz,) tensor as (blocks, window, kept) runs: one for
-        the blocks of ``block`` coordinates, one for a shorter last block; with each run's first
-        block index."""
-        starts, blocks = self._starts, self._starts.numel() - 1
-        full = self.dim // self._block
-        runs, done = [], 0
-        for first, count in ((0, full), (full, blocks - full)):
-            if count:
-                kept = int(starts[first + 1] - starts[first])
-                size = count * self.window * kept
-                runs.append((first, flat[done: done + size].view(count, self.window, kept)))
-                done += size
-        return runs
-
-    # Storage: compression and the two products ---------------------------------------------------------
-
-    def _compress(self, accumulated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Top entries of every block of ``accumulated`` (d,) float32: returns (values in the storage
-        dtype, int16 offsets, the dense (d,) float32 vector of the values as stored)."""
-        full = (self._dim // self._block) * self._block
-        offsets, values = [], []
-        starts = self._starts.tolist()
-        if full:
-            blocks = accumulated[:full].view(-1, self._block)
-            kept = starts[1] - starts[0]
-            index = blocks.abs().topk(kept, dim=1, sorted=False).indices
-            values.append(blocks.gather(1, index).reshape(-1))
-            offsets.append(index.reshape(-1))
-        if full < self._dim:
-            tail = accumulated[full:]
-            index = tail.abs().topk(starts[-1] - starts[-2], sorted=False).indices
-            values.append(tail[index])
-            offsets.append(index)
-        values = torch.cat(values).to(self._storage_dtype)
-        offsets = torch.cat(offsets)
-        stored = torch.zeros(self._dim, dtype=torch.float32, device=self._device)
-        stored[offsets + self._layout.bases] = values.float()
-        return values, offsets.to(torch.int16), stored
-
-    def _encode(self, g: torch.Tensor) -> tuple[torch.Tensor, object]:
-        # A NaN would be kept by top-k or hidden in the residual: refuse non-finite input first.
-        if not all_finite(g):
-            raise NonFiniteGradientError("g contains NaN or Inf; non-finite gradients cannot enter the window, "
-                                         "which was left unchanged")
-        accumulated = self._residual + g.to(torch.float32)
-        if not all_finite(accumulated):
-            raise NonFiniteGradientError("g plus the error-feedback residual overflows float32; scale the loss down "
-                                         "or clip gradients; the window was left unchanged")
-        values, offsets, stored = self._compress(accumulated)
-        return stored, (values, offsets, accumulated.sub_(stored))
-
-    def _store(self, slot: int, payload) -> None:
-        values, offsets, residual = payload
-        positions = self._layout.positions(torch.tensor([slot], device=self.device))[0]
-        self._values[positions] = values
-        self._offsets[positions] = offsets
-        self._residual = residual
-
-    def _window_dots(self, vectors: torch.Tensor, rows: int | None = None, replace: tuple | None = None,
-                     grads=None) -> torch.Tensor:
-        rows = self.num_grads if rows is None else rows
-        columns = vectors if vectors.dim() == 2 else vectors[:, None]
-        out = torch.stack([kernels.sparse_dots(self._layout, self._values, self._offsets, rows,
-                                               column.to(torch.float32).contiguous())
-                           for column in columns.unbind(1)], 1)
-        return self._finish_dots(out if vectors.dim() == 2 else out[:, 0], vectors, replace)
-
-    def _window_combine(self, vectors: torch.Tensor, coeffs: torch.Tensor, beta: float, alpha: float,
-                        rows: int | None = None) -> torch.Tensor:
-        rows = self.num_grads if rows is None else rows
-        if vectors.dim() == 1:
-            return kernels.sparse_combine(self._layout, self._values, self._offsets, rows, coeffs,
-                                          vectors.to(torch.float32).contiguous(), beta, alpha)
-        return torch.stack([kernels.sparse_combine(self._layout, self._values, self._offsets, rows, part,
-                                                   column.to(torch.float32).contiguous(), beta, alpha)
-                            for column, part in zip(vectors.unbind(1), coeffs.unbind(1))], 1)
-
-    def _decode_block(self, block: int) -> torch.Tensor:
-        """Block ``block`` of the rows held, dense: (num_grads, block size) float32."""
-        size = min(self._block, self.dim - block * self._block)
-        k = self.num_grads
-        values, offsets = self._run_of(self._values, block)[:k], self._run_of(self._offsets, block)[:k]
-        out = torch.zeros(k, size, dtype=torch.float32, device=self.device)
-        out.scatter_(1, offsets.long(), values.float())
-        return out
-
-    def _run_of(self, flat: torch.Tensor, block: int) -> torch.Tensor:
-        """Block ``block``'s entries of every slot, (window, kept), a view of ``flat``."""
-        for first, run in reversed(self._runs(flat)):
-            if block >= first:
-                return run[block - first]
-        raise IndexError(block)
-
-    def _columns(self, index: torch.Tensor) -> torch.Tensor:
-        """G[:, index] over the rows held, float64; decodes each block touched (num_grads * block
-        float32 numbers at a time)."""
-        out = torch.empty(self.num_grads, index.numel(), dtype=torch.float64, device=self.device)
-        blocks = torch.div(index, self._block, rounding_mode="floor")
-        for block in torch.unique(blocks).tolist():
-            picked = (blocks == block).nonzero()[:, 0]
-            out[:, picked] = self._decode_block(block)[:, index[picked] - block * self._block].double()
-        return out
-
-    def _diag_step(self) -> int:
-        return self._block
-
-    # Batches and checkpoints ---------------------------------------------------------------------
-
-    def extend(self, grads: torch.Tensor) -> None:
-        """Push the rows of ``grads`` (n, d) in order, as n calls to ``push`` would (each row passes
-        through error feedback), with one factorisation at the end: O(n k nnz + k^3). A non-finite
-        row rejects the whole batch and leaves the window unchanged."""
-        self._check_batch(grads)
-        if grads.shape[0] == 0:
-            return
-        saved = (self._values.clone(), self._offsets.clone(), self._residual.clone(), self._gram.clone(),
-                 self._lower, self._pushed)
-        try:
-            for row in grads:  # error feedback chains the rows; only the factor is deferred
-                stored, payload = self._encode(row)
-                slot, k = self._pushed % self.window, min(self._pushed + 1, self.window)
-                dots = self._window_dots(stored, rows=k, replace=(slot, stored))
-                if not all_finite(dots):
-                    raise NonFiniteGradientError(f"grads are finite but their dot products overflow {self.dtype}; "
-                                                 f"scale them down; the window was left unchanged")
-                self._store(slot, payload)
-                self._gram[slot, :k] = dots
-                self._gram[:k, slot] = dots
-                self._pushed += 1
-            k = self.num_grads
-            self._lower = self._factor(self._gram[:k, :k], None)
-        except BaseException:
-            self._values, self._offsets, self._residual, self._gram, self._lower, self._pushed = saved
-            raise
-
-    def state_dict(self) -> dict:
-        """Window entries (values, int16 offsets), the residual, the float64 Gram matrix and the
-        count of pushes: plain tensors and numbers, loadable with ``weights_only=True``."""
-        return {"dim": self.dim, "window": self.window, "damp": self._damp, "storage_dtype": str(self.storage_dtype),
-                "density": self._density, "block": self._block, "pushed": self._pushed,
-                "values": self._values.clone(), "offsets": self._offsets.clone(), "residual": self._residual.clone(),
-                "gram": self._gram.clone()}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore a state from ``state_dict``; later results are bitwise those of the saved object.
-        Everything is checked first (keys, sizes, dtypes, finiteness, every offset inside its block,
-        the Gram matrix against the rows); a failed load raises ValueError and changes nothing."""
-        if not isinstance(state, dict):
-            raise ValueError(f"window state must be a dict from state_dict(), got {type(state).__name__}")
-        required = {"dim", "window", "damp", "storage_dtype", "density", "block", "pushed", "values", "offsets",
-                    "residual", "gram"}
-        if set(state) != required:
-            raise ValueError(f"compressed window state must have exactly the keys {sorted(required)}; missing "
-                             f"{sorted(required - set(state))}, unknown {sorted(set(state) - required)}")
-        for key, mine in (("dim", self.dim), ("window", self.window), ("block", self._block), ("damp", self._damp),
-                          ("density", self._density), ("storage_dtype", str(self.storage_dtype))):
-            if type(state[key]) is not type(mine) or state[key] != mine:
-                raise ValueError(f"window state has {key} = {state[key]!r} but this window has {key} = {mine!r}; "
-                                 f"construct it with the same {key}")
-        pushed = state["pushed"]
-        if isinstance(pushed, bool) or not isinstance(pushed, int) or pushed < 0:
-            raise ValueError(f"window state has pushed = {pushed!r}; it must be an int >= 0")
-        for key, mine in (("values", self._values), ("offsets", self._offsets), ("residual", self._residual),
-                          ("gram", self._gram)):
-            tensor = state[key]
-            if not isinstance(tensor, torch.Tensor) or tensor.shape != mine.shape or tensor.dtype != mine.dtype:
-                got = f"{tuple(tensor.shape)} {tensor.dtype}" if isinstance(tensor, torch.Tensor) else type(tensor)
-                raise ValueError(f"window state's {key} must be a {tuple(mine.shape)} {mine.dtype} tensor, got {got}")
-            if tensor.is_floating_point() and not all_finite(tensor):
-                raise ValueError(f"window state's {key} contains NaN or Inf")
-        values, offsets, gram = state["values"].to(self.device), state["offsets"].to(self.device), state["gram"]
-        # Offsets index memory in the kernels: one outside its block would read or write out of bounds.
-        for (first, run) in self._runs(offsets):
-            size = min(self._block, self.dim - first * self._block)  # a shorter last block has a run of its own
-            if bool((run < 0).any()) or bool((run >= size).any()):
-                raise ValueError("window state's offsets fall outside their blocks; the file is corrupt or was not "
-                                 "written by state_dict()")
-        k = min(pushed, self.window)
-        if not torch.equal(gram, gram.T):
-            raise ValueError("window state's gram is not symmetric; it does not come from state_dict()")
-        beyond = [bool(run[:, k:].any()) for flat in (values, offsets) for _, run in self._runs(flat)]
-        if any(beyond) or bool(gram[k:].any()):
-            raise ValueError(f"window state holds data beyond the {k} gradients that pushed = {pushed} implies")
-        norms = sum(run[:, :k].double().square().sum((0, 2)) for _, run in self._runs(values))
-        if not torch.allclose(gram.diagonal()[:k].to(norms.device), norms, rtol=1e-3, atol=1e-30):
-            raise ValueError("window state's gram does not match its values (the diagonal must hold the rows' "
-                             "squared norms); the tensors come from different states")
-        lower = self._factor(gram[:k, :k].to(self.device), None)
-        self._values.copy_(values)
-        self._offsets.copy_(offsets)
-        self._residual.copy_(state["residual"])
-        self._gram.copy_(gram)
-        self._lower = lower
-        self._pushed = pushed
+    density = property(lambda self: self.storage.density, doc="Fraction of each gradient's entries kept.")
+    block = property(lambda self: self.storage.block, doc="Coordinates per block of the per-block top-k.")
+    nnz = property(lambda self: self.storage.nnz, doc="Entries kept of every gradient.")
+    residual = property(lambda self: self.storage.residual, doc="The error-feedback vector (d,), float32.")

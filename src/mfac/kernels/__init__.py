@@ -181,13 +181,17 @@ class BlockLayout:
     first: torch.Tensor  # (nnz,) int64: flat position of entry e in row 0
     kept: torch.Tensor  # (nnz,) int64: entries per row in entry e's block
 
+    @staticmethod
+    def entries_per_block(dim: int, density: float, block: int) -> list[int]:
+        """Entries every row keeps in each block: ceil(density * block size), at least one."""
+        return [max(1, math.ceil(density * min(block, dim - start))) for start in range(0, dim, block)]
+
     @classmethod
     def build(cls, dim: int, density: float, block: int, capacity: int, device=None) -> "BlockLayout":
-        sizes = [min(block, dim - start) for start in range(0, dim, block)]
-        per_block = torch.tensor([max(1, math.ceil(density * size)) for size in sizes], dtype=torch.int64)
-        starts = torch.zeros(len(sizes) + 1, dtype=torch.int64)
+        per_block = torch.tensor(cls.entries_per_block(dim, density, block), dtype=torch.int64)
+        starts = torch.zeros(per_block.numel() + 1, dtype=torch.int64)
         starts[1:] = per_block.cumsum(0)
-        blocks = torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int64), per_block)
+        blocks = torch.repeat_interleave(torch.arange(per_block.numel(), dtype=torch.int64), per_block)
         within = torch.arange(int(starts[-1]), dtype=torch.int64) - starts[blocks]
         tensors = dict(starts=starts, bases=blocks * block, first=capacity * starts[blocks] + within,
                        kept=per_block[blocks])
@@ -200,12 +204,6 @@ class BlockLayout:
     def positions(self, rows: torch.Tensor) -> torch.Tensor:
         """Flat positions of every entry of the given rows (n,) int64: (n, nnz) int64."""
         return self.first + rows[:, None] * self.kept
-
-    def sizes(self, dim: int) -> torch.Tensor:
-        """Coordinates in each block, (blocks,) int64."""
-        sizes = torch.full((self.starts.numel() - 1,), self.block, dtype=torch.int64, device=self.starts.device)
-        sizes[-1] = dim - (sizes.numel() - 1) * self.block
-        return sizes
 
 
 def _value_kind(values: torch.Tensor) -> int:

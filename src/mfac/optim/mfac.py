@@ -16,51 +16,30 @@ an error-feedback residual is cut to its largest entries, which enter the window
 (:class:`mfac.fisher.CompressedWindowFisherInverse`), and u = F^-1 g of the full gradient (default)
 or, as EFCP does, of the compressed one (``precondition="compressed"``).
 
-The linear algebra lives in :mod:`mfac.fisher`; this module only flattens gradients into one
-vector, applies the update and keeps the state.
+The linear algebra lives in :mod:`mfac.fisher`, the arithmetic of the update in
+:mod:`mfac.optim.functional`, the layout over processes in a distributor chosen at construction
+(:mod:`mfac.distributed.distributors`); this class gathers the lists, calls them, and keeps the state.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 from torch.optim import Optimizer
 
-from ..distributed import is_dtensor
+from .. import defaults, resources
+from ..distributed import choose_distributor, is_dtensor
 from ..fisher import CompressedWindowFisherInverse, NonFiniteGradientError, SlidingWindowFisherInverse
-from ..fisher.base import all_finite, check_damp, compute_dtype, finite_flag
+from ..fisher.base import check_damp, compute_dtype
 from ..fisher.compressed import check_density, compressed_nbytes
-from ..fisher.window import validate_window_state, window_nbytes
-from .. import resources
+from ..fisher.window import window_nbytes
+from .functional import check_group, flatten_gradients, mfac_update
+from .saved import check_saved_state
 
 __all__ = ["MFAC"]
 
 _GLOBAL_KEYS = ("window", "damp", "window_dtype", "nonfinite", "density", "precondition")
-
-
-def _check_hyper(name: str, value, low: float = 0.0, high: float = math.inf, high_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < low or value > high or (high_open and value == high):
-        bound = f"[{low:g}, {high:g}{')' if high_open else ']'}" if high < math.inf else f">= {low:g}"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-
-
-def _unchanged(tensor):
-    return tensor
-
-
-def _check_group(group: dict) -> None:
-    """Settings that cannot work are refused before a step changes anything (schedulers and users
-    may edit param groups between steps, so this runs at every step too)."""
-    largest = min((torch.finfo(p.dtype).max for p in group["params"]), default=torch.finfo(torch.float32).max)
-    _check_hyper("lr", group["lr"], 0.0, largest)
-    _check_hyper("momentum", group["momentum"], 0.0, 1.0, high_open=True)
-    _check_hyper("weight_decay", group["weight_decay"], 0.0, largest)
-    if group["decoupled_weight_decay"] and group["lr"] * group["weight_decay"] > 1:
-        raise ValueError(f"lr * weight_decay = {group['lr'] * group['weight_decay']:g} > 1 with decoupled weight decay "
-                         f"would flip the sign of the parameters; lower lr or weight_decay")
 
 
 class MFAC(Optimizer):
@@ -110,12 +89,13 @@ class MFAC(Optimizer):
     number of the window's dtype, lr beyond the parameters' dtype) and a window that cannot fit in
     the memory available, before any step. Cost per step: two reads of the window plus
     O(d + window^3 / 3); extra memory 3 d numbers (flat gradient, momentum, a staged update).
+    Measured step times: BENCHMARKS.md, "benchmarks/optimizer.py".
     """
 
-    def __init__(self, params, lr: float = 1e-3, window: int = 512, damp: float = 1e-5, momentum: float = 0.0,
-                 weight_decay: float = 0.0, decoupled_weight_decay: bool = False,
-                 window_dtype: torch.dtype | None = None, nonfinite: str = "skip", process_group=None,
-                 density: float = 1.0, precondition: str = "gradient"):
+    def __init__(self, params, lr: float = defaults.MFAC_LR, window: int = defaults.MFAC_WINDOW,
+                 damp: float = defaults.MFAC_DAMP, momentum: float = 0.0, weight_decay: float = 0.0,
+                 decoupled_weight_decay: bool = False, window_dtype: torch.dtype | None = None,
+                 nonfinite: str = "skip", process_group=None, density: float = 1.0, precondition: str = "gradient"):
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an int >= 1 (the number of gradients kept), got {window!r}")
         if window_dtype is not None and (not isinstance(window_dtype, torch.dtype)
@@ -136,35 +116,22 @@ class MFAC(Optimizer):
         self._window_size = window
         self._window_dtype = window_dtype
         self._nonfinite = nonfinite
-        self._group = process_group
-        self._layout = None  # the coordinates of this process, when the window is sharded over replicas
-        self._param_shards = None  # set when the parameters themselves are sharded (FSDP2)
-        self._local = _unchanged
         self._fisher: SlidingWindowFisherInverse | None = None
         self._flat_grad: torch.Tensor | None = None
         self._momentum: torch.Tensor | None = None
         self._steps = 0
         self._skipped = 0
         self._warned_nonfinite = False
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                        decoupled_weight_decay=decoupled_weight_decay)
-        super().__init__(params, defaults)
-        sharded_params = any(map(is_dtensor, self._all_params()))
-        if self._density < 1 and sharded_params:
+        self._distributor = None
+        defaults_ = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                         decoupled_weight_decay=decoupled_weight_decay)
+        super().__init__(params, defaults_)
+        if self._density < 1 and any(map(is_dtensor, self.all_params)):
             raise ValueError("density < 1 (a compressed window) cannot be combined with FSDP2's sharded parameters "
                              "yet; use density=1.0")
-        if sharded_params:
-            from ..distributed import ParamShards, local_tensor
-
-            self._param_shards, self._group = ParamShards.of(self._all_params(), process_group)
-            self._local = local_tensor
-        elif process_group is not None:
-            from ..distributed import ShardLayout
-
-            self._layout = ShardLayout.of(self.dim, process_group)
-        dtype = self._storage_dtype()
+        self._distributor = choose_distributor(self.all_params, process_group, self.global_dim)
+        dtype = self.storage_dtype
         self._damp = check_damp(damp, compute_dtype(dtype))
-        device = self._all_params()[0].device
         vectors = 3 * self.dim * compute_dtype(dtype).itemsize  # flat gradient, momentum, staged update
         if self._density < 1:
             if self.dim <= window:
@@ -173,13 +140,13 @@ class MFAC(Optimizer):
                                  f"more for a model this small)")
             state = compressed_nbytes(self.dim, window, self._density, dtype)
         else:
-            state = window_nbytes(self._window_dim, window, dtype)
-        resources.check_fits(state + vectors, device,
+            state = window_nbytes(self._distributor.window_dim(self.dim), window, dtype)
+        resources.check_fits(state + vectors, self.device,
                              f"MFAC's state (a window of {window} gradients of {self.dim:,} coordinates in {dtype}"
                              f"{f' at density {self._density:g}' if self._density < 1 else ''}, plus 3 vectors of d)",
                              "lower window, or use window_dtype=torch.bfloat16, or density < 1")
 
-    # Param groups ----------------------------------------------------------------------------------
+    # Param groups and settings ---------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict) -> None:
         for key in _GLOBAL_KEYS:
@@ -195,37 +162,53 @@ class MFAC(Optimizer):
             if not p.dtype.is_floating_point:
                 raise TypeError(f"MFAC needs floating parameters, got one of dtype {p.dtype}")
         try:
-            _check_group(group)
+            check_group(group)
         except ValueError:
             self.param_groups.pop()
             raise
 
-    def _all_params(self) -> list[torch.Tensor]:
+    @property
+    def all_params(self) -> list[torch.Tensor]:
+        """Every parameter of every group, in order: the order of the window's coordinates."""
         return [p for group in self.param_groups for p in group["params"]]
+
+    @property
+    def distributor(self):
+        """How the window is laid out over processes (:mod:`mfac.distributed.distributors`)."""
+        return self._distributor
+
+    def _local(self, tensor):
+        return tensor if self._distributor is None else self._distributor.local(tensor)
 
     @property
     def dim(self) -> int:
         """d: the number of coordinates of all parameters together (of this process's shards, under FSDP2)."""
-        return sum(self._local(p).numel() for p in self._all_params())
+        return sum(self._local(p).numel() for p in self.all_params)
 
     @property
-    def _window_dim(self) -> int:
-        """Coordinates of the window held here: d, or this process's shard of it."""
-        return self.dim if self._layout is None else self._layout.size
+    def global_dim(self) -> int:
+        """The number of coordinates of all parameters of the whole model (d, unless FSDP2 shards them)."""
+        return sum(p.numel() for p in self.all_params)
 
-    def _reduce_hook(self):
-        if self._group is None:
-            return None
-        from ..distributed import sum_over
+    window_size = property(lambda self: self._window_size, doc="m, the number of gradients the window keeps.")
+    damp = property(lambda self: self._damp, doc="The damping lambda of the window.")
+    density = property(lambda self: self._density, doc="Fraction of each gradient's entries the window keeps.")
+    device = property(lambda self: self.all_params[0].device, doc="Where the parameters and the window live.")
 
-        return sum_over(self._group)
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        """The dtype the window stores its rows in (``window_dtype``, or chosen from the parameters)."""
+        if self._window_dtype is not None:
+            return self._window_dtype
+        dtypes = {compute_dtype(p.dtype) for p in self.all_params}
+        return torch.float64 if torch.float64 in dtypes and self._density == 1 else torch.float32
 
     def _new_window(self, device) -> SlidingWindowFisherInverse:
         if self._density < 1:
             return CompressedWindowFisherInverse(self.dim, self._window_size, self._damp, self._density,
-                                                 dtype=self._storage_dtype(), device=device)
-        return SlidingWindowFisherInverse(self._window_dim, self._window_size, self._damp,
-                                          dtype=self._storage_dtype(), device=device, reduce=self._reduce_hook())
+                                                 dtype=self.storage_dtype, device=device)
+        return SlidingWindowFisherInverse(self._distributor.window_dim(self.dim), self._window_size, self._damp,
+                                          dtype=self.storage_dtype, device=device, reduce=self._distributor.reduce)
 
     @property
     def fisher(self) -> SlidingWindowFisherInverse | None:
@@ -242,19 +225,13 @@ class MFAC(Optimizer):
         """Steps skipped because the gradient or the update was not finite."""
         return self._skipped
 
-    def _storage_dtype(self) -> torch.dtype:
-        if self._window_dtype is not None:
-            return self._window_dtype
-        dtypes = {compute_dtype(p.dtype) for p in self._all_params()}
-        return torch.float64 if torch.float64 in dtypes and self._density == 1 else torch.float32
-
     def _ensure_window(self) -> SlidingWindowFisherInverse:
         if self._fisher is None:
-            params = self._all_params()
+            params = self.all_params
             if not params:
                 raise ValueError("MFAC has no parameters to optimize")
             sharded = [is_dtensor(p) for p in params]
-            if any(sharded) and (self._param_shards is None or not all(sharded)):
+            if any(sharded) and (not self._distributor.sharded_params or not all(sharded)):
                 raise ValueError("MFAC's parameters changed form after construction: a param group added later "
                                  "mixes FSDP2 (DTensor) and plain parameters; build MFAC once the model is sharded, "
                                  "with all its parameters")
@@ -268,25 +245,6 @@ class MFAC(Optimizer):
 
     # The step ------------------------------------------------------------------------------------
 
-    def _gather_gradient(self) -> torch.Tensor:
-        """Write every group's grad (+ coupled weight decay) into the flat vector: one pass over d."""
-        flat, offset = self._flat_grad, 0
-        for group in self.param_groups:
-            coupled_decay = 0.0 if group["decoupled_weight_decay"] else group["weight_decay"]
-            for p in group["params"]:
-                grad, p = self._local(p.grad), self._local(p)
-                part = flat[offset: offset + p.numel()]
-                offset += p.numel()
-                if grad is None:
-                    part.zero_()
-                elif grad.is_sparse:
-                    raise RuntimeError("MFAC does not support sparse gradients")
-                elif coupled_decay:
-                    torch.add(grad.reshape(-1), p.reshape(-1), alpha=coupled_decay, out=part)
-                else:
-                    part.copy_(grad.reshape(-1))
-        return flat
-
     def _skip(self, reason: str) -> None:
         if self._nonfinite == "raise":
             raise FloatingPointError(f"MFAC refused step {self._steps + self._skipped + 1}: {reason}; parameters, "
@@ -299,6 +257,19 @@ class MFAC(Optimizer):
                           RuntimeWarning, stacklevel=3)
             self._warned_nonfinite = True
 
+    def _direction(self, fisher: SlidingWindowFisherInverse):
+        """Push the flat gradient into the window (staged) and return (staged push, F^-1 g for all
+        local coordinates); raises NonFiniteGradientError when the window refuses it."""
+        local = [self._local(p) for p in self.all_params]
+        coupled = [0.0 if group["decoupled_weight_decay"] else group["weight_decay"]
+                   for group in self.param_groups for _ in group["params"]]
+        flat = flatten_gradients(self._flat_grad, local, [self._local(p.grad) for p in self.all_params], coupled)
+        flat = self._distributor.window_part(flat)
+        full_gradient = self._density < 1 and self._precondition == "gradient"
+        staged = fisher.stage(flat, direction=not full_gradient)
+        direction = fisher.staged_ihvp(staged, flat) if full_gradient else staged.direction
+        return staged, self._distributor.full_direction(direction)
+
     @torch.no_grad()
     def step(self, closure=None):
         """Perform one step; returns the closure's loss (or None).
@@ -310,54 +281,40 @@ class MFAC(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            _check_group(group)
+            check_group(group)
         fisher = self._ensure_window()
-        flat = self._gather_gradient()
-        if self._layout is not None:
-            flat = flat[self._layout.start: self._layout.stop]
-        full_gradient = self._density < 1 and self._precondition == "gradient"
         try:
-            staged = fisher._stage(flat, want_direction=not full_gradient)
-            direction = fisher._staged_ihvp(staged, flat) if full_gradient else staged.direction
+            staged, direction = self._direction(fisher)
         except NonFiniteGradientError as error:  # the window refused it and is unchanged
             self._skip(str(error).split(";")[0])
             return loss
-        if self._layout is not None:
-            from ..distributed import gather_over
-
-            direction = gather_over(direction, self._layout, self._group)
         use_momentum = any(group["momentum"] for group in self.param_groups)
-        momentum_buffer = self._momentum
+        buffer = self._momentum
         if use_momentum:
-            momentum_buffer = torch.zeros_like(direction) if momentum_buffer is None else momentum_buffer.clone()
-        updates, finite, offset = [], torch.ones((), dtype=torch.bool, device=direction.device), 0
+            buffer = torch.zeros_like(direction) if buffer is None else buffer.clone()
+        writes, finite, offset = [], torch.ones((), dtype=torch.bool, device=direction.device), 0
         for group in self.param_groups:
-            lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
+            params, views, buffers = [], [], []
             for p in group["params"]:
-                if p.grad is None:
-                    offset += self._local(p).numel()
-                    continue
-                p = self._local(p)
-                start, offset = offset, offset + p.numel()
-                update = direction[start:offset]
-                if momentum:
-                    update = momentum_buffer[start:offset].mul_(momentum).add_(update)
-                base = p * (1.0 - lr * decay) if group["decoupled_weight_decay"] and decay else p
-                new = torch.add(base, update.view_as(p).to(p.dtype), alpha=-lr)
-                finite &= finite_flag(new)
-                updates.append((p, new))
-        if self._param_shards is not None:  # each process sees its own shards: all must agree to step
-            from ..distributed import all_true
-
-            finite = all_true(finite, self._group)
-        if not bool(finite):
+                local = self._local(p)
+                start, offset = offset, offset + local.numel()
+                if p.grad is not None:
+                    params.append(local)
+                    views.append(direction[start:offset])
+                    buffers.append(buffer[start:offset] if group["momentum"] else None)
+            new, group_finite = mfac_update(params, views, buffers, lr=group["lr"], momentum=group["momentum"],
+                                            weight_decay=group["weight_decay"],
+                                            decoupled_weight_decay=group["decoupled_weight_decay"])
+            writes.extend(zip(params, new))
+            finite &= group_finite
+        if not bool(self._distributor.agree(finite)):
             self._skip("the update would make a parameter NaN or Inf (lr too large for this preconditioned "
                        "direction?)")
             return loss
-        fisher._commit(staged)
+        fisher.commit(staged)
         if use_momentum:
-            self._momentum = momentum_buffer
-        for p, new in updates:
+            self._momentum = buffer
+        for p, new in writes:
             p.copy_(new)
         self._steps += 1
         return loss
@@ -375,84 +332,23 @@ class MFAC(Optimizer):
             "skipped_steps": self._skipped,
             "window": None if self._fisher is None else self._fisher.state_dict(),
             "momentum": None if self._momentum is None else self._momentum.clone(),
-            "shard": self._shard_description(),
+            "shard": self._distributor.describe(),
         }
         return state
-
-    def _shard_description(self) -> dict | None:
-        """Which part of the coordinates this process's state covers: None for all of them."""
-        for shards in (self._layout, self._param_shards):
-            if shards is not None:
-                return shards.as_dict()
-        return None
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore a state from ``state_dict``; continuing then gives bitwise the same parameters as
         never having stopped. The window and the float64 state keep their saved dtypes.
 
         Everything is checked before anything changes (keys, sizes, dtypes, ranges, and that the
-        optimizer was built with the same window, damp and window dtype); a failed load raises
-        ValueError naming the entry and leaves the optimizer bitwise unchanged."""
-        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("mfac"), dict):
-            raise ValueError("this state dict has no 'mfac' entry: it was not saved by MFAC.state_dict()")
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("mfac")
-        missing = {"dim", "steps", "skipped_steps", "window", "momentum"} - set(extra)
-        if missing:
-            raise ValueError(f"the state dict's 'mfac' entry is missing {sorted(missing)}; pass the output of "
-                             f"MFAC.state_dict()")
-        if extra["dim"] != self.dim or isinstance(extra["dim"], bool):
-            raise ValueError(f"the state dict is for parameters with d = {extra['dim']!r} coordinates, but this "
-                             f"optimizer's parameters have d = {self.dim:,}; load it into an MFAC built on the "
-                             f"same model")
-        saved_shard = extra.get("shard")
-        mine = self._shard_description()
-        if saved_shard != mine:
-            def describe(shard):
-                return ("one process (no process_group)" if shard is None else
-                        f"process {shard.get('rank')} of {shard.get('world_size')}")
-            raise ValueError(f"the state dict was saved by {describe(saved_shard)}, but this optimizer runs as "
-                             f"{describe(mine)}; each process loads the state it saved, with the same number of "
-                             f"processes")
-        for key in ("steps", "skipped_steps"):
-            if isinstance(extra[key], bool) or not isinstance(extra[key], int) or extra[key] < 0:
-                raise ValueError(f"the state dict's mfac.{key} must be an int >= 0, got {extra[key]!r}")
-        window_state = extra["window"]
-        dtype = self._storage_dtype()
-        if window_state is not None:
-            if isinstance(window_state, dict) and window_state.get("window") != self._window_size:
-                raise ValueError(f"the state dict has window = {window_state.get('window')!r} but this optimizer "
-                                 f"has window = {self._window_size}; construct MFAC with the same window")
-            if isinstance(window_state, dict) and window_state.get("damp") != self._damp:
-                raise ValueError(f"the state dict has damp = {window_state.get('damp')!r} but this optimizer has "
-                                 f"damp = {self._damp:g}; construct MFAC with the same damp to resume")
-            if isinstance(window_state, dict) and window_state.get("storage_dtype") != str(dtype):
-                raise ValueError(f"the state dict's window stores {window_state.get('storage_dtype')!r} but this "
-                                 f"optimizer's window stores {dtype}; construct MFAC with the same window_dtype")
-            if isinstance(window_state, dict) and window_state.get("density", 1.0) != self._density:
-                raise ValueError(f"the state dict's window has density = {window_state.get('density', 1.0)!r} but "
-                                 f"this optimizer has density = {self._density:g}; construct MFAC with the same "
-                                 f"density")
-            if self._density == 1:  # a compressed window checks its whole state in load_state_dict below
-                validate_window_state(window_state, self._window_dim, self._window_size, self._damp, dtype,
-                                      self._reduce_hook())
-        elif extra["steps"] > 0:
-            raise ValueError(f"the state dict records {extra['steps']} steps but no window; it is not from "
-                             f"MFAC.state_dict()")
-        momentum = extra["momentum"]
-        if momentum is not None:
-            expected = compute_dtype(dtype)
-            if not isinstance(momentum, torch.Tensor) or momentum.shape != (self.dim,) or momentum.dtype != expected:
-                got = (f"{tuple(momentum.shape)} {momentum.dtype}" if isinstance(momentum, torch.Tensor)
-                       else type(momentum).__name__)
-                raise ValueError(f"the state dict's momentum must be a ({self.dim},) {expected} tensor, got {got}")
-            if not all_finite(momentum):
-                raise ValueError("the state dict's momentum contains NaN or Inf")
-        device = self._all_params()[0].device
+        optimizer was built with the same window, damp and window dtype; the window's own state
+        once, by the window); a failed load raises ValueError naming the entry and leaves the
+        optimizer bitwise unchanged."""
+        state_dict, extra = check_saved_state(self, state_dict)
         fresh = None
-        if window_state is not None:
-            fresh = self._new_window(device)
-            fresh.load_state_dict(window_state)
+        if extra["window"] is not None:
+            fresh = self._new_window(self.device)
+            fresh.load_state_dict(extra["window"])
         saved_groups, saved_contents = self.param_groups, [dict(group) for group in self.param_groups]
         saved_state = self.state
         try:
@@ -461,7 +357,7 @@ class MFAC(Optimizer):
                 for key in _GLOBAL_KEYS:
                     if key in group:
                         raise ValueError(f"the state dict's param groups set {key!r}, which is optimizer-wide")
-                _check_group(group)
+                check_group(group)
         except (ValueError, KeyError, TypeError, IndexError) as error:
             for group, saved in zip(saved_groups, saved_contents):
                 group.clear()
@@ -471,8 +367,9 @@ class MFAC(Optimizer):
                 raise
             raise ValueError(f"the state dict's param groups or state are malformed ({error!r}); pass the output "
                              f"of MFAC.state_dict()") from None
+        momentum = extra["momentum"]
         self._fisher = fresh
         self._flat_grad = None if fresh is None else torch.zeros(self.dim, dtype=fresh.dtype, device=fresh.device)
-        self._momentum = None if momentum is None else momentum.to(device).clone()
+        self._momentum = None if momentum is None else momentum.to(self.device).clone()
         self._steps = extra["steps"]
         self._skipped = extra["skipped_steps"]

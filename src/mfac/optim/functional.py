@@ -1,0 +1,77 @@
+"""The arithmetic of one MFAC step, as plain functions over lists of tensors (as ``torch.optim.adamw``'s
+``adamw()``): :class:`mfac.MFAC` gathers the lists, asks its window for the direction, and calls these.
+
+One step, as published (Frantar et al., 2021):
+
+    g   <- grad + weight_decay * p          (coupled weight decay, per group; all params, one vector)
+    u   <- F^-1 g                           (F over the last ``window`` gradients, g included)
+    buf <- momentum * buf + u               (per group)
+    p   <- p - lr * buf                     (decoupled: p * (1 - lr * weight_decay) - lr * buf)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..fisher.base import finite_flag
+
+__all__ = ["check_hyper", "check_group", "flatten_gradients", "mfac_update"]
+
+
+def check_hyper(name: str, value, low: float = 0.0, high: float = math.inf, high_open: bool = False) -> None:
+    """Refuse a hyperparameter that is not a finite real number in [low, high] (or [low, high))."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < low or value > high or (high_open and value == high):
+        bound = f"[{low:g}, {high:g}{')' if high_open else ']'}" if high < math.inf else f">= {low:g}"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+def check_group(group: dict) -> None:
+    """Settings that cannot work are refused before a step changes anything (schedulers and users
+    may edit param groups between steps, so this runs at every step too)."""
+    largest = min((torch.finfo(p.dtype).max for p in group["params"]), default=torch.finfo(torch.float32).max)
+    check_hyper("lr", group["lr"], 0.0, largest)
+    check_hyper("momentum", group["momentum"], 0.0, 1.0, high_open=True)
+    check_hyper("weight_decay", group["weight_decay"], 0.0, largest)
+    if group["decoupled_weight_decay"] and group["lr"] * group["weight_decay"] > 1:
+        raise ValueError(f"lr * weight_decay = {group['lr'] * group['weight_decay']:g} > 1 with decoupled weight decay "
+                         f"would flip the sign of the parameters; lower lr or weight_decay")
+
+
+def flatten_gradients(flat: torch.Tensor, params: list[torch.Tensor], grads: list[torch.Tensor | None],
+                      coupled_decay: list[float]) -> torch.Tensor:
+    """Write every gradient (plus its coupled weight decay * p) into ``flat``, in order, and zeros
+    for parameters without one: one pass over d. Returns ``flat``."""
+    offset = 0
+    for p, grad, decay in zip(params, grads, coupled_decay):
+        part = flat[offset: offset + p.numel()]
+        offset += p.numel()
+        if grad is None:
+            part.zero_()
+        elif grad.is_sparse:
+            raise RuntimeError("MFAC does not support sparse gradients")
+        elif decay:
+            torch.add(grad.reshape(-1), p.reshape(-1), alpha=decay, out=part)
+        else:
+            part.copy_(grad.reshape(-1))
+    return flat
+
+
+def mfac_update(params: list[torch.Tensor], directions: list[torch.Tensor],
+                momentum_buffers: list[torch.Tensor | None], *, lr: float, momentum: float, weight_decay: float,
+                decoupled_weight_decay: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The new values of ``params`` (one group) for their preconditioned directions (flat views),
+    without writing them, and a 0-d bool tensor that is True when all are finite (no host sync).
+    With ``momentum``, ``momentum_buffers`` (flat views, one per parameter) are updated in place:
+    pass copies when the step may still be refused. Cost: O(d) reads and writes."""
+    new_values, finite = [], torch.ones((), dtype=torch.bool, device=params[0].device if params else None)
+    for p, update, buffer in zip(params, directions, momentum_buffers):
+        if momentum:
+            update = buffer.mul_(momentum).add_(update)
+        base = p * (1.0 - lr * weight_decay) if decoupled_weight_decay and weight_decay else p
+        new = torch.add(base, update.view_as(p).to(p.dtype), alpha=-lr)
+        finite &= finite_flag(new)
+        new_values.append(new)
+    return new_values, finite
