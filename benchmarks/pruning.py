@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import mfac.prune.oneshot as oneshot
+import mfac.prune.run as oneshot  # where each prune's gradients are collected
 from mfac.data import load_digits, read_cifar_npz
 from mfac.grads import prunable_parameters
 from mfac.models import load_resnet20_checkpoint, mlp

@@ -1,4 +1,4 @@
-"""The `mfac` command, run for real in subprocesses."""
+"""The `mfac` command, run for real in subprocesses (in process where a test looks inside)."""
 
 import json
 import os
@@ -9,6 +9,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 import torch
+
+from mfac import defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = json.loads((ROOT / "docs" / "demo-report.schema.json").read_text())
@@ -125,6 +127,102 @@ def test_version_and_help():
         help_text = mfac(command, "--help")
         assert help_text.returncode == 0 and "usage: mfac " + command in help_text.stdout
     assert "(default: 0.9)" in mfac("prune", "--help").stdout
+
+
+def test_defaults_come_from_mfac_defaults(monkeypatch, capsys):
+    from mfac.cli.parser import build_parser
+
+    parser = build_parser()
+    train = parser.parse_args(["train"])
+    recipe = defaults.SMALL_MODEL_RECIPE
+    assert (train.lr, train.window, train.damp, train.momentum) == (recipe.lr, recipe.window, recipe.damp,
+                                                                    recipe.momentum)
+    prune = parser.parse_args(["prune"])
+    assert (prune.num_grads, prune.block_size) == (defaults.PRUNE_NUM_GRADS, defaults.PRUNE_BLOCK_SIZE)
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per option
+    with pytest.raises(SystemExit):
+        parser.parse_args(["prune", "--help"])
+    help_text = capsys.readouterr().out
+    assert f"default {defaults.PRUNE_RELATIVE_DAMP:g} when --damp is not given" in help_text
+    assert f"default {defaults.PRUNE_RECOMPUTE} one-shot, {defaults.GRADUAL_RECOMPUTE} per pruning step" in help_text
+
+
+@pytest.mark.parametrize("given,expected", [
+    ([], {"block_size": defaults.PRUNE_BLOCK_SIZE, "recompute": defaults.PRUNE_RECOMPUTE}),
+    (["--block-size", "0", "--recompute", "3"], {"block_size": defaults.EXACT, "recompute": 3}),
+    (["--gradual", "--steps", "20"], {"block_size": defaults.PRUNE_BLOCK_SIZE,
+                                      "recompute": defaults.GRADUAL_RECOMPUTE}),
+    (["--gradual", "--steps", "20", "--block-size", "0"], {"block_size": defaults.EXACT,
+                                                           "recompute": defaults.GRADUAL_RECOMPUTE}),
+])
+def test_prune_hands_its_settings_to_the_pruner(given, expected, tmp_path, monkeypatch, capsys):
+    """--block-size 0 is the library's explicit "exact"; --recompute defaults to the library's."""
+    import mfac.cli.prune
+    from mfac.cli import main
+
+    seen = {}
+
+    def pruner(*args, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(mfac.cli.prune, "GradualPruner" if "--gradual" in given else "prune_oneshot", pruner)
+    monkeypatch.delenv("MFAC_DEBUG", raising=False)
+    assert main(["prune", *given, "--num-grads", "16", "--quiet", "--out", str(tmp_path / "x")]) == 1
+    assert "stop here" in capsys.readouterr().err
+    assert {key: seen[key] for key in expected} == expected
+    assert seen["num_grads"] == 16 and seen["damp"] is None and seen["relative_damp"] is None
+
+
+def test_bench_says_what_it_needs_without_a_source_checkout(tmp_path):
+    import shutil
+
+    import mfac as package
+
+    line = one_line_error(mfac("bench", "--benchmarks", tmp_path), 2)
+    assert f"--benchmarks {tmp_path}" in line and "fisher.py" in line
+    installed = tmp_path / "site-packages"  # the package alone, as pip installs it from a wheel
+    shutil.copytree(Path(package.__file__).parent, installed / "mfac", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**{k: v for k, v in os.environ.items() if k != "MFAC_DEBUG"}, "PYTHONPATH": str(installed)}
+    result = subprocess.run([sys.executable, "-m", "mfac", "bench"], capture_output=True, text=True, env=env,
+                            cwd=tmp_path, timeout=300)
+    line = one_line_error(result, 2)
+    assert "source checkout" in line and "--benchmarks DIR" in line and str(installed) in line
+    if (ROOT / "benchmarks" / "fisher.py").exists():  # a checkout: found beside the package, nothing is run here
+        from mfac.cli.bench import find_benchmarks
+
+        assert find_benchmarks(None) == (ROOT / "benchmarks").resolve()
+
+
+def test_cli_modules_form_no_import_cycle():
+    """The parser imports no command module and no command module imports the parser; mfac.cli has no cycle."""
+    import ast
+
+    import mfac.cli as cli
+
+    folder = Path(cli.__file__).parent
+    names = {path.stem for path in folder.glob("*.py")}
+    graph = {}
+    for path in folder.glob("*.py"):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                imported |= {node.module} if node.module else {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mfac.cli."):
+                imported.add(node.module.split(".")[2])
+            elif isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[2] for alias in node.names if alias.name.startswith("mfac.cli.")}
+        graph[path.stem] = imported & names
+    commands = {"demo", "train", "prune", "bench"}
+    assert not graph["parser"] & commands, graph["parser"]
+    assert not [name for name in commands if "parser" in graph[name]]
+
+    def reaches(start, target, seen=()):
+        return any(name == target or (name not in seen and reaches(name, target, (*seen, name)))
+                   for name in graph.get(start, ()))
+
+    assert not [name for name in graph if name != "__init__" and reaches(name, name)]
+    assert not (folder / "common.py").exists()
 
 
 def test_library_imports_without_cli_extras():

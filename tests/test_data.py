@@ -32,6 +32,12 @@ def test_batches_cycle_through_epochs():
     assert len(set(torch.cat(seen[:2]).tolist())) == 8
 
 
+@pytest.mark.parametrize("size", [0, -1, 11, 2.5, True])
+def test_batches_refuse_impossible_sizes_instead_of_hanging(size):
+    with pytest.raises(ValueError, match=r"batch_size must be an int in \[1, 10\]"):
+        batches(torch.zeros(10, 2), torch.zeros(10), size)
+
+
 def test_bad_split_fraction():
     with pytest.raises(ValueError, match="test_fraction"):
         load_digits(test_fraction=1.5)

@@ -1,82 +1,17 @@
-"""Dense, static and block-diagonal Fisher inverses against dense float64 references."""
+"""Dense, static and block-diagonal Fisher inverses: what is particular to each (the block routes,
+tiling, float32 and half inputs, devices, byte counts, tiny damping).
+
+Their common protocol, on every awkward gradient matrix and damping, is checked for every
+implementation at once in test_fisher_conformance.py.
+"""
 
 import pytest
 import torch
 
-from conftest import ALL_DEVICES, block_dense_fisher, dense_fisher, rel_err, solve, tolerance
+from conftest import ALL_DEVICES, block_dense_fisher, check_against, dense_fisher, make_grads, rel_err
 from mfac.fisher import BlockFisherInverse, DenseFisherInverse, StaticFisherInverse
 
-
-def make_grads(case: str, dtype=torch.float64, seed=0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    shapes = {"wide": (7, 23), "tall": (40, 9), "single": (1, 17), "d1": (5, 1), "square": (12, 12)}
-    if case in shapes:
-        m, d = shapes[case]
-        return torch.randn(m, d, generator=gen, dtype=torch.float64).to(dtype)
-    if case == "duplicate":
-        g = torch.randn(3, 19, generator=gen, dtype=torch.float64)
-        return torch.cat([g, g, g[:1]]).to(dtype)
-    if case == "rank_deficient":
-        return (torch.randn(20, 3, generator=gen, dtype=torch.float64) @ torch.randn(3, 15, generator=gen,
-                                                                                     dtype=torch.float64)).to(dtype)
-    if case == "zeros":
-        return torch.zeros(6, 10, dtype=dtype)
-    if case == "empty":
-        return torch.zeros(0, 8, dtype=dtype)
-    if case == "noncontiguous":
-        return torch.randn(21, 9, generator=gen, dtype=torch.float64).to(dtype).T  # (9, 21), strided
-    raise KeyError(case)
-
-
-CASES = ["wide", "tall", "single", "d1", "square", "duplicate", "rank_deficient", "zeros", "empty", "noncontiguous"]
-DAMPS = [1e-8, 1e-2, 1e3]
-
-
-def check_against(obj, fisher: torch.Tensor, tol: float, seed=1):
-    """ihvp (single, batched, non-contiguous), diag, element and column all match F^-1 for the
-    dense float64 ``fisher``, within relative error ``tol``."""
-    d = fisher.shape[0]
-    reference = solve(fisher, torch.eye(d, dtype=torch.float64))
-    gen = torch.Generator().manual_seed(seed)
-    dev = obj.device
-    xs = torch.randn(4, d, generator=gen, dtype=torch.float64)
-    expected = solve(fisher, xs.T).T
-    assert rel_err(obj.ihvp(xs.to(dev, obj.dtype)), expected) <= tol
-    assert rel_err(obj.ihvp(xs[0].to(dev, obj.dtype)), expected[0]) <= tol
-    strided = torch.randn(d, 3, generator=gen, dtype=torch.float64)[:, 1]  # non-contiguous vector
-    assert rel_err(obj.ihvp(strided.to(dev, obj.dtype)), solve(fisher, strided)) <= tol
-    assert rel_err(obj.diag(), reference.diagonal()) <= tol
-    i = torch.randint(0, d, (25,), generator=gen)
-    j = torch.cat([i[:5], torch.randint(0, d, (20,), generator=gen)])  # some diagonal pairs
-    got = obj.element(i.to(dev), j.to(dev))
-    assert got.shape == (25,)
-    assert float((got.double().cpu() - reference[i, j]).abs().max()) <= tol * float(reference.abs().max())
-    scalar = obj.element(d - 1, 0)
-    assert scalar.dim() == 0
-    assert abs(float(scalar) - float(reference[d - 1, 0])) <= tol * float(reference.abs().max())
-    for col in {0, d // 2, d - 1}:
-        assert rel_err(obj.column(col), reference[:, col]) <= tol
-
-
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("damp", DAMPS)
-@pytest.mark.parametrize("cls", [DenseFisherInverse, StaticFisherInverse])
-def test_exact_inverses_match_dense_float64(cls, case, damp):
-    grads = make_grads(case)
-    obj = cls(grads, damp)
-    assert (obj.dim, obj.num_grads, obj.damp, obj.dtype) == (grads.shape[1], grads.shape[0], damp, torch.float64)
-    fisher = dense_fisher(grads, damp)
-    check_against(obj, fisher, tolerance(fisher, torch.float64))
-
-
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("block_size", [1, 4, 7, 100])
-@pytest.mark.parametrize("damp", [1e-6, 1e-1])
-def test_block_matches_block_diagonal_reference(case, block_size, damp):
-    grads = make_grads(case)
-    obj = BlockFisherInverse(grads, damp, block_size)
-    fisher = block_dense_fisher(grads, damp, block_size)
-    check_against(obj, fisher, tolerance(fisher, torch.float64))
+__all__ = ["check_against"]  # test_fisher_window.py imports it from here
 
 
 def test_both_routes_are_taken_and_agree():

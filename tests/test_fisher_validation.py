@@ -1,9 +1,16 @@
-"""Bad input gets a clear error naming the argument, and never changes an object's state."""
+"""Bad input gets a clear error naming the argument, and never changes an object's state.
+
+Also the window's saved states (every corruption refused before anything changes; states of the
+previous release still load) and numbers at the edges of the dtype (large finite gradients are
+handled; gradients whose products overflow are refused, saying so).
+"""
 
 import pytest
 import torch
 
-from mfac.fisher import BlockFisherInverse, DenseFisherInverse, SlidingWindowFisherInverse, StaticFisherInverse
+from conftest import assert_same, snapshot
+from mfac.fisher import (BlockFisherInverse, DenseFisherInverse, NonFiniteGradientError, SlidingWindowFisherInverse,
+                         StaticFisherInverse)
 
 GOOD = torch.randn(4, 10)
 BUILDERS = {
@@ -99,6 +106,75 @@ def test_window_push_checks_leave_state_unchanged():
     after = win.state_dict()
     assert after["pushed"] == before["pushed"] == 1
     assert torch.equal(after["grads"], before["grads"]) and torch.equal(after["gram"], before["gram"])
+
+
+# Window states ------------------------------------------------------------------------------------
+
+def filled_window(dtype=torch.float32):
+    window = SlidingWindowFisherInverse(10, 4, 1e-2, dtype=dtype)
+    window.extend(torch.randn(6, 10, generator=torch.Generator().manual_seed(0)).to(dtype))
+    return window
+
+
+def window_corruptions(state):
+    yield "gram shape", dict(state, gram=state["gram"][:3, :3])
+    yield "grads shape", dict(state, grads=state["grads"][0])
+    yield "pushed", dict(state, pushed=-3)
+    yield "pushed type", dict(state, pushed=2.5)
+    yield "pushed too small", dict(state, pushed=1)  # rows beyond the one it implies
+    yield "nan", dict(state, grads=state["grads"].clone().index_fill_(1, torch.tensor([2]), float("nan")))
+    yield "gram/grads mismatch", dict(state, grads=state["grads"] * 2)
+    yield "asymmetric", dict(state, gram=state["gram"] + torch.triu(torch.ones(4, 4, dtype=torch.float64), 1))
+    yield "missing key", {k: v for k, v in state.items() if k != "gram"}
+    yield "unknown key", dict(state, surprise=1)
+    yield "dtype", dict(state, grads=state["grads"].double())
+    yield "damp", dict(state, damp=1.0)
+    yield "window", dict(state, window=10**8)
+    yield "not a dict", [1, 2, 3]
+
+
+def test_window_load_refuses_corruptions_and_changes_nothing():
+    window = filled_window()
+    good = window.state_dict()
+    target = SlidingWindowFisherInverse(10, 4, 1e-2)
+    target.push(torch.ones(10))
+    before = snapshot(target)
+    for label, bad in window_corruptions(good):
+        with pytest.raises(ValueError) as info:
+            target.load_state_dict(bad)
+        assert "window state" in str(info.value), label
+        assert_same(before, snapshot(target), label)
+    target.load_state_dict(good)  # and the good one loads
+    x = torch.randn(10)
+    assert torch.equal(target.ihvp(x), window.ihvp(x))
+
+
+def test_window_state_of_previous_release_still_loads():
+    window = filled_window()
+    legacy = dict(window.state_dict(), inverse=torch.zeros(4, 4, dtype=torch.float64), since_refactor=0,
+                  refactor_every=4)
+    restored = SlidingWindowFisherInverse(10, 4, 1e-2)
+    restored.load_state_dict(legacy)
+    assert restored.pushed == window.pushed
+
+
+# Numbers at the edges of the dtype -------------------------------------------------------------
+
+def test_large_finite_gradients_are_handled_not_called_nan():
+    window = SlidingWindowFisherInverse(5, 3, 1e-2)
+    g = torch.full((5,), 1e18)  # squared norm 5e36: still a float32 number
+    out = window.push_ihvp(g)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out.double(), g.double() / (1e-2 + 5e36), rtol=1e-5)
+
+
+def test_gradients_too_large_for_the_dtype_are_refused_with_what_they_are():
+    window = SlidingWindowFisherInverse(5, 3, 1e-2)
+    window.push(torch.ones(5))
+    before = snapshot(window)
+    with pytest.raises(NonFiniteGradientError, match="finite but too large.*norm 2.24e\\+20"):
+        window.push_ihvp(torch.full((5,), 1e20))
+    assert_same(before, snapshot(window))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

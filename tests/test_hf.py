@@ -187,6 +187,22 @@ def test_pruning_callback_validates_its_arguments():
         PruningCallback(1.5, start_step=1, end_step=2, every=1)
     with pytest.raises(ValueError, match="method"):
         PruningCallback(0.5, start_step=1, end_step=2, every=1, method="random")
+    with pytest.raises(ValueError, match="num_grads"):  # the pruning settings too, when the callback is made
+        PruningCallback(0.5, start_step=1, end_step=2, every=1, num_grads=0)
+    with pytest.raises(ValueError, match="block_size"):
+        PruningCallback(0.5, start_step=1, end_step=2, every=1, block_size=0)
+
+
+def test_pruning_callback_defaults_come_from_mfac_defaults():
+    from mfac import defaults
+
+    settings = PruningCallback(0.5, start_step=1, end_step=2, every=1).settings
+    assert (settings.num_grads, settings.block_size, settings.recompute, settings.relative_damp, settings.per_sample) \
+        == (defaults.GRADUAL_NUM_GRADS, defaults.PRUNE_BLOCK_SIZE, defaults.GRADUAL_RECOMPUTE,
+            defaults.PRUNE_RELATIVE_DAMP, True)
+    same = PruningCallback(0.5, start_step=1, end_step=2, every=1, num_grads=None, block_size=None, recompute=None)
+    assert same.settings == settings  # None means the default here as everywhere
+    assert PruningCallback(0.5, start_step=1, end_step=2, every=1, block_size=defaults.EXACT).settings.exact
 
 
 def test_trainer_with_mfac_under_bf16_mixed_precision(tokenizer, tmp_path):

@@ -33,7 +33,7 @@ def test_obs_update_equals_dense_closed_form(sparsity):
     expected = weight - finv[:, removed] @ (weight[removed] / diag[removed])
     expected[removed] = 0
 
-    masks = prune_oneshot(model, sparsity, data, mse, num_grads=m, damp=damp, block_size=None, recompute=1)
+    masks = prune_oneshot(model, sparsity, data, mse, num_grads=m, damp=damp, block_size="exact", recompute=1)
     assert torch.allclose(model.weight.detach().reshape(-1), expected, rtol=1e-10, atol=1e-12)
     assert set(torch.nonzero(~masks["weight"].reshape(-1)).reshape(-1).tolist()) == set(removed.tolist())
 
@@ -260,7 +260,7 @@ def masks_total(masks):
     return sum(m.numel() for m in masks.values())
 
 
-@pytest.mark.parametrize("block_size,num_grads", [(8, 16), (64, 16), (None, 16)])
+@pytest.mark.parametrize("block_size,num_grads", [(8, 16), (64, 16), ("exact", 16)])
 def test_relative_damping_makes_obs_invariant_to_the_loss_scale(block_size, num_grads):
     """Scaling the loss by c scales F by c^2; relative damping scales lambda alike, so the masks and
     the corrected weights do not change (an absolute damp would change both)."""
@@ -288,3 +288,68 @@ def test_damping_arguments_are_checked():
         prune_oneshot(model, 0.5, image_batches(), nn.functional.cross_entropy, relative_damp=-1.0)
     with pytest.raises(ValueError, match="exactly one of loss_fn"):
         prune_oneshot(model, 0.5, image_batches(), nn.functional.cross_entropy, batch_loss=lambda m, b: 0.0)
+
+
+def test_prune_settings_resolve_defaults_once_and_name_bad_arguments():
+    import dataclasses
+
+    from mfac import defaults
+    from mfac.prune import PruneSettings
+
+    settings = PruneSettings()
+    assert (settings.num_grads, settings.block_size, settings.recompute, settings.damp, settings.relative_damp) == (
+        defaults.PRUNE_NUM_GRADS, defaults.PRUNE_BLOCK_SIZE, defaults.PRUNE_RECOMPUTE, None,
+        defaults.PRUNE_RELATIVE_DAMP)
+    assert PruneSettings(num_grads=None, block_size=None, recompute=None) == settings  # None: the default
+    assert PruneSettings(damp=1e-3).relative_damp is None
+    exact = PruneSettings(block_size=defaults.EXACT)
+    assert exact.exact and not exact.streamed
+    assert PruneSettings(num_grads=16, block_size=16).streamed and not PruneSettings(num_grads=16, block_size=17).streamed
+    assert PruneSettings(recompute=8).sub_steps((2, 4)) == 2 and PruneSettings(method="magnitude").sub_steps() == 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.num_grads = 3
+    for kwargs, match in [(dict(block_size=0), "block_size must be .*'exact'"), (dict(block_size="none"), "block_size"),
+                          (dict(num_grads=1.5), "num_grads must be an int >= 1, or None for the default 256"),
+                          (dict(recompute=0), "recompute"), (dict(per_sample="yes"), "per_sample"),
+                          (dict(method="random"), "method"), (dict(scope="row"), "scope")]:
+        with pytest.raises(ValueError, match=match):
+            PruneSettings(**kwargs)
+
+
+def test_block_size_none_is_the_default_and_exact_is_spelled_out():
+    import copy
+
+    from mfac import defaults
+
+    base, pruned = small_net(), {}
+    for block_size in (None, defaults.PRUNE_BLOCK_SIZE, defaults.EXACT):
+        model = copy.deepcopy(base)
+        masks = prune_oneshot(model, 0.6, image_batches(), nn.functional.cross_entropy, num_grads=8,
+                              block_size=block_size, recompute=1)
+        pruned[block_size] = (masks, model[4].weight.detach().clone())
+    assert all(torch.equal(pruned[None][0][n], pruned[defaults.PRUNE_BLOCK_SIZE][0][n]) for n in pruned[None][0])
+    assert torch.equal(pruned[None][1], pruned[defaults.PRUNE_BLOCK_SIZE][1])
+    assert not torch.equal(pruned[defaults.EXACT][1], pruned[None][1])  # d > 128: one block differs from blocks
+
+
+def test_gradual_pruner_checks_its_settings_once_when_built():
+    from mfac import defaults
+    from mfac.prune import PruneSettings
+
+    model, loss = small_net(), nn.functional.cross_entropy
+    pruner = GradualPruner(model, 0.5, 1, 3, 1, data=image_batches(), loss_fn=loss, num_grads=4)
+    assert pruner.settings.recompute == defaults.GRADUAL_RECOMPUTE and pruner.settings.num_grads == 4
+    assert GradualPruner(model, 0.5, 1, 3, 1, data=image_batches(), loss_fn=loss,
+                         recompute=None).settings.recompute == defaults.GRADUAL_RECOMPUTE
+    given = PruneSettings(num_grads=4, recompute=2)
+    assert GradualPruner(model, 0.5, 1, 3, 1, data=image_batches(), loss_fn=loss, settings=given).settings is given
+    with pytest.raises(ValueError, match="block_size"):
+        GradualPruner(model, 0.5, 1, 3, 1, data=image_batches(), loss_fn=loss, block_size=0)
+    with pytest.raises(TypeError, match="unexpected keyword arguments \\['num_grad'\\]"):
+        GradualPruner(model, 0.5, 1, 3, 1, data=image_batches(), loss_fn=loss, num_grad=4)
+    with pytest.raises(TypeError, match="not both"):
+        GradualPruner(model, 0.5, 1, 3, 1, data=image_batches(), loss_fn=loss, settings=given, num_grads=4)
+    with pytest.raises(ValueError, match="contradicts settings.method"):
+        GradualPruner(model, 0.5, 1, 3, 1, method="magnitude", settings=given)
+    with pytest.raises(ValueError, match="needs data"):
+        GradualPruner(model, 0.5, 1, 3, 1, loss_fn=loss)

@@ -274,7 +274,7 @@ def test_streamed_route_holds_less_memory_than_the_gradient_matrix():
         data = [(torch.randn(4, 1000), torch.randint(0, 10, (4,))) for _ in range(8)]
         before = int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])
         prune_oneshot(model, 0.5, data, nn.functional.cross_entropy, num_grads=256, recompute=1,
-                      block_size=int(sys.argv[1]) or None)
+                      block_size=int(sys.argv[1]) or "exact")
         after = int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])
         print(after - before)
     """)

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["save", "load", "save_weights", "load_weights", "UnsafeFileError", "CorruptFileError"]
+__all__ = ["save", "load", "save_weights", "load_weights", "atomic_write_bytes", "safetensors_torch", "UnsafeFileError",
+           "CorruptFileError"]
 
 
 class UnsafeFileError(ValueError):
@@ -53,14 +54,22 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: str | Path, write) -> Path:
     """Call ``write(file_object)`` on a temporary file beside ``path``, fsync it, rename it over
     ``path`` and fsync the folder. On any error (Ctrl-C included) the temporary file is removed and
-    ``path`` is untouched."""
+    ``path`` is untouched. The file gets the mode a plain ``open`` would give it (0644 under the
+    usual umask 022), not the private mode of a temporary file."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -74,6 +83,11 @@ def _atomic_write(path: str | Path, write) -> Path:
         raise
     _fsync_folder(folder)
     return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`save`): a kill leaves the old file or the new."""
+    return _atomic_write(path, lambda handle: handle.write(data))
 
 
 def save(obj, path: str | Path) -> Path:
@@ -116,7 +130,7 @@ def _is_safetensors(path: Path) -> bool:
     return 0 < header_bytes < (1 << 30) and head[8:9] == b"{"
 
 
-def _safetensors_torch():
+def safetensors_torch():
     try:
         import safetensors.torch
     except ImportError as error:
@@ -132,7 +146,7 @@ def save_weights(weights: dict, path: str | Path) -> Path:
     if bad:
         raise TypeError(f"save_weights takes a dict of tensors; these entries are not tensors: {bad[:5]}")
     plain = {name: value.detach().to("cpu").contiguous().clone() for name, value in weights.items()}
-    data = _safetensors_torch().save(plain)
+    data = safetensors_torch().save(plain)
     return _atomic_write(path, lambda handle: handle.write(data))
 
 
@@ -145,7 +159,7 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"no such checkpoint: {path}")
     if _is_safetensors(path):
         try:
-            return dict(_safetensors_torch().load_file(str(path)))
+            return dict(safetensors_torch().load_file(str(path)))
         except ImportError:
             raise
         except Exception as error:  # safetensors raises its own error types for malformed files

@@ -8,13 +8,13 @@ Optimizer (:class:`mfac.MFAC`)
     ResNets (Frantar et al., 2021).
     ``SMALL_MODEL_RECIPE``: what the command line and the demo use for the built-in models (an MLP
     or CNN on digits, ResNet-20 on CIFAR): a short window and a large damp, chosen on digits.
-    ``TRANSFORMER_RECIPE``: fine-tuning a BERT-size model (MiniLM-L6 on SST-2, BENCHMARKS.md):
+    ``TRANSFORMER_RECIPE``: fine-tuning a BERT-size model (MiniLM-L6 on SST-2, BENCHMARKS.md#fine-tuning-minilm-l6-on-sst-2):
     a compressed bfloat16 window of 1024 gradients at 1% density.
 
 Pruning (:func:`mfac.prune.prune_oneshot`, :class:`mfac.prune.GradualPruner`,
 :class:`mfac.hf.PruningCallback`)
     ``PRUNE_RELATIVE_DAMP``: lambda as a fraction of the mean Fisher diagonal (held-out choice on
-    the digits MLP and ResNet-20, BENCHMARKS.md "Choosing the damping").
+    the digits MLP and ResNet-20, BENCHMARKS.md#choosing-the-damping).
     ``PRUNE_NUM_GRADS``, ``PRUNE_BLOCK_SIZE``, ``PRUNE_RECOMPUTE``: one-shot OBS as published
     (M-FAC: blocks of 128, 16 recomputations).
     ``GRADUAL_RECOMPUTE``, ``GRADUAL_NUM_GRADS``: each pruning step of a gradual schedule (one

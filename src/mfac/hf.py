@@ -32,8 +32,10 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from . import defaults
 from .checkpoint import load_weights, save_weights
 from .prune.gradual import GradualPruner, check_schedule
+from .prune.settings import PruneSettings
 
 __all__ = ["PruningCallback", "default_pruning_params"]
 
@@ -87,8 +89,11 @@ class PruningCallback(TrainerCallback):
         batch_loss: ``batch_loss(model, batch)`` -> mean loss; default the model's own loss,
             ``model(**batch).loss``.
         num_grads, block_size, recompute, per_sample, damp, relative_damp, scope: as for
-            :func:`mfac.prune.prune_oneshot` (defaults here: 64 per-sample gradients, blocks of
-            128, one recomputation, relative damping).
+            :func:`mfac.prune.prune_oneshot`; ``None`` means the default, here
+            ``mfac.defaults.GRADUAL_NUM_GRADS`` (64) per-sample gradients, blocks of
+            ``PRUNE_BLOCK_SIZE`` (128; ``mfac.defaults.EXACT`` for the exact inverse),
+            ``GRADUAL_RECOMPUTE`` (1) recomputation, relative damping (``PRUNE_RELATIVE_DAMP``).
+            Checked here, when the callback is made.
         resume_from: the checkpoint folder to restore the pruning state from when training resumes;
             default ``<output_dir>/checkpoint-<global_step>``, the folder Trainer resumed from.
 
@@ -103,18 +108,18 @@ class PruningCallback(TrainerCallback):
 
     def __init__(self, final_sparsity: float, start_step: int, end_step: int, every: int, method: str = "obs",
                  schedule: str = "cubic", initial_sparsity: float = 0.0, params=None, data=None, batch_loss=None,
-                 num_grads: int = 64, block_size: int | None = 128, recompute: int = 1, per_sample: bool = True,
-                 damp: float | None = None, relative_damp: float | None = None, scope: str = "global",
-                 resume_from: str | os.PathLike | None = None):
+                 num_grads: int | None = None, block_size: int | str | None = None, recompute: int | None = None,
+                 per_sample: bool = True, damp: float | None = None, relative_damp: float | None = None,
+                 scope: str = "global", resume_from: str | os.PathLike | None = None):
         check_schedule(final_sparsity, start_step, end_step, every, schedule, initial_sparsity)
-        if method not in ("obs", "magnitude"):
-            raise ValueError(f"method must be 'obs' or 'magnitude', got {method!r}")
+        self.settings = PruneSettings(
+            method=method, num_grads=defaults.GRADUAL_NUM_GRADS if num_grads is None else num_grads,
+            block_size=block_size, recompute=defaults.GRADUAL_RECOMPUTE if recompute is None else recompute,
+            per_sample=per_sample, scope=scope, damp=damp, relative_damp=relative_damp)
         if batch_loss is not None and not callable(batch_loss):
             raise TypeError(f"batch_loss must be callable, got {type(batch_loss).__name__}")
         self.schedule = dict(final_sparsity=final_sparsity, start_step=start_step, end_step=end_step, every=every,
                              method=method, schedule=schedule, initial_sparsity=initial_sparsity)
-        self.prune_kwargs = dict(num_grads=num_grads, block_size=block_size, recompute=recompute,
-                                 per_sample=per_sample, damp=damp, relative_damp=relative_damp, scope=scope)
         self.params, self.data, self.batch_loss = params, data, batch_loss
         self.resume_from = resume_from
         self.pruner: GradualPruner | None = None
@@ -134,13 +139,12 @@ class PruningCallback(TrainerCallback):
         if method == "obs" and data is None:
             raise ValueError("PruningCallback(method='obs') needs data: pass data= or give Trainer a train_dataset")
         params = self.params if self.params is not None else default_pruning_params(model)
-        kwargs = {k: v for k, v in self.prune_kwargs.items() if v is not None or k == "block_size"}
         self.pruner = GradualPruner(model, self.schedule["final_sparsity"], self.schedule["start_step"],
                                     self.schedule["end_step"], self.schedule["every"], data=data,
                                     method=method, schedule=self.schedule["schedule"],
                                     initial_sparsity=self.schedule["initial_sparsity"],
                                     batch_loss=(self.batch_loss or _model_loss) if method == "obs" else None,
-                                    params=params, **kwargs)
+                                    params=params, settings=self.settings)
         self._model = model
         if state.global_step > 0:
             self._restore(args, state)

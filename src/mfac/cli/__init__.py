@@ -5,13 +5,18 @@ models, and the benchmarks' quick mode. ``python -m mfac`` is the same program.
     mfac train --model mlp --data digits --optimizer mfac --steps 500 --out DIR
     mfac train --resume DIR                      # continue a run that was stopped or killed
     mfac prune --model mlp --data digits --checkpoint DIR/model.safetensors --sparsity 0.9 --out DIR2
-    mfac bench
+    mfac bench [--benchmarks DIR]                # needs a source checkout's benchmarks/ folder
 
 Exit status: 0 success; 2 bad usage (found before any work: arguments, files, the output folder);
 1 a failure while running (one line on stderr; a training run that diverged says so);
 130 Ctrl-C, at any moment. Set MFAC_DEBUG=1 to see tracebacks instead.
 
-One module per command (``demo``, ``train``, ``prune``, ``bench``), shared helpers in ``common``.
+One module per command (``demo``, ``train``, ``prune``, ``bench``), each with ``run(args)``;
+``parser`` is the grammar. The helpers the commands share are split by concern: ``errors`` (the two
+kinds of error), ``tasks`` (data and built-in models), ``optimizers``, ``output`` (the ``--out``
+folder), ``reports`` (report.json and plots), ``pruning_progress`` and ``text`` (text data and
+Hugging Face models). The parser imports no command module and no command module imports the
+parser: ``main`` parses, then runs the module of the subcommand.
 This module imports nothing heavy: torch is loaded inside ``main``, where Ctrl-C is handled.
 """
 
@@ -87,12 +92,15 @@ def _main(argv, interrupt: _InterruptFlag) -> int:
     if interrupt.seen:
         raise KeyboardInterrupt
     with interrupt.deferred():
-        from .common import CliError, RunError
+        from .errors import CliError, RunError
         from .parser import build_parser
     args = build_parser().parse_args(argv)
+    with interrupt.deferred():
+        from . import bench, demo, prune, train
+    run = {"demo": demo.run, "train": train.run, "prune": prune.run, "bench": bench.run}[args.command]
     debug = bool(os.environ.get("MFAC_DEBUG"))
     try:
-        return args.func(args)
+        return run(args)
     except CliError as error:
         if debug:
             raise
@@ -106,8 +114,6 @@ def _main(argv, interrupt: _InterruptFlag) -> int:
             message = f"{message} ({type(error).__name__})"
         print(f"mfac: error: {message}", file=sys.stderr)
         return 1
-
-
 
 
 def run_program() -> None:

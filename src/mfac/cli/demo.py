@@ -11,26 +11,30 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..defaults import PRUNE_BLOCK_SIZE, PRUNE_NUM_GRADS, PRUNE_RECOMPUTE, SMALL_MODEL_RECIPE
 from ..models import mlp
-from ..optim import MFAC
 from ..progress import Progress
 from ..prune import prune_oneshot
 from ..training import accuracy, mean_loss, train_classifier
-from .common import (check_out, environment, load_task, make_optimizer, markdown_table, pruning_progress, pyplot,
-                     staged_output, write_json)
-
+from .optimizers import make_optimizer
+from .output import check_out, staged_output
+from .pruning_progress import pruning_progress
+from .reports import environment, markdown_table, pyplot, write_json
+from .tasks import load_task
 
 DEMO = {
-    "full": dict(steps=800, eval_every=40, sparsities=[0.5, 0.7, 0.8, 0.9, 0.95], recompute=16, num_grads=256,
-                 finetune_steps=300),
+    "full": dict(steps=800, eval_every=40, sparsities=[0.5, 0.7, 0.8, 0.9, 0.95], recompute=PRUNE_RECOMPUTE,
+                 num_grads=PRUNE_NUM_GRADS, finetune_steps=300),
     "quick": dict(steps=200, eval_every=20, sparsities=[0.5, 0.8, 0.9], recompute=8, num_grads=128,
                   finetune_steps=100),
 }
+_RECIPE = SMALL_MODEL_RECIPE
 DEMO_OPTIMIZERS = {  # the README's recommended settings
-    "MFAC": dict(name="mfac", lr=3e-3, momentum=0.9, window=64, damp=1e-2),
+    "MFAC": dict(name="mfac", lr=_RECIPE.lr, momentum=_RECIPE.momentum, window=_RECIPE.window, damp=_RECIPE.damp),
     "Adam": dict(name="adam", lr=3e-3),
     "SGD": dict(name="sgd", lr=3e-2, momentum=0.9),
 }
+FINETUNE_LR = 1e-3  # MFAC with the small-model recipe otherwise
 
 
 def run(args) -> int:
@@ -93,14 +97,15 @@ def run(args) -> int:
         model, masks = sparse_for_finetune
         before = accuracy(model, flat.test_x, flat.test_y)
         handle = masks.attach(model)
-        opt = MFAC(model.parameters(), lr=1e-3, window=64, damp=1e-2, momentum=0.9)
+        opt = make_optimizer("mfac", model.parameters(), FINETUNE_LR)
         start = time.perf_counter()
         with Progress(settings["finetune_steps"], "fine-tune OBS 90%", args.quiet) as bar:
             train_classifier(model, flat.train_x, flat.train_y, opt, settings["finetune_steps"], seed=args.seed,
                              on_step=lambda step, loss: bar.update(1, loss=loss))
         handle.remove()
         zeros = sum(int((dict(model.named_parameters())[n][~m] == 0).sum()) for n, m in masks.items())
-        report["finetune"] = {"model": "OBS 90%", "optimizer": "MFAC lr 1e-3, window 64, damp 1e-2, momentum 0.9",
+        report["finetune"] = {"model": "OBS 90%", "optimizer": f"MFAC lr {FINETUNE_LR:g}, window {_RECIPE.window}, "
+                                                              f"damp {_RECIPE.damp:g}, momentum {_RECIPE.momentum:g}",
                               "steps": settings["finetune_steps"], "test_accuracy_before": before,
                               "test_accuracy_after": accuracy(model, flat.test_x, flat.test_y),
                               "pruned_weights_still_zero": zeros == sum(int((~m).sum()) for m in masks.values()),
@@ -167,7 +172,7 @@ def _demo_markdown(report: dict) -> str:
              f"## Training ({report['settings']['steps']} steps of 32 samples)", "", training, "",
              f"## One-shot pruning of {report['pruning']['pruned_model']} "
              f"(dense: {100 * report['pruning']['dense_test_accuracy']:.1f}%)", "",
-             f"OBS: {report['settings']['num_grads']} mini-batch gradients, block 128, "
+             f"OBS: {report['settings']['num_grads']} mini-batch gradients, block {PRUNE_BLOCK_SIZE}, "
              f"{report['settings']['recompute']} recomputations.", "", pruning, ""]
     if report["finetune"]:
         f = report["finetune"]

@@ -1,5 +1,8 @@
 """The command line's grammar. Every number is checked as it is parsed, so bad values end with one
-line and exit status 2 before any work starts."""
+line and exit status 2 before any work starts.
+
+The grammar names each subcommand (``args.command``); :func:`mfac.cli.main` runs the module of that
+name. This module imports none of the command modules, and they do not import it."""
 
 from __future__ import annotations
 
@@ -7,6 +10,11 @@ import argparse
 import math
 
 from .. import __version__
+from ..defaults import (GRADUAL_RECOMPUTE, PRUNE_BLOCK_SIZE, PRUNE_NUM_GRADS, PRUNE_RECOMPUTE,
+                        PRUNE_RELATIVE_DAMP, SMALL_MODEL_RECIPE)
+from .optimizers import OPTIMIZERS
+
+__all__ = ["build_parser", "MODELS"]
 
 MODELS = ("mlp", "cnn", "resnet20")
 FLOAT32_MAX = 3.4028234663852886e38
@@ -60,100 +68,136 @@ def model_spec(text: str) -> str:
                                      f"folder), got {text!r}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import bench, demo, prune, train  # light modules: heavy imports happen inside each command
+LEARNING_RATE = number(0, FLOAT32_MAX, low_open=True)
+DAMP = number(FLOAT32_TINY, FLOAT32_MAX, why=" (1/damp must be a float32 number)")
 
-    formatter = _Formatter
+
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mfac", description="M-FAC second-order optimization and pruning for PyTorch.",
-                     formatter_class=formatter,
+                     formatter_class=_Formatter,
                      epilog="Exit status: 0 success, 2 bad usage, 1 failure while running, 130 Ctrl-C.")
     parser.add_argument("--version", action="version", version=f"mfac {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_demo(commands)
+    _add_train(commands)
+    _add_prune(commands)
+    _add_bench(commands)
+    return parser
 
-    def common(sub):
-        sub.add_argument("--out", default=None, help="output folder (default: a new folder under ./mfac-runs/)")
-        sub.add_argument("--force", action="store_true", help="write into --out even if it is not empty")
-        sub.add_argument("--seed", type=integer(0, 2**63 - 1), default=0,
-                         help="random seed (runs are deterministic per machine)")
-        sub.add_argument("--quiet", action="store_true", help="no progress output")
 
+def _output_options(sub) -> None:
+    sub.add_argument("--out", default=None, help="output folder (default: a new folder under ./mfac-runs/)")
+    sub.add_argument("--force", action="store_true", help="write into --out even if it is not empty")
+    sub.add_argument("--seed", type=integer(0, 2**63 - 1), default=0,
+                     help="random seed (runs are deterministic per machine)")
+    sub.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _model_data_options(sub) -> None:
+    sub.add_argument("--model", default="mlp", type=model_spec, metavar="MODEL",
+                     help=f"a built-in model ({', '.join(MODELS)}) or hf:PATH, a local Hugging Face model folder "
+                          f"with its tokenizer (a sequence-classification head is added)")
+    sub.add_argument("--data", default="digits",
+                     help="digits, mnist-idx:PATH or cifar-npz:PATH for built-in models; tsv:PATH (a folder "
+                          "with *train*.tsv and *dev*.tsv, or one file) with label and text columns for hf: models")
+    sub.add_argument("--max-length", type=integer(1), default=64, help="hf: models: tokens kept per text")
+    sub.add_argument("--checkpoint", default=None,
+                     help="start from these weights (a .safetensors file or a torch state dict)")
+    sub.add_argument("--batch-size", type=integer(1), default=32, help="mini-batch size")
+
+
+def _add_demo(commands) -> None:
     sub = commands.add_parser("demo", help="the main job: train with MFAC/Adam/SGD, prune with OBS/magnitude",
-                              formatter_class=formatter,
+                              formatter_class=_Formatter,
                               description="Train an MLP on scikit-learn's digits with MFAC, Adam and SGD, prune the "
                                           "MFAC-trained model one-shot with OBS and magnitude (50-95% and 2:4), "
                                           "fine-tune the 90% OBS model, and write report.json, report.md and plots.")
     sub.add_argument("--quick", action="store_true", help="a shorter run (under a minute)")
-    common(sub)
-    sub.set_defaults(func=demo.run)
+    _output_options(sub)
 
-    def model_data(sub):
-        sub.add_argument("--model", default="mlp", type=model_spec, metavar="MODEL",
-                         help=f"a built-in model ({', '.join(MODELS)}) or hf:PATH, a local Hugging Face model folder "
-                              f"with its tokenizer (a sequence-classification head is added)")
-        sub.add_argument("--data", default="digits",
-                         help="digits, mnist-idx:PATH or cifar-npz:PATH for built-in models; tsv:PATH (a folder "
-                              "with *train*.tsv and *dev*.tsv, or one file) with label and text columns for hf: models")
-        sub.add_argument("--max-length", type=integer(1), default=64, help="hf: models: tokens kept per text")
-        sub.add_argument("--checkpoint", default=None,
-                         help="start from these weights (a .safetensors file or a torch state dict)")
-        sub.add_argument("--batch-size", type=integer(1), default=32, help="mini-batch size")
 
-    sub = commands.add_parser("train", help="train a built-in model (resumable)", formatter_class=formatter,
+def _add_train(commands) -> None:
+    recipe = SMALL_MODEL_RECIPE
+    sub = commands.add_parser("train", help="train a built-in model (resumable)", formatter_class=_Formatter,
                               description="Train a built-in model. A checkpoint (model, optimizer with its window, "
                                           "data position, random state) is written atomically to --out every "
                                           "--checkpoint-every steps; `mfac train --resume DIR` continues a stopped or "
                                           "killed run and ends with the same model, bit for bit, as a run that was "
                                           "never interrupted.")
-    model_data(sub)
-    sub.add_argument("--optimizer", default="mfac", choices=["mfac", "adam", "sgd"])
-    sub.add_argument("--lr", type=number(0, FLOAT32_MAX, low_open=True), default=3e-3, help="learning rate")
-    sub.add_argument("--momentum", type=number(0, 1, high_open=True), default=0.9, help="momentum (MFAC, SGD)")
+    _model_data_options(sub)
+    sub.add_argument("--optimizer", default="mfac", choices=OPTIMIZERS)
+    sub.add_argument("--lr", type=LEARNING_RATE, default=recipe.lr, help="learning rate")
+    sub.add_argument("--momentum", type=number(0, 1, high_open=True), default=recipe.momentum,
+                     help="momentum (MFAC, SGD)")
     sub.add_argument("--weight-decay", type=number(0, FLOAT32_MAX), default=0.0)
-    sub.add_argument("--window", type=integer(1), default=64, help="MFAC: gradients in the window")
-    sub.add_argument("--damp", type=number(FLOAT32_TINY, FLOAT32_MAX, why=" (1/damp must be a float32 number)"),
-                     default=1e-2, help="MFAC: damping lambda")
+    sub.add_argument("--window", type=integer(1), default=recipe.window, help="MFAC: gradients in the window")
+    sub.add_argument("--damp", type=DAMP, default=recipe.damp, help="MFAC: damping lambda")
     sub.add_argument("--steps", type=integer(1), default=500, help="training steps")
     sub.add_argument("--checkpoint-every", type=integer(1), default=100,
                      help="write a resumable checkpoint to --out every N steps")
     sub.add_argument("--resume", default=None, metavar="DIR",
                      help="continue the run recorded in DIR (its settings are used; --steps may extend it)")
-    common(sub)
-    sub.set_defaults(func=train.run)
+    _output_options(sub)
+    # `mfac train --resume` tells the settings the user gave from these, without the parser.
+    sub.set_defaults(option_defaults=vars(sub.parse_args([])))
 
-    sub = commands.add_parser("prune", help="prune a built-in model one-shot", formatter_class=formatter)
-    model_data(sub)
+
+def _add_prune(commands) -> None:
+    sub = commands.add_parser("prune", help="prune a built-in model one-shot", formatter_class=_Formatter)
+    _model_data_options(sub)
     sub.add_argument("--method", default="obs", choices=["obs", "magnitude"])
     sub.add_argument("--sparsity", type=number(0, 1, high_open=True), default=0.9,
                      help="fraction of weights to remove")
     sub.add_argument("--pattern", default=None, help="N:M semi-structured sparsity, e.g. 2:4 (overrides --sparsity)")
     sub.add_argument("--scope", default="global", choices=["global", "layer"])
-    sub.add_argument("--num-grads", type=integer(1), default=256, help="gradients per inverse")
-    sub.add_argument("--per-sample", action="store_true", help="one gradient per sample instead of per batch")
-    sub.add_argument("--damp", type=number(FLOAT32_TINY, FLOAT32_MAX, why=" (1/damp must be a float32 number)"),
-                     default=None, help="an absolute damping lambda (default: relative damping)")
-    sub.add_argument("--relative-damp", type=number(0, FLOAT32_MAX, low_open=True), default=None,
-                     help="lambda as a fraction of the mean Fisher diagonal (default 0.3 when --damp is not given)")
-    sub.add_argument("--block-size", type=integer(0), default=128, help="block size of the inverse (0: one block)")
-    sub.add_argument("--recompute", type=integer(1), default=None,
-                     help="OBS sub-steps with fresh gradients (default 16 one-shot, 1 per pruning step with --gradual)")
+    _obs_options(sub)
     sub.add_argument("--calibrate-bn", type=integer(0), default=0,
                      help="re-estimate BatchNorm statistics on this many training batches, before and after pruning")
+    _gradual_options(sub)
+    _output_options(sub)
+
+
+def _obs_options(sub) -> None:
+    """How OBS estimates and inverts the Fisher."""
+    sub.add_argument("--num-grads", type=integer(1), default=PRUNE_NUM_GRADS, help="gradients per inverse")
+    sub.add_argument("--per-sample", action="store_true", help="one gradient per sample instead of per batch")
+    sub.add_argument("--damp", type=DAMP, default=None, help="an absolute damping lambda (default: relative damping)")
+    sub.add_argument("--relative-damp", type=number(0, FLOAT32_MAX, low_open=True), default=None,
+                     help=f"lambda as a fraction of the mean Fisher diagonal (default {PRUNE_RELATIVE_DAMP:g} when "
+                          f"--damp is not given)")
+    sub.add_argument("--block-size", type=integer(0), default=PRUNE_BLOCK_SIZE,
+                     help="block size of the inverse (0: one block, the exact inverse)")
+    sub.add_argument("--recompute", type=integer(1), default=None,
+                     help=f"OBS sub-steps with fresh gradients (default {PRUNE_RECOMPUTE} one-shot, "
+                          f"{GRADUAL_RECOMPUTE} per pruning step with --gradual)")
+
+
+def _gradual_options(sub) -> None:
+    """Pruning while training, on GradualPruner's schedule."""
+    recipe = SMALL_MODEL_RECIPE
     sub.add_argument("--gradual", action="store_true",
-                     help="prune while training, on the cubic schedule of GradualPruner (and of mfac.hf.PruningCallback), "
-                          "instead of one-shot")
+                     help="prune while training, on the cubic schedule of GradualPruner (and of "
+                          "mfac.hf.PruningCallback), instead of one-shot")
     sub.add_argument("--steps", type=integer(1), default=200, help="--gradual: training steps")
-    sub.add_argument("--optimizer", default="adam", choices=["mfac", "adam", "sgd"],
-                     help="--gradual: optimizer (momentum 0.9 for mfac and sgd; mfac: window 64, damp 1e-2)")
-    sub.add_argument("--lr", type=number(0, FLOAT32_MAX, low_open=True), default=1e-3, help="--gradual: learning rate")
+    sub.add_argument("--optimizer", default="adam", choices=OPTIMIZERS,
+                     help=f"--gradual: optimizer (momentum {recipe.momentum:g} for mfac and sgd; mfac: window "
+                          f"{recipe.window}, damp {recipe.damp:g})")
+    sub.add_argument("--lr", type=LEARNING_RATE, default=1e-3, help="--gradual: learning rate")
     sub.add_argument("--prune-start", type=integer(0), default=None,
                      help="--gradual: first pruning step (default: 10%% of --steps)")
     sub.add_argument("--prune-end", type=integer(0), default=None,
                      help="--gradual: step at which --sparsity is reached (default: 70%% of --steps)")
     sub.add_argument("--prune-every", type=integer(1), default=None,
                      help="--gradual: steps between pruning steps (default: an eighth of the pruning span)")
-    common(sub)
-    sub.set_defaults(func=prune.run)
 
-    sub = commands.add_parser("bench", help="run the benchmark scripts' quick mode", formatter_class=formatter)
-    sub.set_defaults(func=bench.run)
-    return parser
+
+def _add_bench(commands) -> None:
+    sub = commands.add_parser("bench", help="run the benchmark scripts' quick mode", formatter_class=_Formatter,
+                              description="Run the quick mode of benchmarks/fisher.py, optimizer.py and pruning.py. "
+                                          "The scripts are not installed with the package: they come from a source "
+                                          "checkout of mfac (git clone, then pip install -e . there), found by "
+                                          "itself, or named with --benchmarks DIR.")
+    sub.add_argument("--benchmarks", default=None, metavar="DIR",
+                     help="the benchmarks/ folder of a source checkout of mfac (default: the one in the checkout "
+                          "this mfac is installed from, as by pip install -e .; without one, mfac bench exits with "
+                          "status 2 and says so)")

@@ -12,12 +12,17 @@ import torch
 from torch import nn
 
 from ..checkpoint import save_weights
+from ..defaults import EXACT, GRADUAL_RECOMPUTE, PRUNE_RECOMPUTE
 from ..progress import Progress
 from ..prune import GradualPruner, prune_oneshot, recalibrate_batchnorm
 from ..prune.oneshot import parse_pattern
 from ..training import accuracy
-from .common import (CliError, RunError, check_out, load_model_weights, make_optimizer, prepare, pruning_progress,
-                     run_header, staged_output, usage_errors, write_json)
+from .errors import CliError, RunError, usage_errors
+from .optimizers import make_optimizer
+from .output import check_out, staged_output
+from .pruning_progress import pruning_progress
+from .reports import run_header, write_json
+from .tasks import load_model_weights, prepare
 
 
 def run(args) -> int:
@@ -26,7 +31,7 @@ def run(args) -> int:
         nm = parse_pattern(args.pattern)
     if args.gradual:
         return _gradual(args, out, nm)
-    args.recompute = args.recompute or 16
+    args.recompute = args.recompute or PRUNE_RECOMPUTE
     if args.model.startswith("hf:"):
         job = _text_job(args)
     else:
@@ -40,7 +45,7 @@ def run(args) -> int:
             masks = prune_oneshot(job.model, None if args.pattern else args.sparsity, job.data, job.loss_fn,
                                   method=args.method, num_grads=args.num_grads, damp=args.damp,
                                   relative_damp=args.relative_damp,
-                                  block_size=args.block_size or None, recompute=args.recompute,
+                                  block_size=_block_size(args), recompute=args.recompute,
                                   per_sample=args.per_sample, scope=args.scope, pattern=args.pattern,
                                   params=job.params, batch_loss=job.batch_loss, **hooks)
     except ValueError as error:  # prune_oneshot checks its arguments before it touches the model
@@ -54,6 +59,11 @@ def run(args) -> int:
     print(f"pruned {args.model} with {args.method} to sparsity {masks.sparsity():.4f}: test accuracy "
           f"{100 * before:.1f}% -> {100 * after:.1f}%")
     return _write(out, job.save, masks, report)
+
+
+def _block_size(args) -> int | str:
+    """``--block-size``, with 0 spelled as the library spells the exact (unblocked) inverse."""
+    return EXACT if args.block_size == 0 else args.block_size
 
 
 def _write(out, save_model, masks, report: dict) -> int:
@@ -148,11 +158,11 @@ def _gradual(args, out, nm) -> int:
         data = [job.make_batch(next(job.stream)) for _ in range(-(-args.num_grads // rows_per_batch))]
         loss = {"batch_loss": job.loss} if hf_model else {"loss_fn": nn.functional.cross_entropy}
     with usage_errors():
-        opt = make_optimizer(args.optimizer, model.parameters(), args.lr, 0.9, 0.0, 64, 1e-2)
+        opt = make_optimizer(args.optimizer, model.parameters(), args.lr)  # MFAC and SGD: the small-model recipe
         pruner = GradualPruner(model, args.sparsity, start_step, end_step, every, data=data, method=args.method,
-                               params=params, num_grads=args.num_grads, block_size=args.block_size or None,
-                               recompute=args.recompute or 1, per_sample=args.per_sample, damp=args.damp,
-                               relative_damp=args.relative_damp, scope=args.scope, **loss)
+                               params=params, num_grads=args.num_grads, block_size=_block_size(args),
+                               recompute=args.recompute or GRADUAL_RECOMPUTE, per_sample=args.per_sample,
+                               damp=args.damp, relative_damp=args.relative_damp, scope=args.scope, **loss)
     before = job.test_accuracy()
     started = time.perf_counter()
     losses = []

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .common import CliError, usage_errors
+from .errors import CliError, usage_errors
 
 TEXT_COLUMNS = ("sentence", "text", "content")
 EVAL_SENTENCES = 2048  # training sentences on which the train loss is reported (the whole set can be large)

@@ -24,8 +24,11 @@ from .. import checkpoint
 from ..data import batches
 from ..progress import Progress
 from ..training import accuracy, mean_loss
-from .common import (CliError, RunError, check_out, load_model_weights, make_optimizer, prepare, run_header,
-                     usage_errors, write_json)
+from .errors import CliError, RunError, usage_errors
+from .optimizers import make_optimizer
+from .output import check_out
+from .reports import run_header, write_json
+from .tasks import load_model_weights, prepare
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = 1
@@ -111,9 +114,7 @@ def _resume(args) -> int:
         if not isinstance(saved, dict) or saved.get("format") != FORMAT:
             raise ValueError(f"{path} is not a checkpoint of this version of mfac train")
         settings = {**{key: None for key in RUN_SETTINGS}, **saved["settings"]}
-    from .parser import build_parser  # the defaults tell which options the user set explicitly
-
-    defaults = vars(build_parser().parse_args(["train"]))
+    defaults = args.option_defaults  # from the parser: they tell which options the user set explicitly
     for key in RUN_SETTINGS:
         if settings[key] is None and key == "max_length":  # a run from before text support
             settings[key] = defaults[key]

@@ -12,6 +12,8 @@ which one it holds:
 * ``diag()``: the (d,) diagonal of F^-1.
 * ``element(i, j)``: [F^-1]_ij; ``i`` and ``j`` are ints or equal-length index tensors.
 * ``column(j)``: the (d,) column j of F^-1.
+* ``submatrices(index)``: [F^-1] on each row of an (n, s) index tensor, (n, s, s) (group OBS).
+* ``block_size``: coordinates are coupled only within consecutive blocks of this size (d if dense).
 * ``dim``, ``num_grads``, ``damp``, ``device``, ``dtype`` (the dtype of every returned tensor),
   ``nbytes`` (bytes of tensor state held).
 """
@@ -88,8 +90,8 @@ def check_floating(name: str, dtype: torch.dtype) -> None:
 def finite_flag(tensor: torch.Tensor) -> torch.Tensor:
     """A 0-d bool tensor, True when no element of ``tensor`` is NaN or Inf, without a host sync
     (flags of several tensors combine with ``&``). One read of the tensor and no large temporary:
-    min and max propagate NaN and expose an Inf, and run about 25x faster on CPU than
-    ``torch.isfinite(t).all()``, which writes a boolean tensor as large as ``t``."""
+    min and max propagate NaN and expose an Inf, where ``torch.isfinite(t).all()`` would also
+    write a boolean tensor as large as ``t``."""
     if tensor.numel() == 0 or not (tensor.dtype.is_floating_point or tensor.dtype.is_complex):
         return torch.ones((), dtype=torch.bool, device=tensor.device)
     if tensor.dtype.is_complex:
@@ -206,6 +208,22 @@ class FisherInverse(ABC):
     @abstractmethod
     def element(self, i, j) -> torch.Tensor:
         """[F^-1]_ij; ``i``, ``j`` ints (0-d result) or equal-length index tensors (vector result)."""
+
+    @property
+    def block_size(self) -> int:
+        """Coordinates are coupled only within consecutive blocks of this many (F^-1 is
+        block-diagonal); ``dim`` when F^-1 is dense."""
+        return self.dim
+
+    def submatrices(self, index) -> torch.Tensor:
+        """[F^-1] restricted to each row of ``index`` (n, s) (integer coordinates): (n, s, s), in
+        ``dtype``. The default asks ``element`` for every pair: O(n s^2) entries at the cost of
+        ``element``; block-diagonal objects answer with one batched product."""
+        index = check_index("index", index, self.dim).to(self.device)
+        if index.dim() != 2:
+            raise ValueError(f"index must have shape (n, s), got {tuple(index.shape)}")
+        n, s = index.shape
+        return self.element(index[:, :, None].expand(n, s, s), index[:, None, :].expand(n, s, s))
 
     def column(self, j: int) -> torch.Tensor:
         """Column j of F^-1, shape (d,). Costs one ``ihvp``; subclasses override when cheaper."""

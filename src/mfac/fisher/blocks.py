@@ -23,8 +23,8 @@ Damping is absolute (``damp``) or relative (``relative_damp``: lambda = relative
 diagonal of G^T G / m over all d coordinates, as SparseGPT's percdamp does per layer), which
 follows the scale of the gradients, so one setting serves models whose gradients differ by orders
 of magnitude. One lambda serves every block: a per-block lambda would rescale each block's
-saliencies separately and spoil the global ranking OBS makes across blocks (measured: 83% against
-96% on the digits MLP at 90% sparsity). If every gradient is zero, lambda = relative_damp.
+saliencies separately and spoil the global ranking OBS makes across blocks (measured in
+BENCHMARKS.md#choosing-the-damping). If every gradient is zero, lambda = relative_damp.
 
 The small factorisations always run in float64 (the conditioning of K is poor when damp is
 small); U is kept in float32, or float64 when the gradients are float64. Blocks of equal size are
@@ -39,7 +39,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import resources
-from .base import FisherInverse, check_damping, check_finite, check_gradients, compute_dtype, robust_cholesky
+from .base import (FisherInverse, check_damping, check_finite, check_gradients, check_index, compute_dtype,
+                   robust_cholesky)
 
 __all__ = ["BlockFisherInverse", "StaticFisherInverse"]
 
@@ -237,9 +238,11 @@ class BlockFisherInverse(FisherInverse):
                 raise ValueError(f"every chunk must be a tensor of shape (n, {dim}), got {shape}")
             check_finite("a gradient chunk", chunk)
             rows = chunk.to(device=device, dtype=dtype)
+            if rows.shape[0] == 0:
+                continue
             for (start, count, width), total in zip(layout, sums):
                 # Blocks in tiles of 16 MB, copied to (blocks, rows, B) order first: the batched
-                # product then runs near plain-matmul speed (strided operands measured 10-35% slower),
+                # product then runs near plain-matmul speed (strided operands run slower),
                 # and the copy stays small (a whole chunk's worth would add gigabytes).
                 per_tile = max(1, _TILE_ELEMENTS // (4 * len(rows) * width))
                 for b0 in range(0, count, per_tile):
@@ -277,7 +280,10 @@ class BlockFisherInverse(FisherInverse):
     damp = property(lambda self: self._damp, doc="lambda: the absolute damp, or the one relative_damp gave.")
     dtype = property(lambda self: self._dtype)
     device = property(lambda self: self._batches[0].factor.device)
-    block_size = property(lambda self: self._block_size, doc="B, the size of every block but possibly the last.")
+    @property
+    def block_size(self) -> int:
+        """B, the size of every block but possibly the last."""
+        return self._block_size
     nbytes = property(lambda self: sum(b.factor.numel() * b.factor.element_size() for b in self._batches))
 
     @property
@@ -316,6 +322,42 @@ class BlockFisherInverse(FisherInverse):
             uj = b.factor[block, :, lj % b.size]
             out[same] = b.alpha * (li == lj).to(self._dtype) + b.scale * (ui * uj).sum(-1)
         return out
+
+    def submatrices(self, index) -> torch.Tensor:
+        """[F^-1] on each row of ``index`` (n, s): (n, s, s). Entries of different blocks are 0. Rows
+        that lie within one block (the usual case in group OBS) take one batched product
+        alpha*I + scale * U[:, rows]^T U[:, rows], O(n s^2 r) for factors of r rows; other rows
+        ask ``element`` for each pair."""
+        index = check_index("index", index, self._dim).to(self.device)
+        if index.dim() != 2:
+            raise ValueError(f"index must have shape (n, s), got {tuple(index.shape)}")
+        n, s = index.shape
+        out = torch.zeros(n, s, s, dtype=self._dtype, device=self.device)
+        for b in self._batches:
+            local = index - b.start
+            block = local.div(b.size, rounding_mode="floor")
+            inside = ((local >= 0) & (local < b.stop - b.start) & (block == block[:, :1])).all(1)
+            if not bool(inside.any()):
+                continue
+            rows = inside.nonzero()[:, 0]
+            factor = b.factor[block[rows, 0]]  # (k, r, size)
+            columns = factor.gather(2, (local[rows] % b.size)[:, None, :].expand(-1, factor.shape[1], -1))
+            sub = b.scale * columns.transpose(1, 2) @ columns
+            sub.diagonal(dim1=1, dim2=2).add_(b.alpha)
+            same = (index[rows][:, :, None] == index[rows][:, None, :]).to(sub.dtype)  # repeated coordinates
+            out[rows] = sub + b.alpha * (same - torch.eye(s, dtype=sub.dtype, device=self.device))
+        crossing = ~self._within_one_block(index)
+        if bool(crossing.any()):
+            out[crossing] = super().submatrices(index[crossing])
+        return out
+
+    def _within_one_block(self, index: torch.Tensor) -> torch.Tensor:
+        first = torch.zeros(index.shape[0], dtype=torch.bool, device=self.device)
+        for b in self._batches:
+            local = index - b.start
+            block = local.div(b.size, rounding_mode="floor")
+            first |= ((local >= 0) & (local < b.stop - b.start) & (block == block[:, :1])).all(1)
+        return first
 
     def column(self, j: int) -> torch.Tensor:
         j = self._column_index(j)

@@ -23,8 +23,8 @@ the whole vector), as (value, int16 offset within the block) pairs, so a row cos
 nnz * (2 + 4) bytes in float32 or nnz * (2 + 2) in bfloat16, nnz = sum over blocks of
 ceil(density * block size). The entries are stored block-major (:class:`mfac.kernels.BlockLayout`):
 a product (:mod:`mfac.kernels`) reads each block's entries of all rows as one contiguous run while
-that block of x, or of the result, stays in cache (measured against row-major storage in
-BENCHMARKS.md, "benchmarks/fisher.py").
+that block of x, or of the result, stays in cache (measured in
+BENCHMARKS.md#compressed-window-at-the-size-of-minilm-l6).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from .window import GRAM_COPIES, SlidingWindowFisherInverse
 __all__ = ["CompressedWindowFisherInverse", "CompressedRows", "compressed_nbytes", "check_density"]
 
 MAX_BLOCK = 32768  # offsets within a block must fit an int16
-DEFAULT_BLOCK = 8192  # measured fastest of 4096..32768 at d = 22.7M, m = 1024, density 1% (BENCHMARKS.md)
+DEFAULT_BLOCK = 8192  # 32 KB of float32 x per block: stays in L1/L2 cache while a block's entries stream by
 
 
 def check_density(density) -> float:
@@ -155,6 +155,8 @@ class CompressedRows:
     # Products ---------------------------------------------------------------------------------------
 
     def dots(self, vectors: torch.Tensor, rows: int) -> torch.Tensor:
+        if vectors.dim() == 2 and vectors.shape[1] == 0:
+            return torch.zeros(rows, 0, dtype=torch.float64, device=self.device)
         columns = vectors if vectors.dim() == 2 else vectors[:, None]
         out = torch.stack([kernels.sparse_dots(self.layout, self._values, self._offsets, rows,
                                                column.to(torch.float32).contiguous())
@@ -166,6 +168,8 @@ class CompressedRows:
         if vectors.dim() == 1:
             return kernels.sparse_combine(self.layout, self._values, self._offsets, rows, coeffs,
                                           vectors.to(torch.float32).contiguous(), beta, alpha)
+        if vectors.shape[1] == 0:
+            return vectors.to(torch.float32) * beta
         return torch.stack([kernels.sparse_combine(self.layout, self._values, self._offsets, rows, part,
                                                    column.to(torch.float32).contiguous(), beta, alpha)
                             for column, part in zip(vectors.unbind(1), coeffs.unbind(1))], 1)

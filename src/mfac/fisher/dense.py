@@ -57,7 +57,7 @@ class DenseFisherInverse(FisherInverse):
 
     def element(self, i, j) -> torch.Tensor:
         i, j = self._check_pair(i, j)
-        return self._inverse[i, j]
+        return self._inverse[i, j].clone()
 
     def column(self, j: int) -> torch.Tensor:
         return self._inverse[:, self._column_index(j)].clone()

@@ -8,7 +8,7 @@ object answers F^-1 x for F = damp*I + G^T G / k through the Woodbury identity
 It keeps the float64 Gram matrix S = G G^T, whatever the window's storage dtype (each entry is one
 dot product, so S is exact up to the rounding of that product), and the Cholesky factor L of K,
 refactorised from S after every push: O(k^3 / 3), against the O(k d) of the two window passes
-(measured costs: BENCHMARKS.md, "benchmarks/fisher.py"). Every product with K^-1 is a pair of
+(measured costs: BENCHMARKS.md#sliding-static-and-block-inverses). Every product with K^-1 is a pair of
 triangular solves with L (:mod:`mfac.fisher.woodbury`). This is what makes the window backward
 stable, like the static inverse: an explicit K^-1, updated by low-rank corrections, is accurate only
 to eps * cond(K), and the Woodbury subtraction then multiplies that error by cond(F) again.

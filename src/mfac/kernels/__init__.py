@@ -4,13 +4,13 @@ This module owns one small C file (``window.c``: products with a bfloat16 window
 compressed window of (value, int16 offset) pairs) and the bridge to it. torch has no fast product
 of a bfloat16 matrix with a float32 vector that accumulates in float32 (its own bfloat16 product
 rounds the vector and the result to bfloat16), and its sparse formats are far from memory speed
-(see BENCHMARKS.md), so these few loops are written in C, blocked over columns so the window is
+(BENCHMARKS.md#window-storage-forms), so these few loops are written in C, blocked over columns so the window is
 read exactly once per product.
 
 The library is built on first use, not at import, with the system C compiler (``$CC``, default
 ``cc``; flags ``-O3 -march=native -fopenmp``), into ``$MFAC_KERNEL_CACHE`` (default
 ``~/.cache/mfac/kernels``), keyed by a hash of the source, flags and platform, so a later process
-loads it in milliseconds. Where no compiler is found, the build fails, the data is not on the CPU,
+only loads it. Where no compiler is found, the build fails, the data is not on the CPU,
 or ``MFAC_KERNELS=0`` is set, every product falls back to torch: the same results up to float32
 rounding, only slower. :func:`status` says which is in use and why.
 """

@@ -80,8 +80,8 @@ class MFAC(Optimizer):
             with process_group.
         precondition: with density < 1, what the step preconditions: "gradient" (default), the full
             gradient g, or "compressed", the compressed gradient that entered the window, as EFCP
-            does. The full gradient reached 3-10x lower training loss on the bundled tasks
-            (``benchmarks/efcp_direction.py``) for one more read of the kept entries per step.
+            does. The full gradient costs one more read of the kept entries per step and trains
+            better on the bundled tasks (BENCHMARKS.md#which-gradient-a-compressed-window-preconditions).
 
     All parameters of all groups form one vector of d coordinates and share one window, as in the
     published method; the window is created at the first ``step``, after which ``add_param_group``
@@ -89,7 +89,7 @@ class MFAC(Optimizer):
     number of the window's dtype, lr beyond the parameters' dtype) and a window that cannot fit in
     the memory available, before any step. Cost per step: two reads of the window plus
     O(d + window^3 / 3); extra memory 3 d numbers (flat gradient, momentum, a staged update).
-    Measured step times: BENCHMARKS.md, "benchmarks/optimizer.py".
+    Measured step times: BENCHMARKS.md#cost-of-one-step.
     """
 
     def __init__(self, params, lr: float = defaults.MFAC_LR, window: int = defaults.MFAC_WINDOW,

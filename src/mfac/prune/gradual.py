@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import fields
 
+import torch
 from torch import nn
 
-from ..grads import check_loss, cycle
+from .. import defaults
 from .masks import MaskHandle, Masks
-from .oneshot import prune_oneshot, resolve_params
+from .oneshot import GradientSource, prune, resolve_params
+from .settings import PruneSettings
+from .structured import prune_structures
+from .structures import StructureGroup, find_structures, structure_coordinates
 
 __all__ = ["GradualPruner", "check_schedule"]
+
+SETTINGS = tuple(field.name for field in fields(PruneSettings) if field.name != "method")
 
 
 def check_schedule(final_sparsity, start_step, end_step, every, schedule="cubic", initial_sparsity=0.0) -> None:
@@ -37,10 +44,25 @@ class GradualPruner:
 
         s(t) = final + (initial - final) * (1 - (t - start_step) / (end_step - start_step))^3
 
-    (``schedule="cubic"``; ``"linear"`` uses a first power), and the model is pruned to it with
-    :func:`~mfac.prune.prune_oneshot` (``method``, and any of its keyword arguments such as
-    ``num_grads``, ``damp``, ``block_size``, ``recompute`` (default 1 here), ``scope``, ``params``).
+    (``schedule="cubic"``; ``"linear"`` uses a first power), and the model is pruned to it as by
+    :func:`~mfac.prune.prune_oneshot`, with ``method`` and its settings (``num_grads``, ``damp``,
+    ``relative_damp``, ``block_size``, ``recompute``, ``per_sample``, ``scope``; ``None`` or left out:
+    the default, which for ``recompute`` is ``mfac.defaults.GRADUAL_RECOMPUTE`` = 1 here), or a
+    checked :class:`~mfac.prune.settings.PruneSettings` as ``settings=``; and its ``params``,
+    ``callback``, ``on_gradient_rows`` and ``process_group``. Settings are checked here, once.
     Between pruning steps the masks stay attached, so pruned weights are exactly zero throughout.
+
+    Structured: with ``structure="neurons" | "channels" | "heads"`` (or a tuple of them, found by
+    :func:`~mfac.prune.find_structures` when the pruner is built), or ``groups=`` (a list of
+    :class:`~mfac.prune.StructureGroup`), every pruning step removes whole structures as
+    ``prune_oneshot(..., structure=...)`` does (group OBS, or the L2 norm with ``method="magnitude"``):
+    the schedule's sparsity is then the fraction of structures removed (per kind across layers, or
+    in every layer with ``scope="layer"``), structures removed at earlier steps stay removed and
+    count toward it, and the masks cover every parameter the structures touch (weights and biases
+    of both layers), attached between steps as above, so removed structures stay exactly zero and
+    :func:`~mfac.prune.compact` can slice them out after training. ``params`` and ``pattern`` do not
+    combine with it. A pruning step whose target removes no further structure (the count, rounded,
+    is reached already) is skipped, gradients and all.
 
     Args:
         model: the model being trained (pruned in place).
@@ -48,26 +70,28 @@ class GradualPruner:
         start_step, end_step, every: the pruning steps (counting calls to ``step()`` from 1).
         data, loss_fn: batches and loss for OBS gradients (cycled; not needed for magnitude); or
             ``batch_loss(model, batch)`` instead of ``loss_fn`` for batches of any structure.
+        structure, groups: prune whole structures (see above); checked here, when the pruner is built.
     """
 
     def __init__(self, model: nn.Module, final_sparsity: float, start_step: int, end_step: int, every: int,
                  data: Iterable | None = None, loss_fn=None, method: str = "obs", schedule: str = "cubic",
-                 initial_sparsity: float = 0.0, *, batch_loss=None, **prune_kwargs):
+                 initial_sparsity: float = 0.0, *, batch_loss=None, settings: PruneSettings | None = None,
+                 params=None, callback=None, on_gradient_rows=None, process_group=None, structure=None,
+                 groups=None, **setting_kwargs):
         check_schedule(final_sparsity, start_step, end_step, every, schedule, initial_sparsity)
-        if method == "obs":
-            if data is None:
-                raise ValueError("method='obs' needs data and loss_fn or batch_loss; use method='magnitude' to prune "
-                                 "without data")
-            check_loss(loss_fn, batch_loss)
-        prune_kwargs.setdefault("recompute", 1)
+        structured = structure is not None or groups is not None
+        self.settings = _gradual_settings(method, settings, setting_kwargs, structured)
+        self.groups = _structure_groups(model, structure, groups, params)
+        self._source = GradientSource.of(self.settings, data, loss_fn, batch_loss, process_group, on_gradient_rows)
         self.model = model
         self.final_sparsity, self.initial_sparsity = float(final_sparsity), float(initial_sparsity)
         self.start_step, self.end_step, self.every = start_step, end_step, every
         self.schedule, self.method, self.loss_fn, self.batch_loss = schedule, method, loss_fn, batch_loss
-        self._data = data
-        self._prune_kwargs = prune_kwargs
-        self._batches = None
-        self._names = list(resolve_params(model, prune_kwargs.get("params")))
+        self._callback = callback
+        if self.groups is None:
+            self._names = list(resolve_params(model, params))
+        else:
+            self._names = list(dict.fromkeys(part.name for group in self.groups for part in group.params))
         self.masks = Masks.dense({n: p for n, p in resolve_params(model, self._names).items()})
         self._handle: MaskHandle | None = None
         self._step = 0
@@ -77,9 +101,25 @@ class GradualPruner:
         return self._step
 
     @property
+    def structured(self) -> bool:
+        """Whether whole structures are pruned (``structure=`` or ``groups=``)."""
+        return self.groups is not None
+
+    @property
     def sparsity(self) -> float:
-        """Sparsity of the pruned tensors now."""
-        return self.masks.sparsity()
+        """What the schedule counts, now: the fraction of pruned entries of the pruned tensors, or with
+        ``structure=``/``groups=`` the fraction of structures removed (over all groups)."""
+        if self.groups is None:
+            return self.masks.sparsity()
+        removed = self.removed_structures()
+        return sum(int(r.sum()) for r in removed) / sum(r.numel() for r in removed)
+
+    def removed_structures(self) -> list[torch.Tensor]:
+        """Structured pruning only: for each group of :attr:`groups`, a (count,) bool tensor of the
+        structures removed so far (every entry they own pruned in the masks)."""
+        if self.groups is None:
+            raise RuntimeError("removed_structures() is for structured pruning (structure= or groups=)")
+        return [_removed(group, self.masks) for group in self.groups]
 
     def target_sparsity(self, step: int) -> float:
         """The schedule's sparsity for ``step`` (0 before start_step, final after end_step)."""
@@ -101,19 +141,32 @@ class GradualPruner:
         if not self._is_pruning_step(self._step):
             return False
         target = self.target_sparsity(self._step)
-        if target <= self.masks.sparsity() + 1e-12:
+        if not self._removes_more(target):
             return False
-        if self.method == "obs" and self._batches is None:
-            self._batches = cycle(self._data)
         self.detach()
-        data = _Once(self._batches) if self.method == "obs" else None
         try:
-            self.masks = prune_oneshot(self.model, target, data, self.loss_fn, method=self.method,
-                                       masks=self.masks, batch_loss=self.batch_loss,
-                                       **{**self._prune_kwargs, "params": self._names})
+            if self.groups is None:
+                self.masks = prune(self.model, self.settings, target, source=self._source, params=self._names,
+                                   masks=self.masks, callback=self._callback)
+            else:
+                self.masks = prune_structures(self.model, self.settings, target, self.groups, self._source,
+                                              self._callback, self.masks)
         finally:
             self._handle = self.masks.attach(self.model)
         return True
+
+    def _removes_more(self, target: float) -> bool:
+        """Whether pruning to ``target`` removes anything: more weights than now, or (structured) more
+        structures in some ranking pool (one per kind, or one per group with scope="layer") than the
+        pool has removed already, as :func:`~mfac.prune.structured.prune_structures` counts them."""
+        if self.groups is None:
+            return target > self.masks.sparsity() + 1e-12
+        pools: dict = {}
+        for group, removed in zip(self.groups, self.removed_structures()):
+            key = group.name if self.settings.scope == "layer" else group.kind
+            size, done = pools.get(key, (0, 0))
+            pools[key] = (size + group.count, done + int(removed.sum()))
+        return any(round(target * size) > done for size, done in pools.values())
 
     def detach(self) -> None:
         """Remove the masks from the model (pruned weights stay zero); ``step()`` re-attaches them."""
@@ -122,9 +175,12 @@ class GradualPruner:
             self._handle = None
 
     def _schedule(self) -> dict:
-        return {"final_sparsity": self.final_sparsity, "initial_sparsity": self.initial_sparsity,
-                "start_step": self.start_step, "end_step": self.end_step, "every": self.every,
-                "schedule": self.schedule}
+        schedule = {"final_sparsity": self.final_sparsity, "initial_sparsity": self.initial_sparsity,
+                    "start_step": self.start_step, "end_step": self.end_step, "every": self.every,
+                    "schedule": self.schedule}
+        if self.groups is not None:  # only then: states saved by unstructured pruners load as before
+            schedule["structures"] = describe_groups(self.groups)
+        return schedule
 
     def state_dict(self) -> dict:
         """The schedule position, the masks and the schedule's settings (checked on load)."""
@@ -157,11 +213,63 @@ class GradualPruner:
             self._handle = self.masks.attach(self.model)
 
 
-class _Once:
-    """Wraps a shared endless iterator so prune_oneshot's cycle() continues it instead of restarting."""
+def describe_groups(groups: list[StructureGroup]) -> list[list]:
+    """[kind, name, count] of each group: what a saved pruning state records of its structures, so
+    a resume with other structures is refused."""
+    return [[group.kind, group.name, group.count] for group in groups]
 
-    def __init__(self, iterator):
-        self._iterator = iterator
 
-    def __iter__(self):
-        return self._iterator
+def _structure_groups(model: nn.Module, structure, groups, params) -> list[StructureGroup] | None:
+    """The structure groups to prune (None: unstructured), checked against the model; raises
+    ValueError/TypeError naming the argument."""
+    if structure is None and groups is None:
+        return None
+    if structure is not None and groups is not None:
+        raise ValueError("pass structure= (to find the structures) or groups= (to give them), not both")
+    if params is not None:
+        raise ValueError("structure= (or groups=) chooses the parameters itself: leave params= out")
+    if groups is None:
+        groups = find_structures(model, structure)
+    elif not isinstance(groups, (list, tuple)) or not groups or not all(isinstance(g, StructureGroup) for g in groups):
+        raise TypeError("groups must be a non-empty list of mfac.prune.StructureGroup")
+    groups = list(groups)
+    for group in groups:
+        group.check(model)
+    return groups
+
+
+def _removed(group: StructureGroup, masks: Masks) -> torch.Tensor:
+    """(count,) bool: structures of ``group`` whose every entry is pruned in every parameter the masks
+    cover (how :func:`~mfac.prune.structured.prune_structures` reads earlier masks)."""
+    removed = torch.ones(group.count, dtype=torch.bool)
+    for part in group.params:
+        if part.name in masks:
+            mask = masks[part.name]
+            index = structure_coordinates(mask.shape, part, group.count).to(mask.device)
+            removed &= (~mask.reshape(-1)[index]).all(1).cpu()
+    return removed
+
+
+def _gradual_settings(method: str, settings: PruneSettings | None, given: dict,
+                      structured: bool = False) -> PruneSettings:
+    """The pruner's settings: ``settings`` as given (checked already), or built from the keyword
+    arguments with ``recompute`` defaulting to ``mfac.defaults.GRADUAL_RECOMPUTE``."""
+    unknown = sorted(set(given) - set(SETTINGS))
+    if unknown:
+        hint = ""
+        if "pattern" in unknown:
+            hint = "; pattern= (N:M inside rows) cannot be combined with structure=" if structured else \
+                "; it prunes to its schedule's sparsity, so pattern= is prune_oneshot's only"
+        raise TypeError(f"GradualPruner got unexpected keyword arguments {unknown}{hint}; it takes the settings "
+                        f"{', '.join(SETTINGS)} (or settings=), and params, callback, on_gradient_rows, process_group")
+    if settings is None:
+        if given.get("recompute") is None:
+            given = {**given, "recompute": defaults.GRADUAL_RECOMPUTE}
+        return PruneSettings(method=method, **given)
+    if not isinstance(settings, PruneSettings):
+        raise TypeError(f"settings must be a mfac.prune.settings.PruneSettings, got {type(settings).__name__}")
+    if given:
+        raise TypeError(f"pass either settings= or the individual settings ({', '.join(sorted(given))}), not both")
+    if settings.method != method:
+        raise ValueError(f"method={method!r} contradicts settings.method={settings.method!r}; pass the same method")
+    return settings
