@@ -3,6 +3,13 @@ gradient matrices, exact state comparison, and a tiny BERT."""
 
 import copy
 import math
+import os
+
+# Triton reads this when it is first imported: without a GPU its kernels run in its interpreter, on
+# CPU tensors (tests/test_triton_kernels.py). mfac sends CPU tensors to Triton only when asked
+# (MFAC_KERNELS=triton), so every other test keeps the CPU kernels. Set TRITON_INTERPRET=0 to test
+# the compiled kernels on a GPU.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np
 import pytest

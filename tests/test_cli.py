@@ -503,5 +503,176 @@ def test_gradual_pruning_of_a_built_in_model(tmp_path):
     report = json.loads((tmp_path / "g" / "report.json").read_text())
     assert abs(report["sparsity"] - 0.8) < 1e-3 and report["gradual"] == {**report["gradual"], "start_step": 3,
                                                                              "end_step": 21, "every": 2}
+    assert report["files"] == ["model.safetensors", "masks.safetensors", "model.sparse.safetensors", "report.json"]
+    assert report["file_bytes_after"] == report["file_bytes"]["model.sparse.safetensors"] < report["file_bytes_before"]
+    assert report["nonzero_parameters_after"] < report["parameters_after"] == report["parameters_before"]
     bad = mfac("prune", "--gradual", "--steps", 10, "--prune-end", 20, "--out", tmp_path / "h")
     assert bad.returncode == 2 and "--prune-end 20" in bad.stderr
+
+
+# Structured pruning, compaction, and what the report says about size and speed ------------------
+
+SIZE_KEYS = [f"{name}_{when}" for name in ("parameters", "nonzero_parameters", "flops_per_sample", "file_bytes",
+                                           "latency_ms") for when in ("before", "after")]
+
+
+def digits_split(model_name):
+    from mfac.cli.tasks import load_task
+
+    split = load_task("digits", 0).split
+    return split.flattened() if model_name == "mlp" else split
+
+
+def masked_model(model_name, path):
+    """The CLI's built-in model with the (masked, dense) weights of ``path``."""
+    from mfac.checkpoint import load_weights
+    from mfac.cli.tasks import build_model, load_task
+
+    model = build_model(model_name, load_task("digits", 0))
+    model.load_state_dict(load_weights(path))
+    return model.eval()
+
+
+@pytest.mark.parametrize("model,structure", [("mlp", "neurons"), ("cnn", "channels,neurons")])
+def test_structured_prune_compacts_a_built_in_model(model, structure, tmp_path):
+    from mfac.checkpoint import load_weights
+    from mfac.cli.compacted import load_compacted_model, read_recipe, shrink_to
+    from mfac.cli.tasks import build_model, load_task
+    from mfac.training import accuracy
+
+    out = tmp_path / "structured"
+    result = mfac("prune", "--model", model, "--structure", structure, "--compact", "--sparsity", 0.5,
+                  "--num-grads", 16, "--recompute", 2, "--latency-runs", 3, "--out", out, "--quiet")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["files"] == ["pruned.safetensors", "masks.safetensors", "compacted.safetensors", "report.json"]
+    assert set(SIZE_KEYS) <= set(report) and report["settings"]["structure"] == structure.split(",")
+    assert report["structure_sparsity"] == 0.5
+    assert set(report["structures"]) == set(structure.split(","))
+    assert all(n["after"] == n["before"] // 2 for n in report["structures"].values())
+    assert report["compacted"]["structure_sizes"] == report["structure_sizes"]
+    assert "multiply-adds" in report["measurement"]["flops_convention"]
+    assert report["measurement"]["latency"]["batch_size"] == 32 and report["latency_ms_after"] > 0
+    # the compacted file reloads, is smaller, and predicts exactly what the report says
+    path = out / "compacted.safetensors"
+    compacted = load_compacted_model(path)
+    assert read_recipe(path)["structure_sizes"] == report["structure_sizes"]
+    assert sum(p.numel() for p in compacted.parameters()) == report["parameters_after"] < report["parameters_before"]
+    assert report["flops_per_sample_after"] < report["flops_per_sample_before"]
+    assert report["file_bytes_after"] == path.stat().st_size == report["file_bytes"]["compacted.safetensors"]
+    assert report["file_bytes_after"] < report["file_bytes_before"] == (out / "pruned.safetensors").stat().st_size
+    split = digits_split(model)
+    assert accuracy(compacted, split.test_x, split.test_y) == report["compacted"]["test_accuracy"]
+    assert abs(report["compacted"]["test_accuracy"] - report["test_accuracy_after"]) <= 1 / len(split.test_y)
+    masked = masked_model(model, out / "pruned.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(compacted(split.test_x), masked(split.test_x), rtol=1e-4, atol=1e-5)
+    # the recipe in the docs: shrink a freshly built model to the saved shapes, then load the weights
+    fresh = build_model(model, load_task("digits", 0))
+    state = load_weights(path)
+    shrink_to(fresh, state)
+    fresh.load_state_dict(state)
+    if model == "mlp":  # the FLOP convention: multiply-adds of the Linear layers, 64 -> hidden -> 10
+        hidden = report["structure_sizes"]["1"][1]
+        assert (report["flops_per_sample_before"], report["flops_per_sample_after"]) == (64 * 64 + 64 * 10,
+                                                                                       64 * hidden + hidden * 10)
+    assert "compacted.safetensors" in result.stdout and "multiply-adds per sample" in result.stdout
+
+
+@pytest.mark.parametrize("structure,scope,loads_in", [("neurons", "layer", "transformers"),
+                                                      ("heads,neurons", "global", "mfac")])
+def test_structured_prune_compacts_a_hugging_face_model(tiny_hf, tmp_path, structure, scope, loads_in):
+    transformers = pytest.importorskip("transformers")
+    model_dir, data_dir = tiny_hf
+    out = tmp_path / "structured"
+    result = mfac("prune", "--model", f"hf:{model_dir}", "--data", f"tsv:{data_dir}", "--batch-size", 8,
+                  "--structure", structure, "--scope", scope, "--compact", "--sparsity", 0.5, "--num-grads", 16,
+                  "--per-sample", "--block-size", 16, "--recompute", 2, "--latency-runs", 3, "--quiet", "--out", out)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["files"] == ["model/", "masks.safetensors", "compacted/", "report.json"]
+    assert set(SIZE_KEYS) <= set(report)
+    assert report["compacted"]["loads_in"] == loads_in
+    assert f"plain transformers loads it: {'yes' if loads_in == 'transformers' else 'no'}" in result.stdout
+    assert report["structures"]["neurons"] == {"before": 64, "after": 32}
+    if "heads" in structure:
+        assert report["structures"]["heads"] == {"before": 4, "after": 2}
+    masked = transformers.AutoModelForSequenceClassification.from_pretrained(str(out / "model")).eval()
+    if loads_in == "transformers":
+        compacted = transformers.AutoModelForSequenceClassification.from_pretrained(str(out / "compacted")).eval()
+    else:
+        from mfac.hf_compact import load_compacted
+
+        compacted = load_compacted(out / "compacted")
+    assert sum(p.numel() for p in compacted.parameters()) == report["parameters_after"] < report["parameters_before"]
+    assert report["flops_per_sample_after"] < report["flops_per_sample_before"]
+    assert report["file_bytes_after"] == (out / "compacted" / "model.safetensors").stat().st_size \
+        < report["file_bytes_before"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out / "compacted"))
+    batch = tokenizer(POSITIVE + NEGATIVE, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(compacted(**batch).logits, masked(**batch).logits, rtol=1e-4, atol=1e-5)
+
+
+STRUCTURE_USAGE = [
+    (["--compact"], "--compact needs --structure"),
+    (["--structure", "neurons", "--pattern", "2:4"], "--structure neurons cannot be combined with --pattern 2:4"),
+    (["--structure", "neurons", "--gradual"], "--structure neurons prunes one-shot"),
+    (["--structure", "rows"], "argument --structure: expected neurons, channels or heads"),
+    (["--structure", "heads"], "--structure heads: --model mlp has no heads to remove; it has neurons"),
+    (["--model", "cnn", "--structure", "heads,channels"], "--model cnn has no heads to remove; it has neurons and "
+                                                          "channels"),
+]
+
+
+@pytest.mark.parametrize("args,fragment", STRUCTURE_USAGE,
+                         ids=["compact-alone", "with-pattern", "with-gradual", "unknown", "heads-mlp", "heads-cnn"])
+def test_structure_usage_errors_exit_2_with_one_line(args, fragment, tmp_path):
+    out = tmp_path / "out"
+    line = one_line_error(mfac("prune", *args, "--out", out), 2)
+    assert fragment in line, line
+    assert not out.exists()
+
+
+def test_structure_that_a_hugging_face_model_lacks(tiny_hf, tmp_path):
+    model_dir, data_dir = tiny_hf
+    line = one_line_error(mfac("prune", "--model", f"hf:{model_dir}", "--data", f"tsv:{data_dir}", "--structure",
+                               "channels", "--out", tmp_path / "x", "--quiet"), 2)
+    assert "--structure channels" in line and "has no channels to remove; it has neurons and heads" in line
+    assert not (tmp_path / "x").exists()
+
+
+def test_unstructured_prune_also_writes_values_and_a_bitmask(tmp_path):
+    from mfac.checkpoint import load_weights
+    from mfac.sparse_io import load_sparse
+
+    out = tmp_path / "sparse"
+    result = mfac("prune", "--sparsity", 0.95, "--num-grads", 16, "--recompute", 2, "--latency-runs", 3,
+                  "--out", out, "--quiet")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["files"] == ["pruned.safetensors", "masks.safetensors", "pruned.sparse.safetensors", "report.json"]
+    sizes = {name: (out / name).stat().st_size for name in report["files"][:3]}
+    assert report["file_bytes"] == sizes
+    assert sizes["pruned.sparse.safetensors"] < sizes["pruned.safetensors"] / 4
+    assert (report["file_bytes_before"], report["file_bytes_after"]) == (sizes["pruned.safetensors"],
+                                                                         sizes["pruned.sparse.safetensors"])
+    assert report["parameters_before"] == report["parameters_after"] > report["nonzero_parameters_after"]
+    assert report["flops_per_sample_before"] == report["flops_per_sample_after"]  # zeros stored densely still count
+    weights, masks = load_sparse(out / "pruned.sparse.safetensors")
+    dense, saved_masks = load_weights(out / "pruned.safetensors"), load_weights(out / "masks.safetensors")
+    assert weights.keys() == dense.keys() and all(torch.equal(weights[k], dense[k]) for k in dense)
+    assert masks.keys() == saved_masks.keys() and all(torch.equal(masks[k], saved_masks[k]) for k in masks)
+
+
+def test_structure_help_and_kinds(monkeypatch, capsys):
+    from mfac.cli.parser import STRUCTURES, build_parser
+    from mfac.prune.structures import KINDS
+
+    assert STRUCTURES == KINDS
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per option
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["prune", "--help"])
+    help_text = capsys.readouterr().out
+    assert "comma list such as heads,neurons" in help_text and "with --structure: also write the model" in help_text
+    assert "before and after a one-shot prune (default: 20)" in help_text

@@ -38,7 +38,7 @@ def make_trainer(tokenizer, output_dir, model=None, callbacks=(), max_steps=6, *
     extra = {}
     if "optimizers" not in settings and "optimizer_cls_and_kwargs" not in settings:
         extra["optimizer_cls_and_kwargs"] = (MFAC, {"lr": 1e-2, "window": 4, "damp": 1e-2})
-    for key in ("optimizers", "optimizer_cls_and_kwargs"):
+    for key in ("optimizers", "optimizer_cls_and_kwargs", "processing_class"):
         if key in settings:
             extra[key] = settings.pop(key)
     args = transformers.TrainingArguments(**settings)
@@ -144,6 +144,7 @@ def test_pruning_callback_follows_the_schedule_and_keeps_masks(tokenizer, tmp_pa
     assert sum(int((~m).sum()) for m in pruner.masks.values()) == round(0.6 * total)
     logged = [entry["sparsity"] for entry in trainer.state.log_history if "sparsity" in entry]
     assert logged and logged[-1] == pytest.approx(callback.sparsity)
+    assert callback.compacted_folder is None and not (tmp_path / "compacted").exists()  # unstructured: no compaction
     # The saved model is plain and loads in plain transformers with the zeros.
     trainer.save_model(str(tmp_path / "final"))
     reloaded = transformers.BertForSequenceClassification.from_pretrained(str(tmp_path / "final"))
@@ -217,3 +218,128 @@ def test_trainer_with_mfac_under_bf16_mixed_precision(tokenizer, tmp_path):
     assert optimizer.steps == 6 and optimizer.skipped_steps == 0
     assert optimizer.fisher.storage_dtype == torch.float32
     assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in model.parameters())
+
+
+# Structured pruning inside Trainer --------------------------------------------------------------------------
+
+
+def logits(model, tokenizer):
+    model.eval()
+    batch = dict(tokenizer(SENTENCES, padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.mark.parametrize("structure,method,scope,kept,format_", [
+    ("heads", "obs", "global", {"heads": 2}, "mfac"),  # 2 of 4 heads kept, one per layer
+    ("neurons", "magnitude", "layer", {"neurons": 24}, "transformers"),  # 12 of 24 kept in each layer
+])
+def test_structured_pruning_callback_saves_the_compacted_model(tokenizer, tmp_path, structure, method, scope, kept,
+                                                               format_):
+    from mfac.hf_compact import load_compacted
+
+    callback = PruningCallback(0.5, start_step=2, end_step=6, every=2, method=method, scope=scope, structure=structure,
+                               num_grads=4, block_size=8)
+    assert callback.compact_at_end  # the default with structure=
+    trainer, model = make_trainer(tokenizer, tmp_path, callbacks=[callback], max_steps=8, processing_class=tokenizer,
+                                  optimizer_cls_and_kwargs=(torch.optim.AdamW, {"lr": 1e-2}))
+
+    class Watch(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            named = dict(model.named_parameters())
+            for name, mask in callback.pruner.masks.items():
+                assert torch.all(named[name][~mask] == 0), (state.global_step, name)
+
+    trainer.add_callback(Watch())
+    trainer.train()
+    pruner = callback.pruner
+    assert pruner.structured and callback.sparsity == 0.5  # exactly: 2 of 4 heads, or 12 of 24 neurons per layer
+    assert [entry["sparsity"] for entry in trainer.state.log_history if "sparsity" in entry][-1] == 0.5
+    named = dict(model.named_parameters())
+    for group, removed in zip(pruner.groups, pruner.removed_structures()):
+        assert group.kind == structure
+        for part in group.params:  # every entry of a removed structure is exactly zero after training
+            values = named[part.name].detach().movedim(part.axis, 0).reshape(group.count, -1)
+            assert torch.all(values[removed] == 0) and torch.all(values[~removed].abs().sum(1) > 0), part.name
+    # The in-memory model is the full-size model with the zeros; the saved one is smaller.
+    assert model.config.intermediate_size == 24 and model.bert.encoder.layer[0].attention.self.num_attention_heads == 2
+    expected = logits(model, tokenizer)
+    folder = tmp_path / "compacted"
+    assert callback.compacted_folder == folder and callback.compacted_format == format_
+    assert (folder / "tokenizer_config.json").is_file()  # the Trainer's tokenizer is saved with it
+    sizes = {}
+    for name, (before, after) in callback.compaction.sizes.items():
+        kind = "heads" if "attention" in name else "neurons"
+        sizes[kind] = sizes.get(kind, 0) + after
+    assert sizes == kept
+    if format_ == "transformers":
+        small = transformers.AutoModelForSequenceClassification.from_pretrained(str(folder))
+        assert small.config.intermediate_size == 12
+    else:
+        small = load_compacted(folder)
+        assert [layer.attention.self.num_attention_heads for layer in small.bert.encoder.layer] == [1, 1]
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    assert torch.allclose(logits(small, tokenizer), expected, atol=1e-5)
+    assert torch.allclose(logits(load_compacted(folder), tokenizer), expected, atol=1e-5)
+    trainer.evaluate(Sentences(tokenizer))  # Trainer still works with the in-memory model
+
+
+def test_structured_pruning_callback_resumes_from_a_checkpoint(tokenizer, tmp_path):
+    def run(folder, max_steps, resume=None):
+        callback = PruningCallback(0.5, start_step=1, end_step=5, every=2, method="magnitude", structure="neurons")
+        trainer, model = make_trainer(tokenizer, folder, callbacks=[callback, StopAt(max_steps)], max_steps=6)
+        trainer.train(resume_from_checkpoint=resume)
+        return callback, model
+
+    straight, model_a = run(tmp_path / "a", 6)
+    run(tmp_path / "b", 3)
+    saved = json.loads((tmp_path / "b" / "checkpoint-3" / "mfac_pruning.json").read_text())
+    assert saved["step"] == 3 and saved["schedule"]["structure"] == ["neurons"]
+    resumed, model_b = run(tmp_path / "b", 6, resume=str(tmp_path / "b" / "checkpoint-3"))
+    assert resumed.pruner.current_step == 6 and resumed.sparsity == straight.sparsity == 0.5
+    for name, mask in straight.pruner.masks.items():
+        assert torch.equal(mask, resumed.pruner.masks[name])
+    for name, value in model_a.named_parameters():
+        assert torch.equal(value, dict(model_b.named_parameters())[name]), name
+    from mfac.hf_compact import load_compacted
+
+    assert torch.equal(logits(load_compacted(tmp_path / "a" / "compacted"), tokenizer),
+                       logits(load_compacted(tmp_path / "b" / "compacted"), tokenizer))
+    # A callback with another structure refuses that checkpoint.
+    other = PruningCallback(0.5, start_step=1, end_step=5, every=2, method="magnitude", structure="heads")
+    trainer, _ = make_trainer(tokenizer, tmp_path / "b", callbacks=[other], max_steps=6)
+    with pytest.raises(ValueError, match="schedule"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3"))
+
+
+def test_structured_pruning_callback_validates_its_arguments(tokenizer, tmp_path):
+    from mfac.prune import ParamSlice, StructureGroup
+
+    with pytest.raises(ValueError, match="structure must be one of"):
+        PruningCallback(0.5, start_step=1, end_step=2, every=1, structure="rows")
+    with pytest.raises(ValueError, match="structure must be one of"):
+        PruningCallback(0.5, start_step=1, end_step=2, every=1, structure=())
+    with pytest.raises(ValueError, match="params="):
+        PruningCallback(0.5, start_step=1, end_step=2, every=1, structure="heads", params=["x.weight"])
+    group = StructureGroup("a", "neurons", 2, (ParamSlice("a.weight", 0),))
+    with pytest.raises(ValueError, match="not both"):
+        PruningCallback(0.5, start_step=1, end_step=2, every=1, structure="heads", groups=[group])
+    with pytest.raises(TypeError, match="groups"):
+        PruningCallback(0.5, start_step=1, end_step=2, every=1, groups=["a"])
+    with pytest.raises(ValueError, match="compact_at_end"):
+        PruningCallback(0.5, start_step=1, end_step=2, every=1, compact_at_end=True)
+    with pytest.raises(ValueError, match="compact_at_end"):
+        PruningCallback(0.5, start_step=1, end_step=2, every=1, structure="heads", compact_at_end="yes")
+    with pytest.raises(TypeError, match="pattern"):
+        PruningCallback(0.5, start_step=1, end_step=2, every=1, structure="heads", pattern="2:4")
+    assert not PruningCallback(0.5, start_step=1, end_step=2, every=1).compact_at_end
+    assert not PruningCallback(0.5, start_step=1, end_step=2, every=1, structure="heads",
+                               compact_at_end=False).compact_at_end
+    # A model without such structures: refused when training begins, before any step.
+    callback = PruningCallback(0.5, start_step=1, end_step=2, every=1, method="magnitude", structure="channels")
+    trainer, model = make_trainer(tokenizer, tmp_path, callbacks=[callback], max_steps=3)
+    before = weights(model)
+    with pytest.raises(ValueError, match="found no channels"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

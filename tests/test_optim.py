@@ -379,3 +379,74 @@ def test_compressed_nonfinite_gradient_leaves_residual_unchanged():
         opt.step()
     assert torch.equal(opt.fisher.residual, residual)
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+
+
+def frozen_and_small(seed=0):
+    """A frozen 1M-weight layer beside a small trainable one (4,095 weights), as when a backbone or
+    embeddings are frozen."""
+    torch.manual_seed(seed)
+    frozen, head = nn.Linear(1000, 1000), nn.Linear(64, 63)
+    frozen.requires_grad_(False)
+    return frozen, head
+
+
+def head_steps(opt, head, steps=4):
+    for step in range(steps):
+        gen = torch.Generator().manual_seed(step)
+        opt.zero_grad()
+        head(torch.randn(8, 64, generator=gen)).pow(2).mean().backward()
+        opt.step()
+
+
+def test_frozen_parameters_are_left_out_of_the_window():
+    frozen, head = frozen_and_small()
+    before = frozen.weight.detach().clone()
+    opt = MFAC([*frozen.parameters(), *head.parameters()], lr=1e-2, window=4, damp=1e-3, momentum=0.9)
+    assert opt.dim == opt.global_dim == 64 * 63 + 63
+    assert [tuple(p.shape) for p in opt.all_params] == [(63, 64), (63,)]
+    head_steps(opt, head)
+    assert opt.fisher.dim == 64 * 63 + 63 and opt.state_dict()["mfac"]["dim"] == 64 * 63 + 63
+    assert torch.equal(frozen.weight, before)
+    # the same steps as an optimizer given the trainable parameters only, bitwise
+    _, reference_head = frozen_and_small()
+    reference = MFAC(reference_head.parameters(), lr=1e-2, window=4, damp=1e-3, momentum=0.9)
+    head_steps(reference, reference_head)
+    assert all(torch.equal(a, b) for a, b in zip(head.parameters(), reference_head.parameters()))
+
+
+def test_a_frozen_param_group_costs_no_window_memory_and_state_dict_resumes():
+    frozen, head = frozen_and_small()
+    groups = [{"params": frozen.parameters(), "lr": 1.0}, {"params": head.parameters(), "weight_decay": 1e-3}]
+    opt = MFAC(groups, lr=1e-2, window=3, damp=1e-3)
+    assert opt.dim == 64 * 63 + 63
+    head_steps(opt, head, 2)
+    saved = io.BytesIO()
+    torch.save(opt.state_dict(), saved)
+    head_steps(opt, head, 2)
+    frozen2, head2 = frozen_and_small()  # the same model again, resumed from the saved state
+    again = MFAC([{"params": frozen2.parameters(), "lr": 1.0}, {"params": head2.parameters(), "weight_decay": 1e-3}],
+                 lr=1e-2, window=3, damp=1e-3)
+    head_steps(again, head2, 2)
+    saved.seek(0)
+    again.load_state_dict(torch.load(saved, weights_only=True))
+    head_steps(again, head2, 2)
+    assert all(torch.equal(a, b) for a, b in zip(head.parameters(), head2.parameters()))
+
+
+def test_unfreezing_a_left_out_parameter_is_refused_at_the_step():
+    frozen, head = frozen_and_small()
+    opt = MFAC([*frozen.parameters(), *head.parameters()], lr=1e-2, window=2, damp=1e-3)
+    head_steps(opt, head, 1)
+    frozen.weight.requires_grad_(True)
+    before = [p.detach().clone() for p in head.parameters()]
+    opt.zero_grad()
+    (frozen(torch.randn(2, 1000)).sum() + head(torch.randn(2, 64)).sum()).backward()
+    with pytest.raises(RuntimeError, match="requires_grad=False when MFAC was built"):
+        opt.step()
+    assert opt.steps == 1 and all(torch.equal(a, b) for a, b in zip(before, head.parameters()))
+
+
+def test_all_parameters_frozen_is_refused_at_construction():
+    frozen, _ = frozen_and_small()
+    with pytest.raises(ValueError, match="all of them are frozen"):
+        MFAC(frozen.parameters(), window=2)

@@ -353,3 +353,138 @@ def test_gradual_pruner_checks_its_settings_once_when_built():
         GradualPruner(model, 0.5, 1, 3, 1, method="magnitude", settings=given)
     with pytest.raises(ValueError, match="needs data"):
         GradualPruner(model, 0.5, 1, 3, 1, loss_fn=loss)
+
+
+# Gradual structured pruning ------------------------------------------------------------------------------
+
+
+def digits_mlp_and_batches(seed=0, batches=4):
+    from mfac.data import load_digits
+    from mfac.models import mlp
+
+    digits = load_digits()
+    torch.manual_seed(seed)
+    model = mlp(64, (32, 16), 10)
+    data = [(digits.train_x[i:i + 32], digits.train_y[i:i + 32]) for i in range(0, 32 * batches, 32)]
+    return model, data, digits
+
+
+@pytest.mark.parametrize("method,scope", [("obs", "global"), ("magnitude", "layer")])
+def test_gradual_pruner_removes_whole_neurons_on_its_schedule(method, scope):
+    """The bundled MLP on digits: each pruning step removes whole neurons (the producing row and bias,
+    the consuming column) to round(target * structures), earlier ones stay removed, the masks stay
+    attached so removed neurons are exactly zero after every optimizer step, and the result compacts."""
+    from mfac.prune import compact
+
+    model, data, digits = digits_mlp_and_batches()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    pruner = GradualPruner(model, 0.75, start_step=2, end_step=8, every=2, data=data,
+                           loss_fn=nn.functional.cross_entropy, method=method, scope=scope, structure="neurons",
+                           num_grads=16, block_size=16)
+    assert pruner.structured and set(pruner.masks) == {"0.weight", "0.bias", "2.weight", "2.bias", "4.weight"}
+    previous = [torch.zeros(32, dtype=torch.bool), torch.zeros(16, dtype=torch.bool)]
+    for step in range(1, 11):
+        x, y = data[step % len(data)]
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        pruner.step()
+        removed = pruner.removed_structures()
+        assert all(torch.all(now[before]) for now, before in zip(removed, previous))  # removed stay removed
+        previous = removed
+        target = pruner.target_sparsity(max(s for s in (0, 2, 4, 6, 8) if s <= step))
+        if scope == "global":
+            assert sum(int(r.sum()) for r in removed) == round(target * 48), step
+        else:
+            assert [int(r.sum()) for r in removed] == [round(target * 32), round(target * 16)], step
+        for name, mask in pruner.masks.items():  # what the forward pass sees, under the attached masks
+            module, _, leaf = name.rpartition(".")
+            assert torch.all(getattr(model.get_submodule(module), leaf)[~mask] == 0), (step, name)
+        for layer, dead in zip((0, 2), removed):
+            assert torch.all(model[layer].weight[dead] == 0) and torch.all(model[layer].bias[dead] == 0)
+            assert torch.all(model[layer + 2].weight[:, dead] == 0)
+    assert pruner.sparsity == 0.75 and pruner.masks.sparsity() > 0
+    pruner.detach()
+    with torch.no_grad():
+        masked = model(digits.test_x)
+        result = compact(model, pruner.masks)
+        assert sum(after for _, after in result.sizes.values()) == 12
+        assert torch.allclose(model(digits.test_x), masked, atol=1e-5)
+
+
+def test_gradual_structured_pruner_resumes_bitwise():
+    """Eight steps straight, or four, the pruner's, model's and optimizer's states saved and loaded into
+    new objects, and four more: the same masks and weights bit for bit (each OBS step reads the whole
+    data once, so a fresh pass over it gives the same gradients)."""
+    import copy
+
+    def build():
+        model, data, _ = digits_mlp_and_batches()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        pruner = GradualPruner(model, 0.5, start_step=1, end_step=7, every=2, data=data,
+                               loss_fn=nn.functional.cross_entropy, structure="neurons", num_grads=len(data),
+                               block_size=16)
+        return model, data, opt, pruner
+
+    def train(model, data, opt, pruner, steps):
+        for step in steps:
+            x, y = data[step % len(data)]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            pruner.step()
+
+    model_a, data, opt_a, straight = build()
+    train(model_a, data, opt_a, straight, range(1, 9))
+    model_b, _, opt_b, first = build()
+    train(model_b, data, opt_b, first, range(1, 5))
+    first.detach()
+    saved = {"model": copy.deepcopy(model_b.state_dict()), "opt": copy.deepcopy(opt_b.state_dict()),
+             "pruner": copy.deepcopy(first.state_dict())}
+    assert saved["pruner"]["schedule"]["structures"] == [["neurons", "0", 32], ["neurons", "2", 16]]
+    model_c, _, opt_c, resumed = build()
+    model_c.load_state_dict(saved["model"])
+    opt_c.load_state_dict(saved["opt"])
+    resumed.load_state_dict(saved["pruner"])
+    assert resumed.current_step == 4 and resumed.sparsity == first.sparsity > 0
+    train(model_c, data, opt_c, resumed, range(5, 9))
+    assert resumed.sparsity == straight.sparsity == 24 / 48
+    for name, mask in straight.masks.items():
+        assert torch.equal(mask, resumed.masks[name]), name
+    straight.detach()
+    resumed.detach()
+    for name, value in model_a.named_parameters():
+        assert torch.equal(value, dict(model_c.named_parameters())[name]), name
+    unstructured = GradualPruner(digits_mlp_and_batches()[0], 0.5, start_step=1, end_step=7, every=2,
+                                 method="magnitude")
+    with pytest.raises(ValueError, match="another schedule"):
+        unstructured.load_state_dict(saved["pruner"])
+
+
+def test_gradual_structured_pruner_checks_its_structures_when_built():
+    from mfac.models import mlp
+    from mfac.prune import ParamSlice, StructureGroup
+
+    model, loss = mlp(8, (6,), 3), nn.functional.cross_entropy
+    with pytest.raises(ValueError, match="structure must be one of"):
+        GradualPruner(model, 0.5, 1, 3, 1, method="magnitude", structure="rows")
+    with pytest.raises(ValueError, match="found no heads"):
+        GradualPruner(model, 0.5, 1, 3, 1, method="magnitude", structure="heads")
+    with pytest.raises(ValueError, match="params="):
+        GradualPruner(model, 0.5, 1, 3, 1, method="magnitude", structure="neurons", params=["0.weight"])
+    with pytest.raises(TypeError, match="pattern= .*structure="):
+        GradualPruner(model, 0.5, 1, 3, 1, method="magnitude", structure="neurons", pattern="2:4")
+    group = StructureGroup("0", "neurons", 6, (ParamSlice("0.weight", 0), ParamSlice("2.weight", 1)))
+    with pytest.raises(ValueError, match="not both"):
+        GradualPruner(model, 0.5, 1, 3, 1, method="magnitude", structure="neurons", groups=[group])
+    with pytest.raises(ValueError, match="has shape"):
+        GradualPruner(model, 0.5, 1, 3, 1, method="magnitude",
+                      groups=[StructureGroup("0", "neurons", 5, (ParamSlice("0.weight", 0),))])
+    with pytest.raises(ValueError, match="needs data"):
+        GradualPruner(model, 0.5, 1, 3, 1, loss_fn=loss, structure="neurons")
+    pruner = GradualPruner(model, 0.5, 1, 2, 1, method="magnitude", groups=[group])
+    assert set(pruner.masks) == {"0.weight", "2.weight"}
+    assert not pruner.step() and pruner.step()  # step 1: target 0, nothing to remove
+    assert pruner.sparsity == 0.5 and int(pruner.removed_structures()[0].sum()) == 3
+    with pytest.raises(RuntimeError, match="structured"):
+        GradualPruner(mlp(8, (6,), 3), 0.5, 1, 3, 1, method="magnitude", params=["0.weight"]).removed_structures()

@@ -70,6 +70,14 @@ def _recipe(ns, cwd):
     assert all(torch.isfinite(p).all() for p in bert.parameters())
 
 
+def _structured(ns, cwd):
+    model = ns["model"]
+    assert ns["result"].sizes == {"0": (128, 32)}
+    assert model[0].out_features == 32 and model[2].in_features == 32
+    assert torch.allclose(model(ns["digits"].test_x), ns["masked_output"], atol=1e-5)
+    assert ns["accuracy"] > 0.85
+
+
 # marker string (occurs in exactly one block) -> check of that block's results
 CHECKS = {
     "checkpoint.save(": _optimizer,
@@ -79,6 +87,7 @@ CHECKS = {
     "dcp.save(": _dcp,
     "SlidingWindowFisherInverse(": _fisher,
     "window_dtype=torch.bfloat16": _recipe,
+    "result = compact(model, masks)": _structured,
 }
 
 

@@ -9,7 +9,7 @@
   :class:`UnsafeFileError` and nothing in it runs.
 * :func:`save_weights` / :func:`load_weights` handle a flat name -> tensor dict (a model's
   ``state_dict``). Writing uses safetensors (readable by any tool, no pickle at all; needs the
-  ``safetensors`` package, in ``mfac[cli]``); reading accepts safetensors or a torch file.
+  ``safetensors`` package, in ``mfac-torch[cli]``); reading accepts safetensors or a torch file.
 
 Use in a training loop (resumes bit for bit after a kill)::
 
@@ -135,7 +135,7 @@ def safetensors_torch():
         import safetensors.torch
     except ImportError as error:
         raise ImportError("reading and writing .safetensors files needs the safetensors package: "
-                          "pip install safetensors (or pip install 'mfac[cli]')") from error
+                          "pip install safetensors (or pip install 'mfac-torch[cli]')") from error
     return safetensors.torch
 
 

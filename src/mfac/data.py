@@ -1,6 +1,6 @@
 """Data sets for examples, tests and benchmarks, as tensors.
 
-* Bundled with scikit-learn (no download; ``pip install mfac[examples]``): ``digits`` (8x8 images,
+* Bundled with scikit-learn (no download; ``pip install "mfac-torch[examples]"``): ``digits`` (8x8 images,
   10 classes, 1,797 samples) and ``breast_cancer`` (30 features, 2 classes, 569 samples).
 * Readers for files a user already has: MNIST IDX files and a CIFAR-10 ``.npz`` (``x`` uint8
   (n, 32, 32, 3), ``y`` uint8 (n,)).
@@ -42,7 +42,7 @@ def _sklearn_dataset(name: str):
     try:
         import sklearn.datasets
     except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError(f"the {name} data set ships with scikit-learn: pip install 'mfac[examples]'") from error
+        raise ImportError(f"the {name} data set ships with scikit-learn: pip install 'mfac-torch[examples]'") from error
     return getattr(sklearn.datasets, f"load_{name}")()
 
 

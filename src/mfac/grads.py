@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,7 +36,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from . import resources
 
-__all__ = ["prunable_parameters", "collect_gradients", "gradient_chunks", "cycle", "check_loss"]
+__all__ = ["prunable_parameters", "collect_gradients", "gradient_chunks", "cycle", "check_loss", "to_device",
+           "samples_in"]
 
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _VMAP_CHUNK_BYTES = 1 << 29  # per-sample gradients materialised at once by vmap: 512 MB
@@ -59,12 +61,15 @@ def cycle(data: Iterable) -> Iterator:
             raise ValueError("data yielded no batches; pass a non-empty iterable of batches")
 
 
-def check_loss(loss_fn, batch_loss) -> None:
+def check_loss(loss_fn: Callable | None, batch_loss: Callable | None) -> None:
     """Exactly one of ``loss_fn(outputs, targets)`` and ``batch_loss(model, batch)`` must be given."""
     if (loss_fn is None) == (batch_loss is None):
         raise ValueError("pass exactly one of loss_fn (called as loss_fn(model(inputs), targets) on (inputs, targets) "
                          "batches) and batch_loss (called as batch_loss(model, batch) on batches of any structure)")
     for name, value in (("loss_fn", loss_fn), ("batch_loss", batch_loss)):
+        if isinstance(value, type):  # nn.CrossEntropyLoss rather than nn.CrossEntropyLoss()
+            raise TypeError(f"{name}={value.__name__} is a class, not a loss: instantiate it, "
+                            f"{name}={value.__name__}()")
         if value is not None and not callable(value):
             raise TypeError(f"{name} must be callable, got {type(value).__name__}")
 
@@ -79,11 +84,13 @@ def _plain(batch):
     return batch
 
 
-def _to_device(batch, device):
+def to_device(batch: Any, device: torch.device | str) -> Any:
+    """``batch`` (any structure of tensors) with every tensor on ``device``."""
     return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, _plain(batch))
 
 
-def _batch_size(batch) -> int:
+def samples_in(batch: Any) -> int:
+    """The number of samples of ``batch``: the first dimension its tensors share (ValueError if none)."""
     sizes = {t.shape[0] for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor) and t.dim() > 0}
     if len(sizes) != 1:
         raise ValueError(f"per-sample gradients need every tensor in a batch to have the same first dimension (the "
@@ -138,7 +145,7 @@ def gradient_chunks(model: nn.Module, params: Mapping[str, torch.Tensor], batche
     routes = _Routes(model, names, params, loss_fn, batch_loss) if per_sample else None
     buffer, spare, filled, done = None, None, 0, 0
     while done < num_grads:
-        batch = _to_device(next(batches), first.device)
+        batch = to_device(next(batches), first.device)
         was_training = model.training
         model.eval()
         try:
@@ -191,9 +198,9 @@ def _slices_of(rows: torch.Tensor):
     return write
 
 
-def collect_gradients(model: nn.Module, params: Mapping[str, torch.Tensor], batches: Iterator, loss_fn=None,
-                      num_grads: int = 1, per_sample: bool = False,
-                      masks: Mapping[str, torch.Tensor] | None = None, on_rows=None, *,
+def collect_gradients(model: nn.Module, params: Mapping[str, torch.Tensor], batches: Iterator,
+                      loss_fn: Callable | None = None, num_grads: int = 1, per_sample: bool = False,
+                      masks: Mapping[str, torch.Tensor] | None = None, on_rows: Callable[[int], Any] | None = None, *,
                       batch_loss: Callable | None = None) -> torch.Tensor:
     """Rows of G for the named ``params`` of ``model``: shape (num_grads, d), d = total numel,
     in the parameters' dtype and device (see :func:`gradient_chunks` for the arguments).
@@ -261,7 +268,7 @@ class _Routes:
             n = min(len(inputs), limit)
             batch = (inputs[:n], targets[:n])
         else:
-            n = min(_batch_size(batch), limit)
+            n = min(samples_in(batch), limit)
             batch = tree_map(lambda t: t[:n] if isinstance(t, torch.Tensor) and t.dim() > 0 else t, batch)
         if self.route == "linear":
             try:

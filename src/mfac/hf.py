@@ -1,11 +1,13 @@
 """Hugging Face Transformers integration: gradual OBS or magnitude pruning inside ``Trainer``.
 
-Needs the ``[hf]`` extra (``pip install "mfac[hf]"``); the rest of mfac imports without it.
+Needs the ``[hf]`` extra (``pip install "mfac-torch[hf]"``); the rest of mfac imports without it.
 
 * :class:`PruningCallback`: a ``TrainerCallback`` that prunes on the cubic (or linear) schedule of
   :class:`mfac.prune.GradualPruner` while ``Trainer`` trains, keeps pruned weights exactly zero after
   every optimizer step, logs the sparsity, saves its state in every checkpoint and restores it on
-  ``trainer.train(resume_from_checkpoint=...)``.
+  ``trainer.train(resume_from_checkpoint=...)``. With ``structure="neurons" | "heads"`` it removes
+  whole feed-forward neurons or attention heads instead, and at the end of training saves the
+  compacted (smaller) model to ``<output_dir>/compacted``.
 * :func:`default_pruning_params`: the weights it prunes by default.
 
 ``mfac.MFAC`` itself needs nothing from here: pass it to ``Trainer`` as
@@ -20,10 +22,17 @@ Example::
                       callbacks=[PruningCallback(0.8, start_step=100, end_step=900, every=100)])
     trainer.train()
     model.save_pretrained("pruned")   # a plain model with zeros in place
+
+Structured, the smaller model saved at the end::
+
+    callback = PruningCallback(0.5, start_step=100, end_step=900, every=100, structure="heads")
+    Trainer(model, args, ..., callbacks=[callback]).train()
+    small = mfac.hf_compact.load_compacted(callback.compacted_folder)   # <output_dir>/compacted
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -34,13 +43,16 @@ from transformers import TrainerCallback
 
 from . import defaults
 from .checkpoint import load_weights, save_weights
-from .prune.gradual import GradualPruner, check_schedule
+from .prune.compact import compact
+from .prune.gradual import GradualPruner, check_schedule, describe_groups
 from .prune.settings import PruneSettings
+from .prune.structures import KINDS, StructureGroup, find_structures
 
 __all__ = ["PruningCallback", "default_pruning_params"]
 
 STATE_FILE = "mfac_pruning.safetensors"  # the masks, in each checkpoint folder
 SCHEDULE_FILE = "mfac_pruning.json"  # the schedule position and settings
+COMPACTED_DIR = "compacted"  # under args.output_dir: the compacted model saved at the end of training
 
 
 def _is_dense_layer(module: nn.Module) -> bool:
@@ -96,6 +108,24 @@ class PruningCallback(TrainerCallback):
             Checked here, when the callback is made.
         resume_from: the checkpoint folder to restore the pruning state from when training resumes;
             default ``<output_dir>/checkpoint-<global_step>``, the folder Trainer resumed from.
+        structure: remove whole structures instead of single weights: ``"neurons"`` (the
+            feed-forward neurons of every encoder layer), ``"heads"`` (attention heads), or both as a
+            tuple, found by :func:`mfac.prune.find_structures` in BERT-family encoders (BERT, MiniLM,
+            RoBERTa, DistilBERT, ...) when training begins; ``"channels"`` for CNNs. The schedule's
+            sparsity is then the fraction of structures removed (per kind across layers, or the same
+            fraction in every layer with ``scope="layer"``), by group OBS or, with
+            ``method="magnitude"``, the L2 norm of each structure's weights; structures removed at
+            one step stay removed. ``params`` does not combine with it.
+        groups: instead of ``structure``, the structures as a list of :class:`mfac.prune.StructureGroup`.
+        compact_at_end: at the end of training, slice the removed structures out of a copy of the
+            model (:func:`mfac.prune.compact`) and save it with :func:`mfac.hf_compact.save_compacted`
+            (and the Trainer's tokenizer, if it has one) to ``<output_dir>/compacted``, on the process
+            that saves. Default (None): True with ``structure``/``groups``; True without them is an
+            error. The folder loads with :func:`mfac.hf_compact.load_compacted` (always), or with
+            plain ``from_pretrained`` when :attr:`compacted_format` is ``"transformers"`` (the same
+            number of neurons in every layer, ``scope="layer"``, and no head removed). It needs a
+            BERT-family encoder (checked when training begins); for other models pass False and call
+            :func:`mfac.prune.compact` yourself.
 
     Between pruning steps the gradients of pruned weights are zeroed before each optimizer step
     and the weights are zeroed after it, so they are exactly zero after every step with any
@@ -104,14 +134,31 @@ class PruningCallback(TrainerCallback):
     Each checkpoint folder gets ``mfac_pruning.safetensors`` (the masks) and ``mfac_pruning.json``
     (the schedule position and settings, checked on resume). After a resume the OBS gradients come
     from a fresh pass over ``data``, so later masks can differ from an uninterrupted run's.
+
+    With ``structure``, the masks cover every parameter the structures touch (both layers' weights,
+    and biases), removed structures stay exactly zero through every optimizer step as above, and
+    the in-memory model stays the full-size model with those zeros (the model Trainer, its optimizer
+    and any later ``trainer.evaluate()`` or ``trainer.save_model()`` work on): compaction at the end
+    works on a copy, so the smaller model costs one extra copy of the weights for the moment it is
+    built. After training, :attr:`compacted_folder` is where it went, :attr:`compacted_format`
+    what loads it ("transformers" or "mfac") and :attr:`compaction` the sizes before and after.
     """
 
     def __init__(self, final_sparsity: float, start_step: int, end_step: int, every: int, method: str = "obs",
                  schedule: str = "cubic", initial_sparsity: float = 0.0, params=None, data=None, batch_loss=None,
                  num_grads: int | None = None, block_size: int | str | None = None, recompute: int | None = None,
                  per_sample: bool = True, damp: float | None = None, relative_damp: float | None = None,
-                 scope: str = "global", resume_from: str | os.PathLike | None = None):
+                 scope: str = "global", resume_from: str | os.PathLike | None = None, *, structure=None,
+                 groups=None, compact_at_end: bool | None = None):
         check_schedule(final_sparsity, start_step, end_step, every, schedule, initial_sparsity)
+        self.structure, self.groups = _check_structure(structure, groups, params)
+        structured = self.structure is not None or self.groups is not None
+        if compact_at_end is not None and not isinstance(compact_at_end, bool):
+            raise ValueError(f"compact_at_end must be True, False or None, got {compact_at_end!r}")
+        if compact_at_end and not structured:
+            raise ValueError("compact_at_end=True needs structure= (or groups=): only removed structures can be "
+                             "sliced out; unstructured zeros stay in dense tensors")
+        self.compact_at_end = structured if compact_at_end is None else compact_at_end
         self.settings = PruneSettings(
             method=method, num_grads=defaults.GRADUAL_NUM_GRADS if num_grads is None else num_grads,
             block_size=block_size, recompute=defaults.GRADUAL_RECOMPUTE if recompute is None else recompute,
@@ -120,14 +167,23 @@ class PruningCallback(TrainerCallback):
             raise TypeError(f"batch_loss must be callable, got {type(batch_loss).__name__}")
         self.schedule = dict(final_sparsity=final_sparsity, start_step=start_step, end_step=end_step, every=every,
                              method=method, schedule=schedule, initial_sparsity=initial_sparsity)
+        if self.groups is not None:  # only when structured: checkpoints of unstructured runs resume as before
+            self.schedule["structures"] = describe_groups(self.groups)
+        elif self.structure is not None:
+            self.schedule["structure"] = list(self.structure)
         self.params, self.data, self.batch_loss = params, data, batch_loss
         self.resume_from = resume_from
         self.pruner: GradualPruner | None = None
         self._model: nn.Module | None = None
+        self._pruned = False  # whether any mask has a pruned entry (kept, not recounted every step)
+        self.compacted_folder: Path | None = None
+        self.compacted_format: str | None = None
+        self.compaction = None
 
     @property
     def sparsity(self) -> float:
-        """Sparsity of the pruned weights now (0 before training starts)."""
+        """Sparsity now (0 before training starts): the fraction of the pruned weights, or with
+        ``structure``/``groups`` the fraction of structures removed."""
         return self.pruner.sparsity if self.pruner is not None else 0.0
 
     # -- Trainer events ---------------------------------------------------------------------
@@ -138,19 +194,24 @@ class PruningCallback(TrainerCallback):
         data = self.data if self.data is not None else train_dataloader
         if method == "obs" and data is None:
             raise ValueError("PruningCallback(method='obs') needs data: pass data= or give Trainer a train_dataset")
-        params = self.params if self.params is not None else default_pruning_params(model)
+        structured = self.structure is not None or self.groups is not None
+        params = None if structured else self.params if self.params is not None else default_pruning_params(model)
+        if self.compact_at_end:
+            _check_compactable(model)
         self.pruner = GradualPruner(model, self.schedule["final_sparsity"], self.schedule["start_step"],
                                     self.schedule["end_step"], self.schedule["every"], data=data,
                                     method=method, schedule=self.schedule["schedule"],
                                     initial_sparsity=self.schedule["initial_sparsity"],
                                     batch_loss=(self.batch_loss or _model_loss) if method == "obs" else None,
-                                    params=params, settings=self.settings)
+                                    params=params, settings=self.settings, structure=self.structure,
+                                    groups=self.groups)
         self._model = model
+        self._pruned = False
         if state.global_step > 0:
             self._restore(args, state)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.pruner is None or self.pruner.sparsity == 0:
+        if self.pruner is None or not self._pruned:
             return
         with torch.no_grad():
             for param, mask in self._masked():
@@ -158,7 +219,7 @@ class PruningCallback(TrainerCallback):
                     param.grad.mul_(mask.to(param.grad.device, param.grad.dtype))
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        if self.pruner is not None and self.pruner.sparsity > 0:
+        if self.pruner is not None and self._pruned:
             self.pruner.masks.apply(self._model)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -167,7 +228,8 @@ class PruningCallback(TrainerCallback):
         if self.pruner.current_step != state.global_step - 1:
             raise RuntimeError(f"PruningCallback is at step {self.pruner.current_step} but Trainer finished step "
                                f"{state.global_step}; one callback instance serves one training run")
-        self.pruner.step()
+        if self.pruner.step():
+            self._pruned = self.pruner.masks.sparsity() > 0
         self.pruner.detach()  # zeros stay in place; plain weights for Trainer's checkpoints
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -188,11 +250,28 @@ class PruningCallback(TrainerCallback):
         state_file.write_text(json.dumps({"step": self.pruner.current_step, "schedule": self.schedule,
                                           "params": list(self.pruner.masks)}, indent=1))
 
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.pruner is not None and self.pruner.sparsity > 0:
+    def on_train_end(self, args, state, control, processing_class=None, **kwargs):
+        if self.pruner is None:
+            return
+        if self._pruned:
             self.pruner.masks.apply(self._model)
+        if self.compact_at_end and args.should_save:
+            self._save_compacted(Path(args.output_dir) / COMPACTED_DIR, processing_class)
 
     # -- helpers -----------------------------------------------------------------------------
+    def _save_compacted(self, folder: Path, processing_class=None) -> None:
+        """Compact a copy of the (masked) model and save it to ``folder``; the model stays as it is."""
+        from .hf_compact import save_compacted
+
+        small = copy.deepcopy(self._model)
+        for param in small.parameters():
+            param.grad = None
+        self.compaction = compact(small, self.pruner.masks, groups=self.pruner.groups)
+        tokenizer = processing_class if hasattr(processing_class, "save_pretrained") else None
+        self.compacted_format = save_compacted(small, folder, tokenizer=tokenizer)
+        self.compacted_folder = folder
+        del small
+
     def _masked(self):
         named = dict(self._model.named_parameters())
         return [(named[name], mask) for name, mask in self.pruner.masks.items()]
@@ -215,3 +294,36 @@ class PruningCallback(TrainerCallback):
         masks = {name: tensor.bool() for name, tensor in load_weights(masks_file).items()}
         self.pruner.load_state_dict({"step": saved["step"], "masks": masks})
         self.pruner.detach()
+        self._pruned = self.pruner.masks.sparsity() > 0
+
+
+def _check_structure(structure, groups, params) -> tuple[tuple[str, ...] | None, list[StructureGroup] | None]:
+    """(kinds, groups), checked before training: ValueError/TypeError naming the argument."""
+    if structure is None and groups is None:
+        return None, None
+    if structure is not None and groups is not None:
+        raise ValueError("pass structure= (to find the structures) or groups= (to give them), not both")
+    if params is not None:
+        raise ValueError("structure= (or groups=) chooses the parameters itself: leave params= out")
+    if groups is not None:
+        if not isinstance(groups, (list, tuple)) or not groups or \
+                not all(isinstance(group, StructureGroup) for group in groups):
+            raise TypeError("groups must be a non-empty list of mfac.prune.StructureGroup")
+        return None, list(groups)
+    kinds = (structure,) if isinstance(structure, str) else structure
+    if not isinstance(kinds, (list, tuple)) or not kinds or any(kind not in KINDS for kind in kinds):
+        raise ValueError(f"structure must be one of {KINDS} (or a tuple of them), got {structure!r}")
+    return tuple(dict.fromkeys(kinds)), None
+
+
+def _check_compactable(model: nn.Module) -> None:
+    """compact_at_end saves through mfac.hf_compact, which knows BERT-family encoders only."""
+    try:
+        find_structures(model, ("neurons", "heads"))
+        recognised = hasattr(model, "save_pretrained") and hasattr(model, "config")
+    except ValueError:
+        recognised = False
+    if not recognised:
+        raise ValueError(f"compact_at_end: {type(model).__name__} is not a Hugging Face BERT-family encoder, which is "
+                         f"what mfac.hf_compact.save_compacted saves; pass compact_at_end=False and compact the "
+                         f"model yourself after training (mfac.prune.compact(model, callback.pruner.masks))")

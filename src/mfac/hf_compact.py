@@ -1,4 +1,4 @@
-"""Saving and loading compacted Hugging Face encoders (needs ``pip install "mfac[hf]"``).
+"""Saving and loading compacted Hugging Face encoders (needs ``pip install "mfac-torch[hf]"``).
 
 A Hugging Face config describes one feed-forward width and one head count for every layer, with a
 head size of hidden_size / num_attention_heads. After :func:`mfac.prune.compact`:

@@ -125,7 +125,7 @@ def _demo_files(folder: Path, report: dict) -> dict:
     plt = pyplot()
     if plt is None:
         return {"report": "report.json", "summary": "report.md",
-                "plots": "not written: matplotlib is not installed (pip install 'mfac[cli]')"}
+                "plots": "not written: matplotlib is not installed (pip install 'mfac-torch[cli]')"}
     def save(fig, ax, xlabel, ylabel, title, name):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)

@@ -17,6 +17,8 @@ from .optimizers import OPTIMIZERS
 __all__ = ["build_parser", "MODELS"]
 
 MODELS = ("mlp", "cnn", "resnet20")
+STRUCTURES = ("neurons", "channels", "heads")  # mfac.prune.structures.KINDS, without importing torch here
+LATENCY_RUNS = 20
 FLOAT32_MAX = 3.4028234663852886e38
 FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32: 1/damp must stay finite
 
@@ -66,6 +68,15 @@ def model_spec(text: str) -> str:
         return text
     raise argparse.ArgumentTypeError(f"expected one of {', '.join(MODELS)} or hf:PATH (a local Hugging Face model "
                                      f"folder), got {text!r}")
+
+
+def structure_list(text: str) -> tuple[str, ...]:
+    """``neurons``, ``channels``, ``heads`` or a comma list of them (``heads,neurons``)."""
+    kinds = tuple(dict.fromkeys(part.strip() for part in text.split(",")))
+    if not kinds or any(kind not in STRUCTURES for kind in kinds):
+        raise argparse.ArgumentTypeError(f"expected {', '.join(STRUCTURES[:-1])} or {STRUCTURES[-1]}, or a comma list "
+                                         f"of them (e.g. heads,neurons), got {text!r}")
+    return kinds
 
 
 LEARNING_RATE = number(0, FLOAT32_MAX, low_open=True)
@@ -143,18 +154,45 @@ def _add_train(commands) -> None:
 
 
 def _add_prune(commands) -> None:
-    sub = commands.add_parser("prune", help="prune a built-in model one-shot", formatter_class=_Formatter)
+    sub = commands.add_parser("prune", help="prune a model: weights or whole structures, one-shot or gradual",
+                              formatter_class=_Formatter,
+                              description="Prune a built-in model or an hf: model with OBS or magnitude: single "
+                                          "weights (one-shot or --gradual; the pruned weights are also written "
+                                          "compactly, values plus a bitmask) or whole neurons, channels and heads "
+                                          "(--structure, one-shot; --compact writes the smaller model). The report "
+                                          "gives parameters, FLOPs per sample, size on disk and measured latency "
+                                          "before and after.")
     _model_data_options(sub)
-    sub.add_argument("--method", default="obs", choices=["obs", "magnitude"])
+    sub.add_argument("--method", default="obs", choices=["obs", "magnitude"],
+                     help="obs: second order (M-FAC inverse Fisher); magnitude: |w|, or with --structure the L2 "
+                          "norm of each structure")
     sub.add_argument("--sparsity", type=number(0, 1, high_open=True), default=0.9,
-                     help="fraction of weights to remove")
+                     help="fraction of weights to remove (with --structure: fraction of the structures)")
     sub.add_argument("--pattern", default=None, help="N:M semi-structured sparsity, e.g. 2:4 (overrides --sparsity)")
-    sub.add_argument("--scope", default="global", choices=["global", "layer"])
+    sub.add_argument("--scope", default="global", choices=["global", "layer"],
+                     help="global: one ranking over all layers (with --structure: per kind); layer: the same "
+                          "fraction in every layer")
+    _structure_options(sub)
     _obs_options(sub)
     sub.add_argument("--calibrate-bn", type=integer(0), default=0,
                      help="re-estimate BatchNorm statistics on this many training batches, before and after pruning")
     _gradual_options(sub)
     _output_options(sub)
+
+
+def _structure_options(sub) -> None:
+    """Structured pruning and compaction."""
+    sub.add_argument("--structure", type=structure_list, default=None, metavar="KINDS",
+                     help="remove whole structures instead of single weights (one-shot): neurons (hidden units of "
+                          "Linear layers, a transformer's feed-forward neurons), channels (convolution channels), "
+                          "heads (attention heads), or a comma list such as heads,neurons; for mlp, cnn, resnet20 "
+                          "and hf: BERT-family encoders")
+    sub.add_argument("--compact", action="store_true",
+                     help="with --structure: also write the model rebuilt without the removed structures, smaller "
+                          "and faster (compacted.safetensors for built-in models, a compacted/ folder for hf: models)")
+    sub.add_argument("--latency-runs", type=integer(1), default=LATENCY_RUNS,
+                     help="timed forward passes of one --batch-size batch for the latency in the report (the "
+                          "median, after 3 warm-up passes), before and after a one-shot prune")
 
 
 def _obs_options(sub) -> None:

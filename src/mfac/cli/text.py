@@ -108,7 +108,7 @@ def load_hf_model(spec: str, num_labels: int):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import transformers
     except ImportError:
-        raise CliError("--model hf:PATH needs Hugging Face Transformers: pip install \"mfac[hf]\"") from None
+        raise CliError("--model hf:PATH needs Hugging Face Transformers: pip install \"mfac-torch[hf]\"") from None
     with usage_errors(f"--model {spec}: "):
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         verbosity = transformers.logging.get_verbosity()

@@ -16,16 +16,19 @@ by each process / world size: the window's memory divides by the number of proce
 * :mod:`~mfac.distributed.distributors`: the layout MFAC picks once at construction
   (:class:`SingleProcess`, :class:`CoordinateShards` for DDP, :class:`ParameterShards` for FSDP2/HSDP).
 * :mod:`~mfac.distributed.collectives`: :class:`ShardLayout`, :class:`ParamShards` and the
-  collectives as plain functions of tensors.
+  collectives as plain functions of tensors, with :func:`fail_together`: a check that fails on one
+  process fails on all of them, with the same message, before any collective waits.
 * :func:`get_optimizer_state_dict` / :func:`set_optimizer_state_dict`: MFAC's state for
   ``torch.distributed.checkpoint`` (DCP): a checkpoint saved by N processes loads into M processes
   (or one), with DDP or FSDP2, and each reads only its shard.
 """
 
 from .checkpoint import get_optimizer_state_dict, set_optimizer_state_dict
-from .collectives import ParamShards, ShardLayout, all_true, gather_over, is_dtensor, local_tensor, sum_over
+from .collectives import (ParamShards, ShardLayout, SumOver, all_true, fail_together, gather_over, is_dtensor,
+                          local_tensor, sum_over)
 from .distributors import CoordinateShards, ParameterShards, SingleProcess, choose_distributor
 
-__all__ = ["ShardLayout", "ParamShards", "sum_over", "gather_over", "all_true", "is_dtensor", "local_tensor",
+__all__ = ["ShardLayout", "ParamShards", "SumOver", "sum_over", "gather_over", "all_true", "fail_together",
+           "is_dtensor", "local_tensor",
            "get_optimizer_state_dict", "set_optimizer_state_dict", "SingleProcess", "CoordinateShards",
            "ParameterShards", "choose_distributor"]

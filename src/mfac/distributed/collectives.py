@@ -5,6 +5,8 @@
 * :class:`ParamShards`: parameters that are already sharded (FSDP2's ``fully_shard``, DTensors, on a
   1-D mesh or HSDP's 2-D one).
 * :func:`sum_over`, :func:`gather_over`, :func:`all_true`: the collectives.
+* :func:`fail_together`: a failure on one process becomes the same failure on all of them, before
+  any of them waits in a collective that the failed one will never join.
 """
 
 from __future__ import annotations
@@ -14,7 +16,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["ShardLayout", "ParamShards", "sum_over", "gather_over", "all_true", "is_dtensor", "local_tensor"]
+__all__ = ["ShardLayout", "ParamShards", "SumOver", "sum_over", "gather_over", "all_true", "fail_together",
+           "is_dtensor", "local_tensor", "MESSAGE_BYTES"]
+
+MESSAGE_BYTES = 4096  # of the failing process's message sent to the others (UTF-8, truncated beyond)
+# Exception types kept across processes (the first that matches; any other becomes RuntimeError).
+_KINDS = (ValueError, TypeError, IndexError, KeyError, MemoryError, RuntimeError)
 
 
 @dataclass(frozen=True)
@@ -126,12 +133,57 @@ def all_true(flag: torch.Tensor, group) -> torch.Tensor:
     return as_int[0].bool()
 
 
-def sum_over(group):
-    """A reduction hook for a sharded window: sums a tensor over ``group`` in place and returns it."""
-    def reduce(tensor: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+class SumOver:
+    """The reduction hook of a sharded window over ``group``: calling it sums a tensor over the group
+    in place and returns it; :meth:`agree` turns one process's failure into the same failure on all
+    (the window calls it around every check that could fail on one process only)."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
         return tensor
-    return reduce
+
+    def agree(self, error: BaseException | None, device=None, same: dict | None = None) -> None:
+        fail_together(error, self.group, device, same)
+
+
+def sum_over(group) -> SumOver:
+    """A reduction hook for a sharded window: sums a tensor over ``group`` in place and returns it."""
+    return SumOver(group)
+
+
+def fail_together(error: BaseException | None, group, device=None, same: dict | None = None) -> None:
+    """Every process of ``group`` calls this at once with the outcome of its own checks: the exception
+    it raised, or None. If any process failed, every process raises the same exception: the type and
+    message of the lowest-ranked one that failed, as ``"process r of n: message"`` (chained to the
+    original where it happened). ``same`` ({name: int}) are values every process must hold alike; if
+    they differ (and nothing failed), every process raises ValueError naming them. Otherwise it
+    returns. Cost: one all-reduce of a few integers, and one of 4 KB when something failed.
+    ``device``: where the collective's tensors live (a CUDA device for NCCL; default CPU)."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    values = [int(v) for v in (same or {}).values()]
+    flags = torch.tensor([rank if error is not None else world, *values, *(-v for v in values)], dtype=torch.int64,
+                         device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=group)
+    source = int(flags[0])
+    if source < world:
+        message = torch.zeros(MESSAGE_BYTES + 1, dtype=torch.int32, device=device)
+        if rank == source:
+            kind = next((i for i, k in enumerate(_KINDS) if isinstance(error, k)), len(_KINDS) - 1)
+            text = (str(error) or type(error).__name__).encode()[:MESSAGE_BYTES]
+            message[0] = kind
+            message[1:1 + len(text)] = torch.tensor(list(text), dtype=torch.int32, device=device)
+        dist.all_reduce(message, op=dist.ReduceOp.SUM, group=group)
+        codes = message.tolist()
+        text = bytes(c for c in codes[1:] if c).decode(errors="replace")
+        raise _KINDS[codes[0]](f"process {source} of {world}: {text}") from error
+    lowest, highest = flags[1:1 + len(values)].tolist(), [-v for v in flags[1 + len(values):].tolist()]
+    differ = [f"{name} from {low} to {high}" for name, low, high in zip(same or {}, lowest, highest) if low != high]
+    if differ:
+        raise ValueError(f"the processes of the group disagree: {', '.join(differ)}; every process must load the "
+                         f"state saved by the same run at the same step")
 
 
 def gather_over(local: torch.Tensor, layout: ShardLayout, group) -> torch.Tensor:

@@ -5,6 +5,18 @@ and the storage form's own, e.g. ``density`` and ``block``), the count of pushes
 matrix S = G G^T, and the storage form's tensors (dense rows; or values, offsets and the residual).
 :func:`validate` checks all of it against the window that is to load it, without allocating
 anything of the size the state claims, and raises ValueError naming the key; nothing is changed.
+
+Self-consistency: the Gram matrix must be the one of the rows. Its diagonal must hold the rows'
+squared norms, and for a fixed probe vector v, S v must equal G (G^T v) within what float32 (or
+float64) rounding of the dot products allows. Both sides come from one pass over the stored rows in
+float64, a few megabytes at a time (:func:`probe_products`), so an edited Gram entry, rows from
+another state, or a shard of another run is refused, while every state ``state_dict()`` wrote loads.
+
+A sharded window (``window.reduce`` sums over the shards) checks its own shard first, then all
+shards agree on the outcome (``window.reduce.agree`` when the hook has it, as
+:func:`mfac.distributed.sum_over`'s does; otherwise a flag summed through ``reduce``), so a state
+refused on one process is refused on every process, promptly, before any of them waits in a
+collective; the probe products are then summed over the shards, and the outcome agreed again.
 """
 
 from __future__ import annotations
@@ -13,17 +25,39 @@ import torch
 
 from .base import all_finite
 
-__all__ = ["validate", "COMMON_KEYS"]
+__all__ = ["validate", "probe_products", "probe_vector", "gram_tolerance", "COMMON_KEYS"]
 
 COMMON_KEYS = ("dim", "window", "damp", "storage_dtype", "pushed", "gram")
 # Written by dense windows that kept an explicit K^-1 (before the Cholesky factor); ignored on load.
 LEGACY_KEYS = frozenset({"inverse", "since_refactor", "refactor_every"})
+CHUNK = 1 << 20  # float64 numbers of the rows upcast at a time by the probe pass (8 MB)
+# Unit roundoff of float32 products under torch's reduced-precision matmul settings (TF32, bfloat16).
+MATMUL_ROUNDOFF = {"highest": 2.0 ** -24, "high": 2.0 ** -11, "medium": 2.0 ** -8}
 
 
 def validate(state, window) -> int:
     """Check ``state`` (from ``state_dict()``) against ``window`` (a SlidingWindowFisherInverse);
-    returns the number of rows it holds. The rows' squared norms are summed over the shards of a
-    sharded window (``window.reduce``, a collective: every shard must load at once)."""
+    returns the number of rows it holds. For a sharded window (``window.reduce``, a collective) every
+    shard must call this at once; a failure on any shard raises on all of them."""
+    error = checked = None
+    try:
+        checked = check_local(state, window)
+    except Exception as failure:  # noqa: BLE001 - any local failure must reach the other shards
+        error = failure
+    agree(window, error, -1 if checked is None else checked[0])
+    k, gram, partial = checked
+    reduced = window.reduce(partial)  # every shard reached this point: the collective cannot wait forever
+    error = None
+    try:
+        check_gram(window, gram, reduced, k)
+    except ValueError as failure:
+        error = failure
+    agree(window, error, k)
+    return k
+
+
+def check_local(state, window) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """The checks of this shard alone; returns (k, gram, this shard's probe products)."""
     storage = window.storage
     if not isinstance(state, dict):
         raise ValueError(f"window state must be a dict from state_dict(), got {type(state).__name__}")
@@ -60,8 +94,108 @@ def validate(state, window) -> int:
         raise ValueError(f"window state holds data beyond the {k} gradients that pushed = {pushed} implies")
     tensors = {key: state[key].to(window.device) for key in spec if key != "gram"}
     storage.check_state(tensors, k)
-    norms = window.reduce(storage.row_norms(tensors, k).to(window.device))
-    if not torch.allclose(gram.diagonal()[:k].to(norms.device), norms, rtol=1e-3, atol=1e-30):
+    gram = gram[:k, :k].to(window.device)
+    return k, gram, probe_products(storage, tensors, k, probe_vector(k, window.device))
+
+
+def agree(window, error: BaseException | None, k: int) -> None:
+    """Raise on every shard if the checks failed on any (on a whole window: raise ``error`` if any)."""
+    hook = getattr(window.reduce, "agree", None)
+    if hook is not None:
+        hook(error, window.device, same=None if error is not None else {"the gradients held (pushed)": k})
+        return
+    flags = window.reduce(torch.tensor([float(error is not None), 1.0, float(k), float(k) ** 2],
+                                       dtype=torch.float64, device=window.device))
+    if error is not None:
+        raise error
+    failed, shards, total, squares = flags.tolist()
+    if failed:
+        raise ValueError(f"window state: {failed:.0f} of the {shards:.0f} shards refused their part of the state "
+                         f"(each reports why); nothing was loaded")
+    if shards * squares != total ** 2:
+        raise ValueError("window state: the shards hold different numbers of gradients; every shard must load the "
+                         "state saved by the same run at the same step")
+
+
+def probe_vector(k: int, device) -> torch.Tensor:
+    """The fixed probe v (k,) float64: magnitudes in [0.5, 1.5), random signs, the same on every shard."""
+    gen = torch.Generator().manual_seed(0x5EED)
+    magnitude = 0.5 + torch.rand(k, generator=gen, dtype=torch.float64)
+    sign = torch.randint(0, 2, (k,), generator=gen).to(torch.float64) * 2 - 1
+    return (magnitude * sign).to(device)
+
+
+def probe_products(storage, tensors: dict, k: int, v: torch.Tensor) -> torch.Tensor:
+    """(2k + 1,) float64: the rows' squared norms, G (G^T v), and the coordinates held, for this
+    shard's part of the rows in ``tensors`` (dense ``grads``, or a compressed form's ``values`` and
+    ``offsets`` laid out as ``storage.layout`` says). One pass over the rows, in float64, CHUNK
+    numbers at a time: G (G^T v) is the sum over column blocks c of G_c (G_c^T v)."""
+    norms = torch.zeros(k, dtype=torch.float64, device=v.device)
+    products = torch.zeros(k, dtype=torch.float64, device=v.device)
+    if k and "grads" in tensors:
+        grads = tensors["grads"]
+        step = max(1, CHUNK // k)
+        for start in range(0, grads.shape[1], step):
+            block = grads[:k, start:start + step].to(torch.float64)
+            norms += block.square().sum(1)
+            products += block @ (block.T @ v)
+    elif k:
+        compressed_products(storage, tensors, k, v, norms, products)
+    dim = torch.tensor([float(storage.dim)], dtype=torch.float64, device=v.device)
+    return torch.cat([norms, products, dim])
+
+
+def compressed_products(storage, tensors: dict, k: int, v: torch.Tensor, norms: torch.Tensor,
+                        products: torch.Tensor) -> None:
+    """:func:`probe_products` for a compressed window, a group of whole blocks at a time (so each
+    group's slice of G^T v is complete before it is used); adds into ``norms`` and ``products``."""
+    layout, values, offsets = storage.layout, tensors["values"], tensors["offsets"]
+    starts = layout.starts.tolist()
+    rows = torch.arange(k, device=v.device)[:, None]
+    blocks, first = len(starts) - 1, 0
+    while first < blocks:
+        last = first + 1
+        while last < blocks and k * (starts[last + 1] - starts[first]) <= CHUNK:
+            last += 1
+        entries = slice(starts[first], starts[last])
+        positions = layout.first[entries] + rows * layout.kept[entries]  # (k, entries)
+        kept = values[positions].to(torch.float64)
+        coords = offsets[positions].long() + (layout.bases[entries] - first * storage.block)
+        width = min(last * storage.block, storage.dim) - first * storage.block
+        slice_of_gtv = torch.zeros(width, dtype=torch.float64, device=v.device)
+        slice_of_gtv.index_add_(0, coords.reshape(-1), (kept * v[:, None]).reshape(-1))
+        norms += kept.square().sum(1)
+        products += (kept * slice_of_gtv[coords]).sum(1)
+        first = last
+
+
+def gram_tolerance(window, norms: torch.Tensor, v: torch.Tensor, dim: float) -> torch.Tensor:
+    """How far S v may lie from G (G^T v), per row, for a genuine S: each entry is a dot product of
+    ``dim`` terms rounded in the compute dtype, off by at most dim * u * ||g_i|| ||g_j|| (whatever
+    the order of summation), plus the float64 rounding of both sides; twice that, for safety."""
+    if window.dtype == torch.float32:
+        roundoff = max(MATMUL_ROUNDOFF.get(torch.get_float32_matmul_precision(), 2.0 ** -24),
+                       2.0 ** -11 if torch.backends.cuda.matmul.allow_tf32 else 2.0 ** -24)
+    else:
+        roundoff = torch.finfo(window.dtype).eps / 2
+    k = norms.shape[0]
+    gamma = 2 * (dim * roundoff + (dim + 2 * k + 2) * 2.0 ** -53)
+    lengths = norms.clamp_min(0).sqrt()
+    return gamma * lengths * (lengths * v.abs()).sum()
+
+
+def check_gram(window, gram: torch.Tensor, reduced: torch.Tensor, k: int) -> None:
+    """The Gram matrix against the rows, from the probe products summed over the shards."""
+    norms, products, dim = reduced[:k], reduced[k:2 * k], float(reduced[2 * k])
+    if not torch.allclose(gram.diagonal(), norms, rtol=1e-3, atol=1e-30):
         raise ValueError("window state's gram does not match its rows (the diagonal must hold the rows' squared "
                          "norms); the tensors come from different states")
-    return k
+    if k == 0:
+        return
+    v = probe_vector(k, gram.device)
+    excess = (gram @ v - products).abs() - gram_tolerance(window, norms, v, dim)
+    if bool((excess > 0).any()):
+        row = int(excess.argmax())
+        raise ValueError(f"window state's gram does not match its rows: row {row} of the gram matrix is not the dot "
+                         f"products of gradient {row} with the others (beyond float rounding); the gram was edited "
+                         f"or comes from another state")

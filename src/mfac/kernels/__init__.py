@@ -8,34 +8,31 @@ rounds the vector and the result to bfloat16), and its sparse formats are far fr
 read exactly once per product.
 
 The library is built on first use, not at import, with the system C compiler (``$CC``, default
-``cc``; flags ``-O3 -march=native -fopenmp``), into ``$MFAC_KERNEL_CACHE`` (default
-``~/.cache/mfac/kernels``), keyed by a hash of the source, flags and platform, so a later process
-only loads it. Where no compiler is found, the build fails, the data is not on the CPU,
-or ``MFAC_KERNELS=0`` is set, every product falls back to torch: the same results up to float32
-rounding, only slower. :func:`status` says which is in use and why.
+``cc``, with its arguments if any; flags ``-O3 -march=native -fopenmp``), into
+``$MFAC_KERNEL_CACHE`` (default ``~/.cache/mfac/kernels``), keyed by a hash of the source, compiler,
+flags and platform, so a later process only loads it: only a library this user built, checked
+against the SHA-256 recorded when it was built, from a folder no one else can write
+(:mod:`mfac.kernels.build`). Where no compiler is found, the build fails or times out, the library
+cannot be loaded or lacks a kernel, the data is not on the CPU, or ``MFAC_KERNELS=0`` is set, every
+product falls back to torch: the same results up to float32 rounding, only slower. :func:`status`
+says which is in use and why; :func:`reset` forgets the outcome (the next product decides again).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
 import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-__all__ = ["BlockLayout", "available", "status", "dense_dots", "dense_combine", "sparse_dots", "sparse_combine"]
+from .build import BuildError, cache_folder, load_library
 
-_SOURCE = Path(__file__).with_name("window.c")
-_FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
+__all__ = ["BlockLayout", "available", "status", "reset", "dense_dots", "dense_combine", "sparse_dots",
+           "sparse_combine"]
+
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _reason = "not built yet (the kernels are built on first use)"
@@ -50,40 +47,16 @@ _SIGNATURES = {
 }
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("MFAC_KERNEL_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "mfac" / "kernels"
-
-
-def _build() -> ctypes.CDLL:
-    """Compile window.c (trying flag sets from fastest to most portable) and load it."""
-    compiler = os.environ.get("CC", "cc")
-    if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C compiler: {compiler!r} is not on PATH (set CC to one)")
-    source = _SOURCE.read_bytes()
-    errors = []
-    for flags in _FLAG_SETS:
-        key = hashlib.sha256(source + " ".join([compiler, *flags, platform.machine(), platform.node(),
-                                                 sys.platform]).encode()).hexdigest()[:16]
-        target = _cache_dir() / f"mfac_window_{key}.so"
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            # Build under a private name, then rename: processes starting together never load half a file.
-            handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
-            os.close(handle)
-            done = subprocess.run([compiler, *flags, "-shared", "-fPIC", str(_SOURCE), "-o", partial],
-                                  capture_output=True, text=True)
-            if done.returncode != 0:
-                os.unlink(partial)
-                errors.append(f"{' '.join(flags)}: {done.stderr.strip()[-300:]}")
-                continue
-            os.replace(partial, target)
-        library = ctypes.CDLL(str(target))
-        for name, argtypes in _SIGNATURES.items():
+def _bind(library: ctypes.CDLL, note: str) -> ctypes.CDLL:
+    """Declare every kernel's signature; BuildError if the library lacks one."""
+    for name, argtypes in _SIGNATURES.items():
+        try:
             function = getattr(library, name)
-            function.argtypes, function.restype = argtypes, ctypes.c_int
-        return library
-    raise RuntimeError("the C compiler failed: " + " | ".join(errors))
+        except AttributeError:
+            raise BuildError(f"the kernel library ({note}) has no {name!r}; it is not built from window.c "
+                             f"(check $CC, or delete the cache {cache_folder()})") from None
+        function.argtypes, function.restype = argtypes, ctypes.c_int
+    return library
 
 
 def _load() -> ctypes.CDLL | None:
@@ -96,12 +69,22 @@ def _load() -> ctypes.CDLL | None:
                 _reason = "disabled by MFAC_KERNELS=0"
             else:
                 try:
-                    _library = _build()
-                    _reason = "compiled kernels in use"
-                except (OSError, RuntimeError) as error:
+                    library, note = load_library()
+                    _library = _bind(library, note)
+                    _reason = f"compiled kernels in use ({note})"
+                except Exception as error:  # any failure to build, load or bind: torch does the products
                     _reason = f"torch fallback: {error}"
             _tried = True
     return _library
+
+
+def reset() -> None:
+    """Forget whether the kernels were loaded and why (for tests, or after changing ``CC`` or
+    ``MFAC_KERNEL_CACHE``): the next product builds or loads them again. A library already loaded
+    stays mapped but is no longer used until then."""
+    global _library, _reason, _tried
+    with _lock:
+        _library, _reason, _tried = None, "not built yet (the kernels are built on first use)", False
 
 
 def available() -> bool:

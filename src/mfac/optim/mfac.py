@@ -24,6 +24,8 @@ The linear algebra lives in :mod:`mfac.fisher`, the arithmetic of the update in
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch.optim import Optimizer
@@ -85,17 +87,28 @@ class MFAC(Optimizer):
 
     All parameters of all groups form one vector of d coordinates and share one window, as in the
     published method; the window is created at the first ``step``, after which ``add_param_group``
-    is refused. The constructor refuses settings that cannot work (damp below the smallest normal
-    number of the window's dtype, lr beyond the parameters' dtype) and a window that cannot fit in
-    the memory available, before any step. Cost per step: two reads of the window plus
+    is refused.
+
+    Frozen parameters are left out of the window: a parameter with ``requires_grad=False`` when its
+    group is added (at construction, or by ``add_param_group``) stays in its param group, as in any
+    torch optimizer, but has no coordinates in the window (nor in ``dim``, ``all_params``, the
+    momentum or ``state_dict``), so a frozen embedding or backbone costs no window memory. The set
+    is fixed then: unfreezing such a parameter later and giving it a gradient makes ``step`` raise
+    RuntimeError (build MFAC again, after unfreezing, to train it); a trainable parameter that gets
+    no gradient in a step is a zero slice of that step's gradient, as before.
+
+    The constructor refuses settings that cannot work (damp below the smallest normal number of the
+    window's dtype, lr beyond the parameters' dtype) and a window that cannot fit in the memory
+    available, before any step. Cost per step: two reads of the window plus
     O(d + window^3 / 3); extra memory 3 d numbers (flat gradient, momentum, a staged update).
     Measured step times: BENCHMARKS.md#cost-of-one-step.
     """
 
-    def __init__(self, params, lr: float = defaults.MFAC_LR, window: int = defaults.MFAC_WINDOW,
-                 damp: float = defaults.MFAC_DAMP, momentum: float = 0.0, weight_decay: float = 0.0,
-                 decoupled_weight_decay: bool = False, window_dtype: torch.dtype | None = None,
-                 nonfinite: str = "skip", process_group=None, density: float = 1.0, precondition: str = "gradient"):
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float = defaults.MFAC_LR,
+                 window: int = defaults.MFAC_WINDOW, damp: float = defaults.MFAC_DAMP, momentum: float = 0.0,
+                 weight_decay: float = 0.0, decoupled_weight_decay: bool = False,
+                 window_dtype: torch.dtype | None = None, nonfinite: str = "skip", process_group: Any = None,
+                 density: float = 1.0, precondition: str = "gradient") -> None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an int >= 1 (the number of gradients kept), got {window!r}")
         if window_dtype is not None and (not isinstance(window_dtype, torch.dtype)
@@ -123,9 +136,14 @@ class MFAC(Optimizer):
         self._skipped = 0
         self._warned_nonfinite = False
         self._distributor = None
+        self._frozen: set[int] = set()  # ids of the parameters left out of the window (frozen when added)
         defaults_ = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                          decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults_)
+        if not self.all_params:
+            raise ValueError("MFAC got no parameter with requires_grad=True (all of them are frozen), so there is "
+                             "nothing to optimize; pass the trainable ones, e.g. [p for p in model.parameters() if "
+                             "p.requires_grad]")
         if self._density < 1 and any(map(is_dtensor, self.all_params)):
             raise ValueError("density < 1 (a compressed window) cannot be combined with FSDP2's sharded parameters "
                              "yet; use density=1.0")
@@ -158,22 +176,39 @@ class MFAC(Optimizer):
                                "is fixed then. Create the optimizer with all parameter groups instead")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        for p in group["params"]:
-            if not p.dtype.is_floating_point:
-                raise TypeError(f"MFAC needs floating parameters, got one of dtype {p.dtype}")
+        frozen = {id(p) for p in group["params"] if not p.requires_grad}
         try:
+            for p in group["params"]:
+                if id(p) not in frozen and not p.dtype.is_floating_point:
+                    raise TypeError(f"MFAC needs floating parameters, got one of dtype {p.dtype}")
             check_group(group)
-        except ValueError:
+        except (TypeError, ValueError):
             self.param_groups.pop()
             raise
+        self._frozen |= frozen
+
+    def _window_groups(self) -> list[tuple[dict, list[torch.Tensor]]]:
+        """(group, its parameters in the window) for every group, in order."""
+        return [(group, [p for p in group["params"] if id(p) not in self._frozen]) for group in self.param_groups]
 
     @property
     def all_params(self) -> list[torch.Tensor]:
-        """Every parameter of every group, in order: the order of the window's coordinates."""
-        return [p for group in self.param_groups for p in group["params"]]
+        """The parameters in the window, in order (the order of its coordinates): every parameter of
+        every group but those that had ``requires_grad=False`` when their group was added."""
+        return [p for _, params in self._window_groups() for p in params]
+
+    def _check_frozen(self) -> None:
+        """Refuse a step where a parameter left out of the window (frozen when added) has a gradient."""
+        unfrozen = [tuple(p.shape) for group in self.param_groups for p in group["params"]
+                    if id(p) in self._frozen and p.grad is not None]
+        if unfrozen:
+            raise RuntimeError(f"{len(unfrozen)} parameter(s) of shape(s) {unfrozen[:4]} had requires_grad=False when "
+                               f"MFAC was built, so its window leaves them out, but they now have gradients; build "
+                               f"MFAC again after unfreezing them (or give them another optimizer, or set their .grad "
+                               f"to None)")
 
     @property
-    def distributor(self):
+    def distributor(self) -> Any:
         """How the window is laid out over processes (:mod:`mfac.distributed.distributors`)."""
         return self._distributor
 
@@ -260,10 +295,11 @@ class MFAC(Optimizer):
     def _direction(self, fisher: SlidingWindowFisherInverse):
         """Push the flat gradient into the window (staged) and return (staged push, F^-1 g for all
         local coordinates); raises NonFiniteGradientError when the window refuses it."""
-        local = [self._local(p) for p in self.all_params]
+        params = self.all_params
+        local = [self._local(p) for p in params]
         coupled = [0.0 if group["decoupled_weight_decay"] else group["weight_decay"]
-                   for group in self.param_groups for _ in group["params"]]
-        flat = flatten_gradients(self._flat_grad, local, [self._local(p.grad) for p in self.all_params], coupled)
+                   for group, group_params in self._window_groups() for _ in group_params]
+        flat = flatten_gradients(self._flat_grad, local, [self._local(p.grad) for p in params], coupled)
         flat = self._distributor.window_part(flat)
         full_gradient = self._density < 1 and self._precondition == "gradient"
         staged = fisher.stage(flat, direction=not full_gradient)
@@ -271,7 +307,7 @@ class MFAC(Optimizer):
         return staged, self._distributor.full_direction(direction)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one step; returns the closure's loss (or None).
 
         The step is computed in full before anything is written: if the gradient cannot enter the
@@ -282,6 +318,7 @@ class MFAC(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             check_group(group)
+        self._check_frozen()
         fisher = self._ensure_window()
         try:
             staged, direction = self._direction(fisher)
@@ -293,9 +330,9 @@ class MFAC(Optimizer):
         if use_momentum:
             buffer = torch.zeros_like(direction) if buffer is None else buffer.clone()
         writes, finite, offset = [], torch.ones((), dtype=torch.bool, device=direction.device), 0
-        for group in self.param_groups:
+        for group, group_params in self._window_groups():
             params, views, buffers = [], [], []
-            for p in group["params"]:
+            for p in group_params:
                 local = self._local(p)
                 start, offset = offset, offset + local.numel()
                 if p.grad is not None:

@@ -95,6 +95,7 @@ class GradualPruner:
         self.masks = Masks.dense({n: p for n, p in resolve_params(model, self._names).items()})
         self._handle: MaskHandle | None = None
         self._step = 0
+        self._removed_cache: tuple[Masks | None, list[torch.Tensor]] = (None, [])
 
     @property
     def current_step(self) -> int:
@@ -119,7 +120,11 @@ class GradualPruner:
         structures removed so far (every entry they own pruned in the masks)."""
         if self.groups is None:
             raise RuntimeError("removed_structures() is for structured pruning (structure= or groups=)")
-        return [_removed(group, self.masks) for group in self.groups]
+        masks, removed = self._removed_cache
+        if masks is not self.masks:  # masks change only by being replaced: count once per new masks
+            removed = [_removed(group, self.masks) for group in self.groups]
+            self._removed_cache = (self.masks, removed)
+        return [r.clone() for r in removed]
 
     def target_sparsity(self, step: int) -> float:
         """The schedule's sparsity for ``step`` (0 before start_step, final after end_step)."""
@@ -162,8 +167,8 @@ class GradualPruner:
         if self.groups is None:
             return target > self.masks.sparsity() + 1e-12
         pools: dict = {}
-        for group, removed in zip(self.groups, self.removed_structures()):
-            key = group.name if self.settings.scope == "layer" else group.kind
+        for index, (group, removed) in enumerate(zip(self.groups, self.removed_structures())):
+            key = index if self.settings.scope == "layer" else group.kind
             size, done = pools.get(key, (0, 0))
             pools[key] = (size + group.count, done + int(removed.sum()))
         return any(round(target * size) > done for size, done in pools.values())
@@ -197,8 +202,9 @@ class GradualPruner:
             raise ValueError(f"pruner state's step must be an int >= 0, got {step!r}")
         saved_schedule = state.get("schedule")
         if saved_schedule is not None and saved_schedule != self._schedule():
-            differences = {k: (v, self._schedule().get(k)) for k, v in saved_schedule.items()
-                           if self._schedule().get(k) != v}
+            mine = self._schedule()
+            differences = {k: (saved_schedule.get(k), mine.get(k)) for k in {**saved_schedule, **mine}
+                           if saved_schedule.get(k) != mine.get(k)}
             raise ValueError(f"pruner state was saved with another schedule (saved, this pruner): {differences}; "
                              f"construct the GradualPruner with the same settings to resume")
         masks = Masks.dense(resolve_params(self.model, self._names))

@@ -19,25 +19,31 @@ calls too, with settings it checked itself.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from ..grads import prunable_parameters
+from ..progress import pruning_hooks
 from .masks import Masks, parameter_by_name
 from .run import GradientSource, PruningRun, Segment, geometric_counts
 from .settings import PruneSettings, check_target, parse_pattern
 from .structured import prune_structured_call
 
 # parse_pattern: re-exported from .settings, where it lives, for the command line.
+# What ``params=`` takes: a name or Parameter, a sequence of them, or None (the default set).
+ParamsArg = str | torch.Tensor | Sequence[str | torch.Tensor] | None
+
 __all__ = ["prune_oneshot", "prune", "GradientSource", "resolve_params", "parse_pattern"]
 
 
 
-def resolve_params(model: nn.Module, params) -> dict[str, nn.Parameter]:
+def resolve_params(model: nn.Module, params: ParamsArg) -> dict[str, nn.Parameter]:
     """Names -> Parameters to prune: the default set, or the names/Parameters given (checked)."""
     if params is None:
         names = list(prunable_parameters(model))
@@ -68,12 +74,15 @@ def resolve_params(model: nn.Module, params) -> dict[str, nn.Parameter]:
 
 
 @torch.no_grad()
-def prune_oneshot(model: nn.Module, sparsity: float | None = None, data: Iterable | None = None, loss_fn=None,
-                  method: str = "obs", num_grads: int | None = None, damp: float | None = None,
-                  block_size: int | str | None = None, recompute: int | None = None, per_sample: bool = False,
-                  scope: str = "global", pattern: str | None = None, params=None, masks: Masks | None = None,
-                  callback=None, on_gradient_rows=None, *, batch_loss=None, relative_damp: float | None = None,
-                  process_group=None, structure=None, groups=None) -> Masks:
+def prune_oneshot(model: nn.Module, sparsity: float | None = None, data: Iterable | None = None,
+                  loss_fn: Callable | None = None, method: str = "obs", num_grads: int | None = None,
+                  damp: float | None = None, block_size: int | str | None = None, recompute: int | None = None,
+                  per_sample: bool = False, scope: str = "global", pattern: str | None = None,
+                  params: ParamsArg = None, masks: Masks | None = None, callback: Callable | None = None,
+                  on_gradient_rows: Callable | None = None, *, batch_loss: Callable | None = None,
+                  relative_damp: float | None = None, process_group: Any = None,
+                  structure: str | Sequence[str] | None = None, groups: Sequence | None = None,
+                  progress: bool = False) -> Masks:
     """Prune ``model`` in place and return the masks (True = kept). ``None`` for a setting means its
     default, from :mod:`mfac.defaults`.
 
@@ -82,7 +91,10 @@ def prune_oneshot(model: nn.Module, sparsity: float | None = None, data: Iterabl
             None (it is then N/M).
         data: any re-iterable of batches, cycled as needed (OBS only): (inputs, targets) pairs for
             ``loss_fn``, or any structure of tensors (e.g. Hugging Face dicts) for ``batch_loss``.
-        loss_fn: ``loss_fn(outputs, targets)`` -> scalar mean loss of ``model(inputs)`` (OBS only).
+            A list or a DataLoader, not a generator or iterator (used up after one pass: refused),
+            and not one ``(X, Y)`` batch (pass ``[(X, Y)]``).
+        loss_fn: ``loss_fn(outputs, targets)`` -> scalar mean loss of ``model(inputs)`` (OBS only),
+            e.g. ``nn.CrossEntropyLoss()`` (an instance) or ``nn.functional.cross_entropy``.
         batch_loss: instead of ``loss_fn``, ``batch_loss(model, batch)`` -> scalar mean loss, for
             models that take other batches or compute their own loss
             (``lambda model, batch: model(**batch).loss``).
@@ -112,6 +124,9 @@ def prune_oneshot(model: nn.Module, sparsity: float | None = None, data: Iterabl
         masks: masks from an earlier pruning; pruned entries stay pruned.
         callback: called as ``callback(done, total, sparsity)`` after every sub-step (progress).
         on_gradient_rows: called as ``on_gradient_rows(n)`` whenever n more gradient rows are in.
+        progress: show progress on stderr (default False): a tqdm bar when tqdm is installed and
+            stderr is a terminal, otherwise a few plain lines; OBS counts the gradient rows, the
+            slow part. Built on ``callback``/``on_gradient_rows``, which are still called.
         structure: remove whole structures instead of single weights: "neurons", "channels" or
             "heads" (or a tuple of them), found in the model by :func:`mfac.prune.find_structures`;
             ``sparsity`` is then the fraction of structures removed (each kind ranked across layers, or in every
@@ -132,13 +147,35 @@ def prune_oneshot(model: nn.Module, sparsity: float | None = None, data: Iterabl
     B <= m (streamed): d*B*4 bytes of block statistics + a buffer of gradient rows of max(64 MB,
     d*B) bytes + 384 MB of float64 tiles; B > m or exact: the (m, d) gradient matrix plus the
     factors, d*min(B, m)*4 bytes (both checked against available memory before they are allocated).
-    Bad arguments raise before the model is touched; an error while pruning restores the original
-    weights.
+    Bad arguments raise before the model is touched, saying what to do; for OBS also frozen weights
+    among those pruned (named: OBS needs their gradients), and a first batch or loss that does not
+    work (its loss is computed once to check: a scalar mean, not ``reduction='none'``, nor ``'sum'``
+    with ``per_sample``). Under an initialised process group of several processes, OBS without
+    ``process_group=`` warns. An error while pruning restores the original weights.
     """
     settings = PruneSettings(method=method, num_grads=num_grads, block_size=block_size, recompute=recompute,
                              per_sample=per_sample, scope=scope, damp=damp, relative_damp=relative_damp)
     sparsity, nm = check_target(sparsity, pattern)
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be True or False, got {progress!r}")
     source = GradientSource.of(settings, data, loss_fn, batch_loss, process_group, on_gradient_rows)
+    call = (model, settings, sparsity, nm, source, structure, groups, params, masks)
+    return _with_progress(call, callback, on_gradient_rows) if progress else _dispatch(*call, callback)
+
+
+def _with_progress(call: tuple, callback, on_gradient_rows) -> Masks:
+    """:func:`_dispatch` of ``call`` with :func:`mfac.progress.pruning_hooks` (``progress=True``)."""
+    settings, nm, source = call[1], call[3], call[4]
+    rows = settings.num_grads if source is None or source.sharing is None else source.sharing.rows
+    with pruning_hooks(settings.method, settings.sub_steps(nm), rows, "prune_oneshot", callback=callback,
+                       on_gradient_rows=on_gradient_rows) as hooks:
+        if source is not None:
+            call = (*call[:4], dataclasses.replace(source, on_rows=hooks["on_gradient_rows"]), *call[5:])
+        return _dispatch(*call, hooks["callback"])
+
+
+def _dispatch(model, settings, sparsity, nm, source, structure, groups, params, masks, callback) -> Masks:
+    """Structured pruning (``structure=`` or ``groups=``) or pruning of single weights."""
     if structure is not None or groups is not None:
         return prune_structured_call(model, settings, sparsity, nm, source, structure, groups, params, masks,
                                      callback)
@@ -147,7 +184,8 @@ def prune_oneshot(model: nn.Module, sparsity: float | None = None, data: Iterabl
 
 @torch.no_grad()
 def prune(model: nn.Module, settings: PruneSettings, sparsity: float | None, nm: tuple[int, int] | None = None, *,
-          source: GradientSource | None = None, params=None, masks: Masks | None = None, callback=None) -> Masks:
+          source: GradientSource | None = None, params: ParamsArg = None, masks: Masks | None = None,
+          callback: Callable | None = None) -> Masks:
     """Prune ``model`` in place to ``sparsity``, or to the N:M pattern ``nm``, with checked
     ``settings`` (and, for OBS, gradients from ``source``); returns the masks. ``params``, ``masks``
     and ``callback`` as for :func:`prune_oneshot`, which checks its arguments and calls this."""
