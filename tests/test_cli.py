@@ -536,7 +536,8 @@ def masked_model(model_name, path):
 @pytest.mark.parametrize("model,structure", [("mlp", "neurons"), ("cnn", "channels,neurons")])
 def test_structured_prune_compacts_a_built_in_model(model, structure, tmp_path):
     from mfac.checkpoint import load_weights
-    from mfac.cli.compacted import load_compacted_model, read_recipe, shrink_to
+    from mfac.cli.compacted import load_compacted_model, read_recipe
+    from mfac.prune.compact import shrink_to_state
     from mfac.cli.tasks import build_model, load_task
     from mfac.training import accuracy
 
@@ -570,7 +571,7 @@ def test_structured_prune_compacts_a_built_in_model(model, structure, tmp_path):
     # the recipe in the docs: shrink a freshly built model to the saved shapes, then load the weights
     fresh = build_model(model, load_task("digits", 0))
     state = load_weights(path)
-    shrink_to(fresh, state)
+    shrink_to_state(fresh, state)
     fresh.load_state_dict(state)
     if model == "mlp":  # the FLOP convention: multiply-adds of the Linear layers, 64 -> hidden -> 10
         hidden = report["structure_sizes"]["1"][1]

@@ -18,10 +18,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from .checkpoint import load_weights
-from .prune.compact import keep_structures
+from .prune.compact import shrink_to_state
 from .prune.structures import find_structures
 
 __all__ = ["save_compacted", "load_compacted"]
@@ -91,15 +89,9 @@ def load_compacted(folder, model_class=None):
     weights = folder / "model.safetensors"
     state = load_weights(weights)
     model = model_class(config)
-    for group in find_structures(model, ("neurons", "heads")):
-        part = group.params[0]
-        saved = state.get(part.name)
-        if saved is None:
-            raise ValueError(f"{weights} has no tensor {part.name!r}; it does not belong to this config")
-        kept = saved.shape[part.axis] // part.width
-        if kept > group.count or kept * part.width != saved.shape[part.axis]:
-            raise ValueError(f"{weights}: {part.name!r} has shape {tuple(saved.shape)}, which is not a smaller "
-                             f"{group.kind} layer of this config")
-        keep_structures(model, group, torch.arange(kept))
+    try:
+        shrink_to_state(model, state, ("neurons", "heads"))
+    except ValueError as error:
+        raise ValueError(f"{weights}: {error}") from None
     model.load_state_dict(state, strict=True)
     return model.eval()

@@ -5,14 +5,14 @@ file that says how to rebuild the model, and read back without running code from
 ``mfac.compacted`` (JSON) names the built-in model (mlp, cnn, resnet20), the input shape and the
 number of classes it was built for, and the structures left in each layer (``structure_sizes``:
 group name -> [before, after]). :func:`load_compacted_model` builds that model, shrinks each layer
-to the saved tensors' shapes (:func:`shrink_to`) and loads the weights strictly::
+to the saved tensors' shapes (:func:`mfac.prune.compact.shrink_to_state`) and loads the weights strictly::
 
     from mfac.cli.compacted import load_compacted_model
     model = load_compacted_model("RUN/compacted.safetensors")   # an nn.Module in eval mode
 
 The same in plain mfac, for any model whose structures :func:`mfac.prune.find_structures` finds::
 
-    state = mfac.checkpoint.load_weights(path); shrink_to(model, state); model.load_state_dict(state)
+    state = mfac.checkpoint.load_weights(path); shrink_to_state(model, state); model.load_state_dict(state)
 """
 
 from __future__ import annotations
@@ -20,16 +20,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from ..checkpoint import CorruptFileError, atomic_write_bytes, load_weights, safetensors_torch
-from ..prune import find_structures
-from ..prune.compact import keep_structures
-from ..prune.structures import KINDS
+from ..prune.compact import shrink_to_state
 from .tasks import Task, build_model
 
-__all__ = ["METADATA_KEY", "save_compacted_model", "load_compacted_model", "read_recipe", "shrink_to"]
+__all__ = ["METADATA_KEY", "save_compacted_model", "load_compacted_model", "read_recipe"]
 
 METADATA_KEY = "mfac.compacted"
 FORMAT = 1
@@ -67,28 +64,12 @@ def read_recipe(path) -> dict:
     return recipe
 
 
-def shrink_to(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Shrink every neuron, channel and head group of ``model`` (as
-    :func:`mfac.prune.find_structures` finds them) to the number of structures the tensors of
-    ``state`` hold, in place, so that ``model.load_state_dict(state)`` fits."""
-    for group in find_structures(model, KINDS):
-        part = group.params[0]
-        saved = state.get(part.name)
-        if saved is None:
-            raise ValueError(f"the saved weights have no tensor {part.name!r}; they do not belong to this model")
-        kept = saved.shape[part.axis] // part.width if saved.dim() > part.axis else 0
-        if not 1 <= kept <= group.count or kept * part.width != saved.shape[part.axis]:
-            raise ValueError(f"{part.name!r} is saved with shape {tuple(saved.shape)}, which is not a smaller "
-                             f"{group.kind} layer of this model (it has {group.count})")
-        keep_structures(model, group, torch.arange(kept))
-
-
 def load_compacted_model(path) -> nn.Module:
     """The compacted built-in model in ``path`` (from ``mfac prune --compact``), in eval mode."""
     recipe = read_recipe(path)
     task = Task(None, tuple(recipe["input_shape"]), int(recipe["num_classes"]), "")
     model = build_model(recipe["model"], task)
     state = load_weights(path)
-    shrink_to(model, state)
+    shrink_to_state(model, state)
     model.load_state_dict(state, strict=True)
     return model.eval()

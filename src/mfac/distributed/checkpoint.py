@@ -79,13 +79,24 @@ def set_optimizer_state_dict(optimizer, state: dict) -> None:
     """Load a state from :func:`get_optimizer_state_dict` (after ``torch.distributed.checkpoint.load``
     filled it) into ``optimizer``, which may run on a different number of processes than the one
     that saved it. Every process calls it at once; it is checked as ``MFAC.load_state_dict`` checks a
-    state, and a failed load leaves the optimizer unchanged."""
+    state, and a failed load leaves the optimizer unchanged. A state refused by one process is
+    refused by all of them, with the same message."""
+    error = prepared = None
+    try:
+        prepared = _local_state(optimizer, state)
+    except Exception as failure:  # noqa: BLE001 - every process must hear of any failure
+        error = failure
+    optimizer.distributor.fail_together(error, optimizer.device)
+    optimizer.load_state_dict(prepared)
+
+
+def _local_state(optimizer, state: dict) -> dict:
+    """``state`` as ``optimizer.load_state_dict`` takes it on this process: its shard of the rows."""
     if not isinstance(state, dict) or not isinstance(state.get("mfac"), dict):
         raise ValueError("state must be the dict from mfac.distributed.get_optimizer_state_dict(), filled by "
                          "torch.distributed.checkpoint.load")
     if optimizer.density < 1:
-        optimizer.load_state_dict(state)
-        return
+        return state
     distributor = optimizer.distributor
     state = dict(state)
     extra = dict(state["mfac"])
@@ -106,4 +117,4 @@ def set_optimizer_state_dict(optimizer, state: dict) -> None:
                 extra["momentum"] = None
     extra["window"], extra["dim"], extra["shard"] = window, optimizer.dim, distributor.describe()
     state["mfac"] = extra
-    optimizer.load_state_dict(state)
+    return state

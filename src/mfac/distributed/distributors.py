@@ -10,6 +10,8 @@ sharded. Every distributor answers:
 * ``window_part(flat)``: the part of the flat local gradient that enters this process's window;
 * ``full_direction(direction)``: the direction for all local coordinates from this process's part;
 * ``agree(flag)``: a boolean scalar that is True on every process only if it is True on all;
+* ``fail_together(error, device)``: every process calls it with the outcome of its own checks (an
+  exception or None); if any failed, all raise the same exception, before any collective waits;
 * ``describe()``: which coordinates this process's state covers (None: all of them), saved in
   ``state_dict`` so a state is loaded where it belongs;
 * ``to_checkpoint(local, rows)`` / ``from_checkpoint(tensor)``: window rows (``rows=True``) or the
@@ -27,7 +29,8 @@ import math
 
 import torch
 
-from .collectives import ParamShards, ShardLayout, all_true, gather_over, is_dtensor, local_tensor, sum_over
+from .collectives import (ParamShards, ShardLayout, all_true, fail_together, gather_over, is_dtensor, local_tensor,
+                          sum_over)
 
 __all__ = ["SingleProcess", "CoordinateShards", "ParameterShards", "choose_distributor"]
 
@@ -60,6 +63,14 @@ class SingleProcess:
 
     def from_checkpoint(self, tensor) -> torch.Tensor:
         return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+    def fail_together(self, error: BaseException | None, device=None) -> None:
+        """Raise ``error`` here, or on every process of the group the first one that failed
+        (:func:`mfac.distributed.fail_together`); return if none did."""
+        if self.group is not None:
+            fail_together(error, self.group, device)
+        elif error is not None:
+            raise error
 
 
 class CoordinateShards(SingleProcess):

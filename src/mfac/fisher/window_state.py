@@ -170,9 +170,12 @@ def compressed_products(storage, tensors: dict, k: int, v: torch.Tensor, norms: 
 
 
 def gram_tolerance(window, norms: torch.Tensor, v: torch.Tensor, dim: float) -> torch.Tensor:
-    """How far S v may lie from G (G^T v), per row, for a genuine S: each entry is a dot product of
-    ``dim`` terms rounded in the compute dtype, off by at most dim * u * ||g_i|| ||g_j|| (whatever
-    the order of summation), plus the float64 rounding of both sides; twice that, for safety."""
+    """How far S v may lie from G (G^T v), per row i, for a genuine S. Each entry of S is a dot
+    product of ``dim`` terms rounded in the compute dtype: off by at most e_ij = gamma ||g_i|| ||g_j||,
+    gamma = dim * u (whatever the order of summation), plus the float64 rounding of both sides. So
+    row i of S v is off by at most sum_j e_ij |v_j|; and since the signs of v are drawn independently
+    of S, also (Hoeffding) by more than 10 sqrt(sum_j (e_ij v_j)^2) with probability below 1e-21:
+    the smaller of the two bounds, doubled for safety."""
     if window.dtype == torch.float32:
         roundoff = max(MATMUL_ROUNDOFF.get(torch.get_float32_matmul_precision(), 2.0 ** -24),
                        2.0 ** -11 if torch.backends.cuda.matmul.allow_tf32 else 2.0 ** -24)
@@ -181,7 +184,8 @@ def gram_tolerance(window, norms: torch.Tensor, v: torch.Tensor, dim: float) -> 
     k = norms.shape[0]
     gamma = 2 * (dim * roundoff + (dim + 2 * k + 2) * 2.0 ** -53)
     lengths = norms.clamp_min(0).sqrt()
-    return gamma * lengths * (lengths * v.abs()).sum()
+    weighted = lengths * v.abs()
+    return gamma * lengths * torch.minimum(weighted.sum(), 10 * weighted.norm())
 
 
 def check_gram(window, gram: torch.Tensor, reduced: torch.Tensor, k: int) -> None:

@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 
 from .structures import KINDS, StructureGroup, find_structures, structure_coordinates
 
-__all__ = ["compact", "removed_structures", "keep_structures", "CompactionResult"]
+__all__ = ["compact", "removed_structures", "keep_structures", "shrink_to_state", "CompactionResult"]
 
 
 @dataclass(frozen=True)
@@ -124,3 +124,20 @@ def keep_structures(model: nn.Module, group: StructureGroup, kept: torch.Tensor)
         setattr(model.get_submodule(module_name), attribute, kept.numel() * per)
     for module in touched.values():
         _refresh_shape(module)
+
+
+def shrink_to_state(model: nn.Module, state: Mapping[str, torch.Tensor], kinds=KINDS) -> None:
+    """Shrink every structure group of ``kinds`` in ``model`` (as :func:`find_structures` finds
+    them in a freshly built model) to the number of structures the tensors of ``state`` hold, in
+    place, so that ``model.load_state_dict(state)`` fits: how a compacted model is rebuilt from its
+    saved tensors alone. Raises ValueError naming a tensor whose shape is not a smaller layer."""
+    for group in find_structures(model, kinds):
+        part = group.params[0]
+        saved = state.get(part.name)
+        if saved is None:
+            raise ValueError(f"the saved weights have no tensor {part.name!r}; they do not belong to this model")
+        kept = saved.shape[part.axis] // part.width if saved.dim() > part.axis else 0
+        if not 1 <= kept <= group.count or kept * part.width != saved.shape[part.axis]:
+            raise ValueError(f"{part.name!r} is saved with shape {tuple(saved.shape)}, which is not a smaller "
+                             f"{group.kind} layer of this model (it has {group.count})")
+        keep_structures(model, group, torch.arange(kept))
