@@ -158,8 +158,9 @@ def fail_together(error: BaseException | None, group, device=None, same: dict | 
     """Every process of ``group`` calls this at once with the outcome of its own checks: the exception
     it raised, or None. If any process failed, every process raises the same exception: the type and
     message of the lowest-ranked one that failed, as ``"process r of n: message"`` (chained to the
-    original where it happened). ``same`` ({name: int}) are values every process must hold alike; if
-    they differ (and nothing failed), every process raises ValueError naming them. Otherwise it
+    original where it happened). ``same`` ({name: int}, the same names on every process, whatever
+    its outcome) are values every process must hold alike; if they differ (and nothing failed),
+    every process raises ValueError naming them. Otherwise it
     returns. Cost: one all-reduce of a few integers, and one of 4 KB when something failed.
     ``device``: where the collective's tensors live (a CUDA device for NCCL; default CPU)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)

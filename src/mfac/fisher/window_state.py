@@ -102,7 +102,7 @@ def agree(window, error: BaseException | None, k: int) -> None:
     """Raise on every shard if the checks failed on any (on a whole window: raise ``error`` if any)."""
     hook = getattr(window.reduce, "agree", None)
     if hook is not None:
-        hook(error, window.device, same=None if error is not None else {"the gradients held (pushed)": k})
+        hook(error, window.device, same={"the gradients held (pushed)": k})  # the same keys on every shard
         return
     flags = window.reduce(torch.tensor([float(error is not None), 1.0, float(k), float(k) ** 2],
                                        dtype=torch.float64, device=window.device))
