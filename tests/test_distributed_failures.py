@@ -82,6 +82,11 @@ def _worker(rank, world, folder):
         fresh = MFAC(model.parameters(), lr=0.1, window=WINDOW, damp=1e-2, process_group=dist.group.WORLD)
         attempt(outcomes, "MFAC.load_state_dict", lambda: fresh.load_state_dict(optimizer_state))
 
+        mismatched = opt.state_dict()
+        if rank == 1:  # a check MFAC makes itself, before the window's: the step counter
+            mismatched["mfac"] = dict(mismatched["mfac"], steps=-1)
+        attempt(outcomes, "MFAC's own checks", lambda: fresh.load_state_dict(mismatched))
+
         checkpoint = get_optimizer_state_dict(opt)
         if rank == 1:
             checkpoint["mfac"] = dict(checkpoint["mfac"], dim=1234)
@@ -108,6 +113,7 @@ def outcomes(tmp_path_factory):
     ("not a dict", "process 1 of 2: window state must be a dict"),
     ("MFAC.load_state_dict", "process 1 of 2: window state's grads contains NaN or Inf"),
     ("set_optimizer_state_dict", "process 1 of 2: the checkpoint's window has d = 1234"),
+    ("MFAC's own checks", "process 1 of 2: the state dict's mfac.steps must be an int >= 0"),
 ])
 def test_a_state_refused_on_one_process_is_refused_on_both_promptly(outcomes, label, cause):
     import re

@@ -279,9 +279,6 @@ def test_gram_from_another_state_is_refused():
         SlidingWindowFisherInverse(50, 4, 1e-3).load_state_dict(mixed)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the fix in mfac/fisher/window.py SlidingWindowFisherInverse._refuse_dots "
-                                      "(tell a finite g whose storage-dtype copy overflows from a non-finite g); "
-                                      "remove this mark with it")
 def test_float16_overflow_is_not_called_nan():
     """A finite gradient beyond float16's range: the message says so, not "NaN or Inf"."""
     window = SlidingWindowFisherInverse(5, 3, 1e-2, dtype=torch.float16)

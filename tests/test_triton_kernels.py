@@ -75,3 +75,33 @@ def test_cpu_tensors_take_triton_only_when_asked(monkeypatch):
     assert triton_window.usable(torch.zeros(3)) and not triton_window.selected(torch.zeros(3))
     monkeypatch.setenv("MFAC_KERNELS", "triton")
     assert triton_window.selected(torch.zeros(3))
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="TRITON_INTERPRET=0")
+@pytest.mark.parametrize("form", ["bfloat16", "compressed"])
+def test_windows_take_the_triton_kernels_when_asked(monkeypatch, form):
+    """The window's products go through the Triton kernels (as they do for CUDA tensors) and give
+    the results of the CPU kernels."""
+    from mfac.fisher import SlidingWindowFisherInverse
+
+    def run():
+        generator = torch.Generator().manual_seed(0)
+        if form == "compressed":
+            fisher = CompressedWindowFisherInverse(3000, 4, 1e-2, 0.05, dtype=torch.bfloat16, block=512)
+        else:
+            fisher = SlidingWindowFisherInverse(3000, 4, 1e-2, dtype=torch.bfloat16)
+        directions = [fisher.push_ihvp(torch.randn(3000, generator=generator)) for _ in range(6)]
+        return torch.stack(directions), fisher.ihvp(torch.randn(3000, generator=generator))
+
+    calls = []
+    for name in ("dense_dots", "dense_combine", "sparse_dots", "sparse_combine"):
+        original = getattr(triton_window, name)
+        monkeypatch.setattr(triton_window, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    monkeypatch.delenv("MFAC_KERNELS", raising=False)
+    expected = run()
+    assert not calls
+    monkeypatch.setenv("MFAC_KERNELS", "triton")
+    got = run()
+    assert calls  # the Triton kernels ran
+    for a, b in zip(got, expected):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))

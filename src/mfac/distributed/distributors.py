@@ -64,11 +64,12 @@ class SingleProcess:
     def from_checkpoint(self, tensor) -> torch.Tensor:
         return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
-    def fail_together(self, error: BaseException | None, device=None) -> None:
+    def fail_together(self, error: BaseException | None, device=None, same: dict | None = None) -> None:
         """Raise ``error`` here, or on every process of the group the first one that failed
-        (:func:`mfac.distributed.fail_together`); return if none did."""
+        (:func:`mfac.distributed.fail_together`, which also checks that the ``same`` values agree);
+        return if none did."""
         if self.group is not None:
-            fail_together(error, self.group, device)
+            fail_together(error, self.group, device, same)
         elif error is not None:
             raise error
 

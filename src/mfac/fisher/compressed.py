@@ -82,7 +82,7 @@ class CompressedRows:
     def nbytes_for(dim: int, capacity: int, density: float, dtype: torch.dtype, block: int) -> int:
         """Bytes of the rows' values and offsets, the residual and two dense staging vectors
         (float32), and the layout's three index tables, from the layout's own entry count."""
-        nnz = sum(kernels.BlockLayout.entries_per_block(dim, density, block))
+        nnz = kernels.BlockLayout.entries(dim, density, block)
         return capacity * nnz * (dtype.itemsize + 2) + 3 * dim * 4 + 3 * nnz * 8
 
     @property

@@ -165,14 +165,15 @@ class SlidingWindowFisherInverse(FisherInverse):
         for a g that cannot enter, or whose F^-1 g is not finite. Apply the result with
         :meth:`commit`, or drop it: nothing has changed. Cost: one read of the window (two with
         ``direction``) plus O(window^3 / 3)."""
-        stored, payload = self._rows.encode(self._check_gradient(g))
+        g = self._check_gradient(g)
+        stored, payload = self._rows.encode(g)
         slot = self._pushed % self.window
         k = min(self._pushed + 1, self.window)
         dots = self._window_dots(stored, rows=k, replace=(slot, stored))  # row `slot` becomes g
         # NaN or Inf in g makes its dot products non-finite, so the window pass doubles as the check;
         # only then is g scanned, to tell a non-finite gradient from one too large for the dtype.
         if not all_finite(dots):
-            self._refuse_dots(stored)
+            self._refuse_dots(g, stored)
         gram = self._gram[:k, :k].clone()
         gram[slot, :] = dots
         gram[:, slot] = dots
@@ -199,10 +200,18 @@ class SlidingWindowFisherInverse(FisherInverse):
                 f"{largest:.3g}); the window was left unchanged")
         return staged
 
-    def _refuse_dots(self, stored: torch.Tensor) -> None:
-        if not all_finite(stored):
+    def _refuse_dots(self, g: torch.Tensor, stored: torch.Tensor) -> None:
+        """Say why g's dot products are not finite: g itself holds NaN or Inf (on any shard), its copy
+        in the storage dtype overflows, or its products overflow the compute dtype."""
+        if not self._all_finite(g):
             raise NonFiniteGradientError("g contains NaN or Inf; non-finite gradients cannot enter the window, "
                                          "which was left unchanged")
+        if not all_finite(stored):
+            largest = float(torch.linalg.vector_norm(g.to(torch.float64), ord=math.inf))
+            raise NonFiniteGradientError(
+                f"g is finite but its largest entry {largest:.3g} exceeds the largest {self.storage_dtype} number "
+                f"{torch.finfo(self.storage_dtype).max:.3g}, the window's storage dtype. Scale the loss down, clip "
+                f"gradients, or use a bfloat16 or float32 window; the window was left unchanged")
         norm = float(torch.linalg.vector_norm(stored.to(torch.float64)))
         raise NonFiniteGradientError(
             f"g is finite but too large for {self.dtype} products: its norm {norm:.3g} (or its dot product "

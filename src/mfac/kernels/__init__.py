@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import triton_window
 from .build import BuildError, cache_folder, load_library
 
 __all__ = ["BlockLayout", "available", "status", "reset", "dense_dots", "dense_combine", "sparse_dots",
@@ -115,7 +116,10 @@ def _call(function, *args) -> None:
 
 def dense_dots(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """rows @ x in float64, for rows (k, d) bfloat16 and x (d,) float32, accumulated in float32
-    within blocks of 8192 coordinates. One read of rows; O(k d)."""
+    within blocks of 8192 coordinates (on GPUs: the Triton kernel, chunks of 1024). One read of rows;
+    O(k d)."""
+    if triton_window.selected(rows, x):
+        return triton_window.dense_dots(rows, x)
     out = torch.empty(rows.shape[0], dtype=torch.float64, device=rows.device)
     library = _usable(rows, x) if rows.dtype == torch.bfloat16 and x.dtype == torch.float32 else None
     if library is None or rows.shape[0] == 0:
@@ -129,6 +133,8 @@ def dense_dots(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def dense_combine(rows: torch.Tensor, coeffs: torch.Tensor, x: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
     """beta * x + alpha * rows^T coeffs in float32, for rows (k, d) bfloat16, coeffs (k,) and
     x (d,). One read of rows; O(k d)."""
+    if triton_window.selected(rows, x):
+        return triton_window.dense_combine(rows, coeffs, x, beta, alpha)
     coeffs = coeffs.to(torch.float32).contiguous()
     library = _usable(rows, x) if rows.dtype == torch.bfloat16 and x.dtype == torch.float32 else None
     if library is None:
@@ -169,6 +175,12 @@ class BlockLayout:
         """Entries every row keeps in each block: ceil(density * block size), at least one."""
         return [max(1, math.ceil(density * min(block, dim - start))) for start in range(0, dim, block)]
 
+    @staticmethod
+    def entries(dim: int, density: float, block: int) -> int:
+        """nnz: the sum of :meth:`entries_per_block`, in O(1) (full blocks, then a shorter last one)."""
+        full, last = divmod(dim, block)
+        return full * max(1, math.ceil(density * block)) + (max(1, math.ceil(density * last)) if last else 0)
+
     @classmethod
     def build(cls, dim: int, density: float, block: int, capacity: int, device=None) -> "BlockLayout":
         per_block = torch.tensor(cls.entries_per_block(dim, density, block), dtype=torch.int64)
@@ -207,6 +219,8 @@ def sparse_dots(layout: BlockLayout, values: torch.Tensor, offsets: torch.Tensor
     ``values`` (capacity * nnz,) float32 or bfloat16 and ``offsets`` (capacity * nnz,) int16 are
     laid out as :class:`BlockLayout` says. One read of the rows' entries (rows * nnz * (2 + value
     bytes) bytes); O(rows * nnz)."""
+    if triton_window.selected(values, x):
+        return triton_window.sparse_dots(layout, values, offsets, rows, x)
     out = torch.empty(rows, dtype=torch.float64, device=values.device)
     library = _usable(values, offsets, layout.starts, x) if x.dtype == torch.float32 else None
     if library is None or rows == 0:
@@ -223,6 +237,8 @@ def sparse_combine(layout: BlockLayout, values: torch.Tensor, offsets: torch.Ten
                    coeffs: torch.Tensor, x: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
     """beta * x + alpha * G^T coeffs in float32 for the first ``rows`` rows of a compressed window
     (as in :func:`sparse_dots`), coeffs (rows,) and x (d,). One read of the entries; O(rows nnz + d)."""
+    if triton_window.selected(values, x):
+        return triton_window.sparse_combine(layout, values, offsets, rows, coeffs, x, beta, alpha)
     coeffs = coeffs.to(torch.float32).contiguous()
     library = _usable(values, offsets, layout.starts, x) if x.dtype == torch.float32 else None
     if library is None:

@@ -380,8 +380,15 @@ class MFAC(Optimizer):
         Everything is checked before anything changes (keys, sizes, dtypes, ranges, and that the
         optimizer was built with the same window, damp and window dtype; the window's own state
         once, by the window); a failed load raises ValueError naming the entry and leaves the
-        optimizer bitwise unchanged."""
-        state_dict, extra = check_saved_state(self, state_dict)
+        optimizer bitwise unchanged. Under a process group every process loads at once, and a check
+        that fails on one process fails on all of them, with its message, before any collective."""
+        error, extra = None, None
+        try:
+            state_dict, extra = check_saved_state(self, state_dict)
+        except ValueError as caught:
+            error = caught
+        has_window = int(extra is not None and extra["window"] is not None)
+        self._distributor.fail_together(error, self.device, same={"whether a window was saved": has_window})
         fresh = None
         if extra["window"] is not None:
             fresh = self._new_window(self.device)
