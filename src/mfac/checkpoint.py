@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["save", "load", "save_weights", "load_weights", "atomic_write_bytes", "safetensors_torch", "UnsafeFileError",
+__all__ = ["save", "load", "save_weights", "load_weights", "atomic_write_bytes", "safetensors_torch", "read_safetensors", "UnsafeFileError",
            "CorruptFileError"]
 
 
@@ -137,6 +137,25 @@ def safetensors_torch():
         raise ImportError("reading and writing .safetensors files needs the safetensors package: "
                           "pip install safetensors (or pip install 'mfac-torch[cli]')") from error
     return safetensors.torch
+
+
+def read_safetensors(path: str | Path, tensors: bool = True) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(the metadata, and with ``tensors`` every tensor) of a safetensors file, read without running
+    code. Raises FileNotFoundError, or :class:`CorruptFileError` for a file safetensors cannot read."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    safetensors_torch()  # a clear ImportError when the package is missing
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            entries = {key: handle.get_tensor(key) for key in handle.keys()} if tensors else {}
+    except Exception as error:  # safetensors raises its own error types for malformed files
+        raise CorruptFileError(f"{path} is not a readable safetensors file ({' '.join(str(error).split())[:120]})"
+                               ) from None
+    return metadata, entries
 
 
 def save_weights(weights: dict, path: str | Path) -> Path:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CorruptFileError, atomic_write_bytes, safetensors_torch
+from .checkpoint import CorruptFileError, atomic_write_bytes, read_safetensors, safetensors_torch
 
 __all__ = ["save_sparse", "load_sparse"]
 
@@ -68,19 +68,11 @@ def save_sparse(weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.T
 def load_sparse(path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Read a file from :func:`save_sparse`: (weights with zeros where pruned, masks of the
     tensors that were stored sparse). Raises CorruptFileError for inconsistent entries."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
+    metadata, entries = read_safetensors(path)
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            entries = {key: handle.get_tensor(key) for key in handle.keys()}
         shapes = json.loads(metadata.get(_META, "{}"))
-    except Exception as error:  # safetensors raises its own error types for malformed files
-        raise CorruptFileError(f"{path} is not a readable sparse safetensors file "
-                               f"({' '.join(str(error).split())[:120]})") from None
+    except ValueError:
+        raise CorruptFileError(f"{path}: its {_META} metadata is not JSON") from None
     weights, masks = {}, {}
     for name, shape in shapes.items():
         values, packed = entries.pop(name + _VALUES, None), entries.pop(name + _BITMASK, None)

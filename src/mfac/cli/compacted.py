@@ -22,7 +22,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..checkpoint import CorruptFileError, atomic_write_bytes, load_weights, safetensors_torch
+from ..checkpoint import atomic_write_bytes, load_weights, read_safetensors, safetensors_torch
 from ..prune.compact import shrink_to_state
 from .tasks import Task, build_model
 
@@ -44,17 +44,7 @@ def save_compacted_model(model: nn.Module, path: Path, model_name: str, image_sh
 
 def read_recipe(path) -> dict:
     """The ``mfac.compacted`` metadata of a file written by :func:`save_compacted_model`."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except Exception as error:  # safetensors raises its own error types for malformed files
-        raise CorruptFileError(f"{path} is not a readable safetensors file ({' '.join(str(error).split())[:120]})"
-                               ) from None
+    metadata, _ = read_safetensors(path, tensors=False)
     if METADATA_KEY not in metadata:
         raise ValueError(f"{path} is not a compacted model written by mfac prune --compact (no {METADATA_KEY} "
                          f"metadata)")

@@ -95,14 +95,12 @@ static inline void axpy_rows4(float *acc, const uint16_t *r0, const uint16_t *r1
                               const uint16_t *r3, const float *a, int64_t n) {
     int64_t c = 0;
 #ifdef ROW_KERNELS_AVX
-    __m256 a0 = _mm256_set1_ps(a[0]), a1 = _mm256_set1_ps(a[1]), a2 = _mm256_set1_ps(a[2]),
-           a3 = _mm256_set1_ps(a[3]);
+    const uint16_t *rows[4] = {r0, r1, r2, r3};
+    __m256 weights[4];
+    for (int k = 0; k < 4; k++) weights[k] = _mm256_set1_ps(a[k]);
     for (; c + 8 <= n; c += 8) {
         __m256 v = _mm256_loadu_ps(acc + c);
-        v = _mm256_fmadd_ps(load_bf16x8(r0 + c), a0, v);
-        v = _mm256_fmadd_ps(load_bf16x8(r1 + c), a1, v);
-        v = _mm256_fmadd_ps(load_bf16x8(r2 + c), a2, v);
-        v = _mm256_fmadd_ps(load_bf16x8(r3 + c), a3, v);
+        for (int k = 0; k < 4; k++) v = _mm256_fmadd_ps(load_bf16x8(rows[k] + c), weights[k], v);  /* unrolled */
         _mm256_storeu_ps(acc + c, v);
     }
 #endif
@@ -147,9 +145,12 @@ static void sum_partials(double *partial, int threads, int64_t m, double *out) {
     free(partial);
 }
 
-/* out (m,) float64 = rows (m, d) bf16 @ x (d,) float32. Returns 0, or -1 if memory ran out. */
-int dense_dots(const uint16_t *rows, int64_t m, int64_t d, const float *x, double *out, int num_threads) {
-    int64_t blocks = (d + DENSE_BLOCK - 1) / DENSE_BLOCK;
+/* Each thread sums the products of its share of the column blocks into its own m partial sums;
+   fn(ctx, b, mine) adds block b's products to mine (m,). Returns 0, or -1 if memory ran out. */
+typedef void (*block_dots_fn)(const void *ctx, int64_t b, double *mine);
+
+static int sum_over_blocks(int64_t blocks, int64_t m, int num_threads, block_dots_fn fn, const void *ctx,
+                           double *out) {
     double *partial = calloc((size_t)(num_threads > 0 ? num_threads : 1) * (size_t)m, sizeof(double));
     if (!partial) return -1;
     int used = 1;
@@ -159,21 +160,34 @@ int dense_dots(const uint16_t *rows, int64_t m, int64_t d, const float *x, doubl
 #pragma omp single
         used = threads;
         double *mine = partial + (size_t)t * (size_t)m;
-        for (int64_t b = blocks * t / threads; b < blocks * (t + 1) / threads; b++) {
-            int64_t c0 = b * DENSE_BLOCK, n = (c0 + DENSE_BLOCK < d ? DENSE_BLOCK : d - c0);
-            const float *xb = x + c0;
-            int64_t i = 0;
-            for (; i + 4 <= m; i += 4) {
-                const uint16_t *r0 = rows + i * d + c0;
-                float sums[4];
-                dot_rows4(r0, r0 + d, r0 + 2 * d, r0 + 3 * d, xb, n, sums);
-                for (int k = 0; k < 4; k++) mine[i + k] += sums[k];
-            }
-            for (; i < m; i++) mine[i] += dot_row(rows + i * d + c0, xb, n);
-        }
+        for (int64_t b = blocks * t / threads; b < blocks * (t + 1) / threads; b++) fn(ctx, b, mine);
     }
     sum_partials(partial, used, m, out);
     return 0;
+}
+
+struct dense_rows { const uint16_t *rows; int64_t m, d; const float *x; };
+
+static void dense_block_dots(const void *ctx, int64_t b, double *mine) {
+    const struct dense_rows *c = ctx;
+    const uint16_t *rows = c->rows;
+    int64_t m = c->m, d = c->d;
+    int64_t c0 = b * DENSE_BLOCK, n = (c0 + DENSE_BLOCK < d ? DENSE_BLOCK : d - c0);
+    const float *xb = c->x + c0;
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) {
+        const uint16_t *r0 = rows + i * d + c0;
+        float sums[4];
+        dot_rows4(r0, r0 + d, r0 + 2 * d, r0 + 3 * d, xb, n, sums);
+        for (int k = 0; k < 4; k++) mine[i + k] += sums[k];
+    }
+    for (; i < m; i++) mine[i] += dot_row(rows + i * d + c0, xb, n);
+}
+
+/* out (m,) float64 = rows (m, d) bf16 @ x (d,) float32. Returns 0, or -1 if memory ran out. */
+int dense_dots(const uint16_t *rows, int64_t m, int64_t d, const float *x, double *out, int num_threads) {
+    struct dense_rows ctx = {rows, m, d, x};
+    return sum_over_blocks((d + DENSE_BLOCK - 1) / DENSE_BLOCK, m, num_threads, dense_block_dots, &ctx, out);
 }
 
 /* out (d,) = beta * x + alpha * rows^T a, rows (m, d) bf16, a (m,) float32. out may alias x. */
@@ -196,52 +210,49 @@ int dense_combine(const uint16_t *rows, int64_t m, int64_t d, const float *a, co
     return 0;
 }
 
+struct sparse_rows {
+    const void *values; int value_kind; const int16_t *offsets; int64_t m, capacity; const int64_t *starts;
+    int64_t block; const float *x;
+};
+
+static void sparse_block_dots(const void *ctx, int64_t b, double *mine) {
+    const struct sparse_rows *c = ctx;
+    const float *xb = c->x + b * c->block;
+    int64_t kept = c->starts[b + 1] - c->starts[b];
+    for (int64_t i = 0; i < c->m; i++) {
+        int64_t first = c->capacity * c->starts[b] + i * kept;
+        const int16_t *off = c->offsets + first;
+        /* four independent sums: the gathers overlap instead of waiting on one addition chain */
+        float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+        int64_t e = 0;
+        if (c->value_kind) {
+            const uint16_t *v = (const uint16_t *)c->values + first;
+            for (; e + 4 <= kept; e += 4) {
+                s0 += bf16_to_float(v[e]) * xb[(uint16_t)off[e]];
+                s1 += bf16_to_float(v[e + 1]) * xb[(uint16_t)off[e + 1]];
+                s2 += bf16_to_float(v[e + 2]) * xb[(uint16_t)off[e + 2]];
+                s3 += bf16_to_float(v[e + 3]) * xb[(uint16_t)off[e + 3]];
+            }
+            for (; e < kept; e++) s0 += bf16_to_float(v[e]) * xb[(uint16_t)off[e]];
+        } else {
+            const float *v = (const float *)c->values + first;
+            for (; e + 4 <= kept; e += 4) {
+                s0 += v[e] * xb[(uint16_t)off[e]];
+                s1 += v[e + 1] * xb[(uint16_t)off[e + 1]];
+                s2 += v[e + 2] * xb[(uint16_t)off[e + 2]];
+                s3 += v[e + 3] * xb[(uint16_t)off[e + 3]];
+            }
+            for (; e < kept; e++) s0 += v[e] * xb[(uint16_t)off[e]];
+        }
+        mine[i] += (s0 + s1) + (s2 + s3);
+    }
+}
+
 /* out (m,) float64 = G x for the sparse rows described above. */
 int sparse_dots(const void *values, int value_kind, const int16_t *offsets, int64_t m, int64_t capacity,
                 const int64_t *starts, int64_t blocks, int64_t block, const float *x, double *out, int num_threads) {
-    double *partial = calloc((size_t)(num_threads > 0 ? num_threads : 1) * (size_t)m, sizeof(double));
-    if (!partial) return -1;
-    int used = 1;
-#pragma omp parallel num_threads(num_threads)
-    {
-        int t = thread_id(), threads = thread_count();
-#pragma omp single
-        used = threads;
-        double *mine = partial + (size_t)t * (size_t)m;
-        for (int64_t b = blocks * t / threads; b < blocks * (t + 1) / threads; b++) {
-            const float *xb = x + b * block;
-            int64_t kept = starts[b + 1] - starts[b], e0 = 0, e1 = kept;
-            for (int64_t i = 0; i < m; i++) {
-                int64_t first = capacity * starts[b] + i * kept;
-                const int16_t *off = offsets + first;
-                /* four independent sums: the gathers overlap instead of waiting on one addition chain */
-                float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-                int64_t e = e0;
-                if (value_kind) {
-                    const uint16_t *v = (const uint16_t *)values + first;
-                    for (; e + 4 <= e1; e += 4) {
-                        s0 += bf16_to_float(v[e]) * xb[(uint16_t)off[e]];
-                        s1 += bf16_to_float(v[e + 1]) * xb[(uint16_t)off[e + 1]];
-                        s2 += bf16_to_float(v[e + 2]) * xb[(uint16_t)off[e + 2]];
-                        s3 += bf16_to_float(v[e + 3]) * xb[(uint16_t)off[e + 3]];
-                    }
-                    for (; e < e1; e++) s0 += bf16_to_float(v[e]) * xb[(uint16_t)off[e]];
-                } else {
-                    const float *v = (const float *)values + first;
-                    for (; e + 4 <= e1; e += 4) {
-                        s0 += v[e] * xb[(uint16_t)off[e]];
-                        s1 += v[e + 1] * xb[(uint16_t)off[e + 1]];
-                        s2 += v[e + 2] * xb[(uint16_t)off[e + 2]];
-                        s3 += v[e + 3] * xb[(uint16_t)off[e + 3]];
-                    }
-                    for (; e < e1; e++) s0 += v[e] * xb[(uint16_t)off[e]];
-                }
-                mine[i] += (s0 + s1) + (s2 + s3);
-            }
-        }
-    }
-    sum_partials(partial, used, m, out);
-    return 0;
+    struct sparse_rows ctx = {values, value_kind, offsets, m, capacity, starts, block, x};
+    return sum_over_blocks(blocks, m, num_threads, sparse_block_dots, &ctx, out);
 }
 
 /* out (d,) = beta * x + alpha * G^T a for the sparse rows described above; out may alias x. */
