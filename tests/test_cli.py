@@ -98,7 +98,7 @@ def test_train_then_prune_reloads_with_reported_sparsity(tmp_path):
     (["train", "--data", "cifar-npz:/nonexistent.npz"], "no such CIFAR file"),
     (["train", "--model", "resnet20"], "resnet20 needs 3x32x32 images"),
     (["prune", "--sparsity", "1.5"], "argument --sparsity: must be a finite number in [0, 1)"),
-    (["prune", "--pattern", "3:5"], "divides by 5"),
+    (["prune", "--allow-untrained", "--pattern", "3:5"], "divides by 5"),
     (["prune", "--checkpoint", "/nonexistent.pt"], "no such checkpoint"),
     (["demo", "--bogus"], "unrecognized arguments"),
 ])
@@ -132,13 +132,19 @@ def test_version_and_help():
 def test_defaults_come_from_mfac_defaults(monkeypatch, capsys):
     from mfac.cli.parser import build_parser
 
+    from mfac.cli.optimizers import dtype_name, fill_recipe
+
     parser = build_parser()
-    train = parser.parse_args(["train"])
-    recipe = defaults.SMALL_MODEL_RECIPE
-    assert (train.lr, train.window, train.damp, train.momentum) == (recipe.lr, recipe.window, recipe.damp,
-                                                                    recipe.momentum)
+    for model, recipe in (("mlp", defaults.SMALL_MODEL_RECIPE), ("hf:/some/folder", defaults.TRANSFORMER_RECIPE)):
+        train = parser.parse_args(["train", "--model", model])
+        fill_recipe(train)  # what the user leaves out comes from the model's recipe
+        assert (train.lr, train.window, train.damp, train.momentum, train.density, train.window_dtype) == (
+            recipe.lr, recipe.window, recipe.damp, recipe.momentum, recipe.density, dtype_name(recipe.window_dtype))
+    given = parser.parse_args(["train", "--model", "hf:/x", "--window", "8", "--window-dtype", "float32"])
+    fill_recipe(given)
+    assert (given.window, given.window_dtype, given.damp) == (8, "float32", defaults.TRANSFORMER_RECIPE.damp)
     prune = parser.parse_args(["prune"])
-    assert (prune.num_grads, prune.block_size) == (defaults.PRUNE_NUM_GRADS, defaults.PRUNE_BLOCK_SIZE)
+    assert (prune.num_grads, prune.block_size) == (None, defaults.PRUNE_BLOCK_SIZE)  # None: PRUNE_NUM_GRADS, capped
     monkeypatch.setenv("COLUMNS", "1000")  # one line per option
     with pytest.raises(SystemExit):
         parser.parse_args(["prune", "--help"])
@@ -158,6 +164,7 @@ def test_defaults_come_from_mfac_defaults(monkeypatch, capsys):
 def test_prune_hands_its_settings_to_the_pruner(given, expected, tmp_path, monkeypatch, capsys):
     """--block-size 0 is the library's explicit "exact"; --recompute defaults to the library's."""
     import mfac.cli.prune
+    import mfac.cli.prune_gradual
     from mfac.cli import main
 
     seen = {}
@@ -166,9 +173,13 @@ def test_prune_hands_its_settings_to_the_pruner(given, expected, tmp_path, monke
         seen.update(kwargs)
         raise RuntimeError("stop here")
 
-    monkeypatch.setattr(mfac.cli.prune, "GradualPruner" if "--gradual" in given else "prune_oneshot", pruner)
+    if "--gradual" in given:
+        monkeypatch.setattr(mfac.cli.prune_gradual, "GradualPruner", pruner)
+    else:
+        monkeypatch.setattr(mfac.cli.prune, "prune_oneshot", pruner)
     monkeypatch.delenv("MFAC_DEBUG", raising=False)
-    assert main(["prune", *given, "--num-grads", "16", "--quiet", "--out", str(tmp_path / "x")]) == 1
+    out = str(tmp_path / "x")
+    assert main(["prune", *given, "--num-grads", "16", "--allow-untrained", "--quiet", "--out", out]) == 1
     assert "stop here" in capsys.readouterr().err
     assert {key: seen[key] for key in expected} == expected
     assert seen["num_grads"] == 16 and seen["damp"] is None and seen["relative_damp"] is None
@@ -307,7 +318,7 @@ def test_bad_usage_exits_2_with_one_line_before_any_work(args, fragment, tmp_pat
 def test_out_folder_problems_are_found_before_any_work(tmp_path):
     (tmp_path / "a_file").write_text("x")
     assert "is a file" in one_line_error(mfac("train", "--out", tmp_path / "a_file"), 2)
-    assert "is a file" in one_line_error(mfac("prune", "--out", tmp_path / "a_file" / "inside"), 2)
+    assert "is a file" in one_line_error(mfac("prune", "--allow-untrained", "--out", tmp_path / "a_file" / "inside"), 2)
     assert "cannot be written" in one_line_error(mfac("demo", "--out", "/proc/mfac-cannot-write-here"), 2)
     used = tmp_path / "used"
     used.mkdir()
@@ -503,8 +514,9 @@ def test_gradual_pruning_of_a_built_in_model(tmp_path):
     report = json.loads((tmp_path / "g" / "report.json").read_text())
     assert abs(report["sparsity"] - 0.8) < 1e-3 and report["gradual"] == {**report["gradual"], "start_step": 3,
                                                                              "end_step": 21, "every": 2}
-    assert report["files"] == ["model.safetensors", "masks.safetensors", "model.sparse.safetensors", "report.json"]
-    assert report["file_bytes_after"] == report["file_bytes"]["model.sparse.safetensors"] < report["file_bytes_before"]
+    assert report["files"] == ["pruned.safetensors", "masks.safetensors", "pruned.sparse.safetensors", "report.md",
+                               "report.json", "checkpoint.pt"]
+    assert report["file_bytes_after"] == report["file_bytes"]["pruned.sparse.safetensors"] < report["file_bytes_before"]
     assert report["nonzero_parameters_after"] < report["parameters_after"] == report["parameters_before"]
     bad = mfac("prune", "--gradual", "--steps", 10, "--prune-end", 20, "--out", tmp_path / "h")
     assert bad.returncode == 2 and "--prune-end 20" in bad.stderr
@@ -542,11 +554,13 @@ def test_structured_prune_compacts_a_built_in_model(model, structure, tmp_path):
     from mfac.training import accuracy
 
     out = tmp_path / "structured"
-    result = mfac("prune", "--model", model, "--structure", structure, "--compact", "--sparsity", 0.5,
+    result = mfac("prune", "--model", model, "--allow-untrained", "--structure", structure, "--compact",
+                  "--sparsity", 0.5,
                   "--num-grads", 16, "--recompute", 2, "--latency-runs", 3, "--out", out, "--quiet")
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "report.json").read_text())
-    assert report["files"] == ["pruned.safetensors", "masks.safetensors", "compacted.safetensors", "report.json"]
+    assert report["files"] == ["pruned.safetensors", "masks.safetensors", "compacted.safetensors", "report.md",
+                               "report.json"]
     assert set(SIZE_KEYS) <= set(report) and report["settings"]["structure"] == structure.split(",")
     assert report["structure_sparsity"] == 0.5
     assert set(report["structures"]) == set(structure.split(","))
@@ -591,7 +605,7 @@ def test_structured_prune_compacts_a_hugging_face_model(tiny_hf, tmp_path, struc
                   "--per-sample", "--block-size", 16, "--recompute", 2, "--latency-runs", 3, "--quiet", "--out", out)
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "report.json").read_text())
-    assert report["files"] == ["model/", "masks.safetensors", "compacted/", "report.json"]
+    assert report["files"] == ["model/", "masks.safetensors", "compacted/", "report.md", "report.json"]
     assert set(SIZE_KEYS) <= set(report)
     assert report["compacted"]["loads_in"] == loads_in
     assert f"plain transformers loads it: {'yes' if loads_in == 'transformers' else 'no'}" in result.stdout
@@ -630,7 +644,7 @@ STRUCTURE_USAGE = [
                          ids=["compact-alone", "with-pattern", "with-gradual", "unknown", "heads-mlp", "heads-cnn"])
 def test_structure_usage_errors_exit_2_with_one_line(args, fragment, tmp_path):
     out = tmp_path / "out"
-    line = one_line_error(mfac("prune", *args, "--out", out), 2)
+    line = one_line_error(mfac("prune", "--allow-untrained", *args, "--out", out), 2)
     assert fragment in line, line
     assert not out.exists()
 
@@ -648,11 +662,12 @@ def test_unstructured_prune_also_writes_values_and_a_bitmask(tmp_path):
     from mfac.sparse_io import load_sparse
 
     out = tmp_path / "sparse"
-    result = mfac("prune", "--sparsity", 0.95, "--num-grads", 16, "--recompute", 2, "--latency-runs", 3,
-                  "--out", out, "--quiet")
+    result = mfac("prune", "--allow-untrained", "--sparsity", 0.95, "--num-grads", 16, "--recompute", 2,
+                  "--latency-runs", 3, "--out", out, "--quiet")
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "report.json").read_text())
-    assert report["files"] == ["pruned.safetensors", "masks.safetensors", "pruned.sparse.safetensors", "report.json"]
+    assert report["files"] == ["pruned.safetensors", "masks.safetensors", "pruned.sparse.safetensors", "report.md",
+                               "report.json"]
     sizes = {name: (out / name).stat().st_size for name in report["files"][:3]}
     assert report["file_bytes"] == sizes
     assert sizes["pruned.sparse.safetensors"] < sizes["pruned.safetensors"] / 4
@@ -677,3 +692,282 @@ def test_structure_help_and_kinds(monkeypatch, capsys):
     help_text = capsys.readouterr().out
     assert "comma list such as heads,neurons" in help_text and "with --structure: also write the model" in help_text
     assert "before and after a one-shot prune (default: 20)" in help_text
+
+
+# Issue 21: no finished work thrown away, labels that fit the head, requests the data can supply ---
+
+def test_out_through_a_symlink_to_another_file_system_keeps_the_results(tmp_path):
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another file system than the temporary folder")
+    import shutil
+    import tempfile
+
+    target = Path(tempfile.mkdtemp(prefix="mfac-test-out-", dir=shm))
+    try:
+        link = tmp_path / "link"
+        link.symlink_to(target)
+        result = mfac("prune", "--allow-untrained", "--method", "magnitude", "--latency-runs", 1, "--quiet",
+                      "--out", link)
+        assert result.returncode == 0, result.stderr
+        report = json.loads((target / "report.json").read_text())
+        assert sorted(report["files"]) == sorted(p.name for p in target.iterdir())  # no staging folder left
+        assert not list(tmp_path.glob(".*partial*"))
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
+
+
+def test_a_dangling_symlink_as_out_is_a_usage_error_before_any_work(tmp_path):
+    link = tmp_path / "dangling"
+    link.symlink_to(tmp_path / "nowhere" / "out")
+    for command in (["prune", "--allow-untrained"], ["train"], ["demo"]):
+        line = one_line_error(mfac(*command, "--out", link), 2)
+        assert f"--out: {link} is a symbolic link to {tmp_path / 'nowhere' / 'out'}, which does not exist" in line
+    assert not (tmp_path / "nowhere").exists()
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    assert "symbolic link that does not lead to a folder" in one_line_error(mfac("train", "--out", loop), 2)
+
+
+def test_results_that_cannot_be_moved_into_out_are_kept(tmp_path, monkeypatch, capsys):
+    """The final rename fails (as across file systems): the finished results stay where they are, and
+    the one line says where."""
+    import errno
+
+    import mfac.cli.output
+    from mfac.cli import main
+
+    def cross_device(staging, dest):
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(mfac.cli.output, "publish", cross_device)
+    monkeypatch.delenv("MFAC_DEBUG", raising=False)
+    out = tmp_path / "out"
+    assert main(["prune", "--allow-untrained", "--method", "magnitude", "--latency-runs", "1", "--quiet",
+                 "--out", str(out)]) == 1
+    line = capsys.readouterr().err.strip()
+    assert "the results are complete but could not be moved into --out" in line and "Invalid cross-device" in line
+    kept = [p for p in tmp_path.iterdir() if "partial" in p.name]
+    assert len(kept) == 1 and f"kept in {kept[0]}" in line
+    assert json.loads((kept[0] / "report.json").read_text())["files"][0] == "pruned.safetensors"
+    assert (kept[0] / "pruned.safetensors").is_file() and not out.exists()
+
+
+def test_num_grads_beyond_the_data_is_refused_with_the_numbers(tmp_path):
+    line = one_line_error(mfac("prune", "--allow-untrained", "--num-grads", 100000000, "--out", tmp_path / "x"), 2)
+    assert "--num-grads 100000000" in line and "42 batches of --batch-size 32" in line and "--num-grads 42" in line
+    line = one_line_error(mfac("prune", "--allow-untrained", "--num-grads", 5000, "--per-sample",
+                               "--out", tmp_path / "x"), 2)
+    assert "--num-grads 5000" in line and "1,344 samples" in line and "--num-grads 1344 or fewer" in line
+    line = one_line_error(mfac("prune", "--gradual", "--steps", 10, "--num-grads", 500, "--out", tmp_path / "x"), 2)
+    assert "--num-grads 500" in line and "42 batches" in line
+    assert not (tmp_path / "x").exists()
+
+
+def test_num_grads_left_out_is_what_the_data_holds():
+    from argparse import Namespace
+
+    from mfac.cli.prune_jobs import resolve_num_grads
+
+    args = Namespace(method="obs", per_sample=False, num_grads=None, batch_size=32)
+    resolve_num_grads(args, 1344, 42, defaults.PRUNE_NUM_GRADS)
+    assert args.num_grads == 42
+    args = Namespace(method="obs", per_sample=True, num_grads=None, batch_size=32)
+    resolve_num_grads(args, 1344, 42, defaults.PRUNE_NUM_GRADS)
+    assert args.num_grads == defaults.PRUNE_NUM_GRADS
+
+
+@pytest.fixture(scope="module")
+def head_models(tiny_hf, tmp_path_factory):
+    """Fine-tuned-looking classification heads of 2 and 3 labels (folders with their tokenizer)."""
+    transformers = pytest.importorskip("transformers")
+    model_dir, _ = tiny_hf
+    root = tmp_path_factory.mktemp("heads")
+    folders = {}
+    for labels in (2, 3):
+        folder = root / f"head{labels}"
+        torch.manual_seed(labels)
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=labels)
+        model.save_pretrained(str(folder))
+        transformers.AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(str(folder))
+        folders[labels] = folder
+    return folders
+
+
+def relabelled(data_dir: Path, folder: Path, relabel) -> Path:
+    folder.mkdir()
+    for path in data_dir.glob("*.tsv"):
+        lines = path.read_text().splitlines()
+        rows = [line.split("\t", 1) for line in lines[1:]]
+        (folder / path.name).write_text("\n".join([lines[0], *(f"{relabel(label)}\t{text}" for label, text in rows)])
+                                        + "\n")
+    return folder
+
+
+def test_labels_must_fit_the_head_of_the_model(tiny_hf, head_models, tmp_path):
+    model_dir, data_dir = tiny_hf
+    shifted = relabelled(data_dir, tmp_path / "shifted", lambda label: int(label) + 1)  # 1/2 instead of 0/1
+    real = relabelled(data_dir, tmp_path / "real", lambda label: f"{int(label) * 0.5 + 0.25:g}")  # a regression TSV
+    common = ["--per-sample", "--num-grads", 4, "--quiet", "--out", tmp_path / "x"]
+    line = one_line_error(mfac("prune", "--model", f"hf:{head_models[2]}", "--data", f"tsv:{shifted}", *common), 2)
+    assert "mini_train.tsv / mini_dev.tsv" in line and "are {1, 2}" in line and "has 2 labels, 0..1" in line
+    assert "--new-head" in line
+    line = one_line_error(mfac("prune", "--model", f"hf:{head_models[3]}", "--data", f"tsv:{data_dir}", *common), 2)
+    assert "are {0, 1}" in line and "has 3 labels, 0..2" in line and "fresh 2-label" in line
+    line = one_line_error(mfac("train", "--model", f"hf:{model_dir}", "--data", f"tsv:{real}", *common[3:]), 2)
+    assert "real numbers such as 0.25" in line and "mini_train.tsv" in line
+    line = one_line_error(mfac("train", "--model", f"hf:{model_dir}", "--data", f"tsv:{shifted}", *common[3:]), 2)
+    assert "integer labels must be 0..1" in line  # a new head: no unused output for a label 0 nobody has
+    assert not (tmp_path / "x").exists()
+
+
+def test_new_head_replaces_the_head_on_request(tiny_hf, head_models, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    _, data_dir = tiny_hf
+    result = mfac("train", "--model", f"hf:{head_models[3]}", "--data", f"tsv:{data_dir}", "--new-head", "--steps", 1,
+                  "--optimizer", "adam", "--checkpoint-every", 0, "--batch-size", 8, "--quiet", "--out", tmp_path / "t")
+    assert result.returncode == 0, result.stderr
+    trained = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "t" / "model"))
+    assert trained.config.num_labels == 2
+    kept = mfac("train", "--model", f"hf:{tmp_path / 't' / 'model'}", "--data", f"tsv:{data_dir}", "--steps", 1,
+                "--optimizer", "adam", "--checkpoint-every", 0, "--batch-size", 8, "--quiet", "--out", tmp_path / "u")
+    assert kept.returncode == 0, kept.stderr  # its own 0/1 head fits: kept, no flag needed
+
+
+# Issue 23: defaults that fit the model, the CLI's own words, reports, one name for the pruned model --
+
+def test_hugging_face_training_uses_the_transformer_recipe_and_states_its_memory(tiny_hf, tmp_path):
+    model_dir, data_dir = tiny_hf
+    result = mfac("train", "--model", f"hf:{model_dir}", "--data", f"tsv:{data_dir}", "--steps", 2, "--batch-size", 8,
+                  "--out", tmp_path / "t")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "t" / "report.json").read_text())
+    recipe = defaults.TRANSFORMER_RECIPE
+    settings = report["settings"]
+    assert (settings["lr"], settings["window"], settings["damp"], settings["density"], settings["window_dtype"]) == (
+        recipe.lr, recipe.window, recipe.damp, recipe.density, "bfloat16")
+    memory = [line for line in result.stdout.splitlines() if line.startswith("memory:")]
+    assert len(memory) == 1 and "window of 1024 gradients" in memory[0] and "bfloat16 at density 0.01" in memory[0]
+    assert "one checkpoint:" in memory[0] and report["memory"]["optimizer_bytes"] > 0
+    assert report["evaluated_on"] == "dev" and "dev accuracy" in result.stdout and "test accuracy" not in result.stdout
+    for bar in ("it/s", "Loading weights", "Writing model shards"):  # transformers' own progress bars are silenced
+        assert bar not in result.stderr, result.stderr
+    markdown = (tmp_path / "t" / "report.md").read_text()
+    assert markdown.startswith("# mfac train") and "| dev accuracy |" in markdown and "| --density | 0.01 |" in markdown
+
+
+def test_train_refuses_what_cannot_fit_and_checkpoints_can_be_turned_off(tmp_path):
+    line = one_line_error(mfac("train", "--window", 100000000, "--out", tmp_path / "x"), 2)
+    assert "MFAC's window of 100000000 gradients" in line and "is available" in line
+    assert "lower --window" in line and "--density" in line and "--window-dtype bfloat16" in line
+    assert not (tmp_path / "x").exists()
+    out = tmp_path / "off"
+    result = mfac("train", "--steps", 5, "--checkpoint-every", 0, "--window-dtype", "bfloat16", "--density", 0.5,
+                  "--window", 8, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "no checkpoints (--checkpoint-every 0)" in result.stdout and not (out / "checkpoint.pt").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert "checkpoint.pt" not in report["files"] and report["settings"]["window_dtype"] == "bfloat16"
+    line = one_line_error(mfac("train", "--resume", out), 2)
+    assert "--checkpoint-every 0" in line and "nothing to resume" in line
+
+
+def test_messages_use_the_command_lines_words(tmp_path):
+    line = one_line_error(mfac("prune", "--window", 5), 2)
+    assert "unrecognized arguments: --window 5" in line and "(see mfac prune --help)" in line
+    line = one_line_error(mfac("prune", "--allow-untrained", "--method", "magnitude", "--pattern", "2:3",
+                               "--out", tmp_path / "x"), 2)
+    assert "--pattern 2:3" in line and "divides by 3" in line and "params=" not in line and "--pattern 2:4" in line
+    line = one_line_error(mfac("prune", "--gradual", "--steps", 200, "--prune-start", 150, "--prune-end", 100,
+                               "--out", tmp_path / "x"), 2)
+    assert "--prune-end 100 comes before --prune-start 150" in line and "end_step" not in line
+    line = one_line_error(mfac("prune", "--pattern", "4:2"), 2)
+    assert "argument --pattern" in line and "(see mfac prune --help)" in line
+    line = one_line_error(mfac("prune", "--prune-every", 3, "--out", tmp_path / "x"), 2)
+    assert "--prune-every applies to --gradual" in line
+    assert not (tmp_path / "x").exists()
+
+
+def test_every_option_has_help_with_its_default_and_every_command_a_description():
+    import argparse
+
+    from mfac.cli.parser import build_parser
+
+    parser = build_parser()
+    for name, sub in parser.commands.items():
+        assert sub.description, name
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, (name, action.option_strings)
+            if action.nargs != 0:  # not a flag: its default is shown, or said in words when it is None
+                assert action.default is not None or "default" in action.help, (name, action.option_strings)
+    top = mfac("--help").stdout
+    assert "hf:" in top and "train a built-in model or an hf: model" in top
+
+
+def test_pruning_an_untrained_built_in_model_needs_allow_untrained(tmp_path):
+    line = one_line_error(mfac("prune", "--model", "cnn", "--out", tmp_path / "x"), 2)
+    assert "--model cnn without --checkpoint would prune an untrained model" in line and "--allow-untrained" in line
+    assert not (tmp_path / "x").exists()
+
+
+def test_one_shot_report_records_only_the_settings_it_used(tmp_path):
+    out = tmp_path / "p"
+    result = mfac("prune", "--allow-untrained", "--method", "magnitude", "--latency-runs", 1, "--quiet", "--out", out)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert not {"gradual", "steps", "optimizer", "lr", "prune_start", "prune_end", "checkpoint_every", "density",
+                "num_grads", "recompute", "max_length"} & set(report["settings"])
+    markdown = (out / "report.md").read_text()
+    assert "## Per-layer sparsity" in markdown and "| test accuracy |" in markdown
+    assert all(f"`{name}`" in markdown for name in report["per_tensor_sparsity"])
+
+
+def test_gradual_prune_resumes_bitwise(tmp_path, monkeypatch, capsys):
+    """A --gradual run stopped after its step-14 checkpoint and resumed ends with the same pruned
+    model, bit for bit, as one that ran straight through (per-sample OBS with a partial batch, so
+    that the position in OBS's batches matters)."""
+    import mfac.cli.prune_gradual as gradual
+    from mfac.checkpoint import load_weights
+    from mfac.cli import main
+
+    monkeypatch.delenv("MFAC_DEBUG", raising=False)
+    common = ["prune", "--gradual", "--steps", "24", "--optimizer", "mfac", "--sparsity", "0.8", "--per-sample",
+              "--num-grads", "40", "--recompute", "2", "--checkpoint-every", "7", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "straight")]) == 0
+    real = gradual.GradualPruner
+
+    class Killed(real):
+        def step(self):
+            if self.current_step == 16:
+                raise RuntimeError("killed")
+            return super().step()
+
+    monkeypatch.setattr(gradual, "GradualPruner", Killed)
+    assert main([*common, "--out", str(tmp_path / "stopped")]) == 1
+    assert not (tmp_path / "stopped" / "pruned.safetensors").exists()
+    monkeypatch.setattr(gradual, "GradualPruner", real)
+    capsys.readouterr()
+    assert main(["prune", "--resume", str(tmp_path / "stopped"), "--lr", "0.5"]) == 2
+    assert "--lr 0.5 differs from the resumed run's" in capsys.readouterr().err
+    assert main(["prune", "--resume", str(tmp_path / "stopped"), "--quiet"]) == 0
+    expected = load_weights(tmp_path / "straight" / "pruned.safetensors")
+    got = load_weights(tmp_path / "stopped" / "pruned.safetensors")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    report = json.loads((tmp_path / "stopped" / "report.json").read_text())
+    assert report["gradual"]["resumed_at_steps"] == [14] and len(report["gradual"]["batch_losses"]) == 24
+    assert not {"pattern", "structure", "compact"} & set(report["settings"])
+    assert (tmp_path / "stopped" / "report.md").read_text().startswith("# mfac prune --gradual")
+    line = one_line_error(mfac("prune", "--resume", tmp_path / "nothing"), 2)
+    assert "no checkpoint.pt there" in line and "mfac prune --gradual" in line
+
+
+def test_a_model_folder_with_only_its_config_is_a_usage_error(tiny_hf, tmp_path):
+    model_dir, data_dir = tiny_hf
+    folder = tmp_path / "config-only"
+    folder.mkdir()
+    (folder / "config.json").write_text((model_dir / "config.json").read_text())
+    line = one_line_error(mfac("train", "--model", f"hf:{folder}", "--data", f"tsv:{data_dir}", "--out", tmp_path / "x"),
+                          2)
+    assert line.startswith(f"mfac train: error: --model hf:{folder}") and not (tmp_path / "x").exists()

@@ -20,6 +20,11 @@ Pruning (:func:`mfac.prune.prune_oneshot`, :class:`mfac.prune.GradualPruner`,
     ``GRADUAL_RECOMPUTE``, ``GRADUAL_NUM_GRADS``: each pruning step of a gradual schedule (one
     inverse per step, fewer gradients: the schedule itself recomputes).
     ``EXACT``: the spelling of "no blocks, the exact inverse" for ``block_size``.
+
+Command line (:mod:`mfac.cli`)
+    ``GRADUAL_LR``: the learning rate of ``mfac prune --gradual`` on the built-in models (``hf:``
+    models use ``TRANSFORMER_RECIPE.lr``).
+    ``CHECKPOINT_EVERY``: steps between the checkpoints of ``mfac train`` and ``mfac prune --gradual``.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import torch
 __all__ = [
     "MFAC_LR", "MFAC_WINDOW", "MFAC_DAMP", "OptimizerRecipe", "SMALL_MODEL_RECIPE", "TRANSFORMER_RECIPE",
     "PRUNE_RELATIVE_DAMP", "PRUNE_NUM_GRADS", "PRUNE_BLOCK_SIZE", "PRUNE_RECOMPUTE", "GRADUAL_RECOMPUTE",
-    "GRADUAL_NUM_GRADS", "EXACT",
+    "GRADUAL_NUM_GRADS", "EXACT", "GRADUAL_LR", "CHECKPOINT_EVERY",
 ]
 
 MFAC_LR = 1e-3
@@ -65,3 +70,5 @@ PRUNE_RECOMPUTE = 16
 GRADUAL_RECOMPUTE = 1
 GRADUAL_NUM_GRADS = 64
 EXACT = "exact"
+GRADUAL_LR = 1e-3
+CHECKPOINT_EVERY = 100

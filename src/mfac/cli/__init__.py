@@ -5,6 +5,7 @@ models, and the benchmarks' quick mode. ``python -m mfac`` is the same program.
     mfac train --model mlp --data digits --optimizer mfac --steps 500 --out DIR
     mfac train --resume DIR                      # continue a run that was stopped or killed
     mfac prune --model mlp --data digits --checkpoint DIR/model.safetensors --sparsity 0.9 --out DIR2
+    mfac prune --gradual --steps 200 --out DIR3  # prune while training; mfac prune --resume DIR3 continues it
     mfac bench [--benchmarks DIR]                # needs a source checkout's benchmarks/ folder
 
 Exit status: 0 success; 2 bad usage (found before any work: arguments, files, the output folder);
@@ -13,9 +14,11 @@ Exit status: 0 success; 2 bad usage (found before any work: arguments, files, th
 
 One module per command (``demo``, ``train``, ``prune``, ``bench``), each with ``run(args)``;
 ``parser`` is the grammar. The helpers the commands share are split by concern: ``errors`` (the two
-kinds of error), ``tasks`` (data and built-in models), ``optimizers``, ``output`` (the ``--out``
-folder), ``reports`` (report.json and plots), ``pruning_progress`` and ``text`` (text data and
-Hugging Face models). The parser imports no command module and no command module imports the
+kinds of error), ``tasks`` (data and built-in models), ``optimizers`` (with the models' recipes),
+``budget`` (memory and checkpoint size, checked before training), ``output`` (the ``--out``
+folder, staged on its own file system), ``reports`` (report.json, report.md and plots),
+``pruning_progress``, ``text`` and ``labels`` (text data, Hugging Face models and their heads);
+``prune_jobs`` and ``prune_gradual`` (``--gradual`` and ``--resume``) serve ``prune``. The parser imports no command module and no command module imports the
 parser: ``main`` parses, then runs the module of the subcommand.
 This module imports nothing heavy: torch is loaded inside ``main``, where Ctrl-C is handled.
 """
@@ -101,10 +104,10 @@ def _main(argv, interrupt: _InterruptFlag) -> int:
     debug = bool(os.environ.get("MFAC_DEBUG"))
     try:
         return run(args)
-    except CliError as error:
+    except CliError as error:  # the subcommand's name, as argparse's own errors give it
         if debug:
             raise
-        print(f"mfac: error: {' '.join(str(error).split())}", file=sys.stderr)
+        print(f"mfac {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     except Exception as error:  # a failure while running: one line, status 1
         if debug:
@@ -112,7 +115,7 @@ def _main(argv, interrupt: _InterruptFlag) -> int:
         message = " ".join(str(error).split()) or type(error).__name__
         if not isinstance(error, RunError):
             message = f"{message} ({type(error).__name__})"
-        print(f"mfac: error: {message}", file=sys.stderr)
+        print(f"mfac {args.command}: error: {message}", file=sys.stderr)
         return 1
 
 

@@ -3,50 +3,57 @@ model on text (its encoder/decoder Linear weights), or gradual pruning while tra
 ``--structure``, one-shot removal of whole neurons, channels or attention heads, and with
 ``--compact`` the model rebuilt without them.
 
-Writes the pruned weights (``pruned.safetensors``, or a Hugging Face folder ``model/``; with
-``--gradual`` ``model.safetensors`` or ``model/``), the masks (``masks.safetensors``) and
-``report.json``; an unstructured prune also writes its weights compactly as values plus a bitmask
+Writes the pruned weights (``pruned.safetensors``, or a Hugging Face folder ``model/``, one-shot and
+``--gradual`` alike), the masks (``masks.safetensors``), ``report.json`` and ``report.md`` (per-layer
+sparsity and the figures); an unstructured prune also writes its weights compactly as values plus a bitmask
 (``*.sparse.safetensors``, :mod:`mfac.sparse_io`), and ``--compact`` the smaller model
 (``compacted.safetensors``, :mod:`mfac.cli.compacted`, or a ``compacted/`` folder,
 :mod:`mfac.hf_compact`). The report gives parameters, FLOPs per sample, size on disk and latency
-before and after (:mod:`mfac.cli.model_size`)."""
+before and after (:mod:`mfac.cli.model_size`). A one-shot prune of a built-in model needs trained
+weights (``--checkpoint``), or ``--allow-untrained``. ``--gradual`` runs in
+:mod:`mfac.cli.prune_gradual` (checkpoints, ``--resume``)."""
 
 from __future__ import annotations
 
 import copy
-import math
 import time
 
 import torch
 from torch import nn
 
 from ..checkpoint import save_weights
-from ..defaults import EXACT, GRADUAL_RECOMPUTE, PRUNE_RECOMPUTE
-from ..progress import Progress
-from ..prune import GradualPruner, compact, find_structures, prune_oneshot
+from ..defaults import PRUNE_RECOMPUTE
+from ..prune import compact, find_structures, prune_oneshot
 from ..prune.compact import removed_structures
 from ..prune.oneshot import parse_pattern
 from ..prune.structures import KINDS
 from ..sparse_io import save_sparse
-from .errors import CliError, RunError, usage_errors
-from .model_size import describe, forward, latency_ms, measure, parameter_counts, size_entries, weights_bytes
-from .optimizers import make_optimizer
+from .errors import CliError, usage_errors
+from .model_size import describe, forward, latency_ms, measure, size_entries, weights_bytes
 from .output import check_out, staged_output
-from .prune_jobs import PruneJob, builtin_job, dense_bytes, first_sample, text_job
+from .prune_gradual import gradual, resume
+from .prune_jobs import PruneJob, block_size, builtin_job, check_pattern, dense_bytes, first_sample, sparse_name, \
+    text_job
 from .pruning_progress import pruning_progress
-from .reports import run_header, write_json
+from .reports import run_header, unused_settings, write_json, write_markdown, prune_figures
+
+GRADUAL_FLAGS = ("steps", "optimizer", "lr", "density", "window_dtype", "prune_start", "prune_end", "prune_every",
+                 "checkpoint_every")
 
 
 def run(args) -> int:
+    if args.resume:
+        return resume(args)
     _check_flags(args)
     out = check_out(args.out, "prune", args.force)
     with usage_errors("--pattern: "):
         nm = parse_pattern(args.pattern)
     if args.gradual:
-        return _gradual(args, out, nm)
+        return gradual(args, out)
     args.recompute = args.recompute or PRUNE_RECOMPUTE
     job = text_job(args) if args.model.startswith("hf:") else builtin_job(args)
     groups = _structure_groups(job.model, args.structure, args.model) if args.structure else None
+    check_pattern(job.model, job.params, nm, args.pattern)
     dense = {**measure(job.model, first_sample(job.inputs)),
              "file_bytes": dense_bytes(job.model, args.model.startswith("hf:")), "model": copy.deepcopy(job.model)}
     before = job.accuracy()
@@ -58,18 +65,18 @@ def run(args) -> int:
             masks = prune_oneshot(job.model, None if args.pattern else args.sparsity, job.data, job.loss_fn,
                                   method=args.method, num_grads=args.num_grads, damp=args.damp,
                                   relative_damp=args.relative_damp,
-                                  block_size=_block_size(args), recompute=args.recompute,
+                                  block_size=block_size(args), recompute=args.recompute,
                                   per_sample=args.per_sample, scope=args.scope, pattern=args.pattern,
                                   params=job.params, batch_loss=job.batch_loss, structure=args.structure, **hooks)
     except ValueError as error:  # prune_oneshot checks its arguments before it touches the model
         raise CliError(str(error)) from None
     job.after()
     after = job.accuracy()
-    report = {**run_header("prune", args, job.description),
+    report = {**run_header("prune", args, job.description, unused_settings(args)), "evaluated_on": job.eval_name,
               "test_accuracy_before": before, "test_accuracy_after": after,
               "sparsity": masks.sparsity(), "per_tensor_sparsity": masks.per_tensor_sparsity(),
               "seconds": time.perf_counter() - start}
-    accuracy_text = f"test accuracy {100 * before:.1f}% -> {100 * after:.1f}%"
+    accuracy_text = f"{job.eval_name} accuracy {100 * before:.1f}% -> {100 * after:.1f}%"
     if groups is None:
         print(f"pruned {args.model} with {args.method} to sparsity {masks.sparsity():.4f}: {accuracy_text}")
     else:
@@ -82,7 +89,7 @@ def run(args) -> int:
 
 
 def _check_flags(args) -> None:
-    """Flags that do not go together: found before anything is loaded."""
+    """Flags that do not go together, and a prune of random weights: found before anything is loaded."""
     if args.compact and not args.structure:
         raise CliError("--compact needs --structure (neurons, channels or heads): only whole structures can be cut "
                        "out of the layers")
@@ -92,6 +99,18 @@ def _check_flags(args) -> None:
     if args.structure and args.gradual:
         raise CliError(f"--structure {','.join(args.structure)} prunes one-shot; --gradual prunes single weights "
                        f"while training: leave one out")
+    if args.pattern and args.gradual:
+        raise CliError(f"--pattern {args.pattern} applies to one-shot pruning; leave it out with --gradual")
+    if not args.gradual:
+        given = [key for key in GRADUAL_FLAGS if getattr(args, key) != args.option_defaults[key]]
+        if given:
+            flag = f"--{given[0].replace('_', '-')}"
+            raise CliError(f"{flag} applies to --gradual (pruning while training); add --gradual, or leave {flag} out "
+                           f"for a one-shot prune")
+        if not args.model.startswith("hf:") and not args.checkpoint and not args.allow_untrained:
+            raise CliError(f"--model {args.model} without --checkpoint would prune an untrained model (its random "
+                           f"initial weights); pass --checkpoint PATH (e.g. the model.safetensors of `mfac train`), or "
+                           f"--allow-untrained to prune it anyway")
 
 
 def _structure_groups(model: nn.Module, kinds: tuple[str, ...], model_name: str) -> list:
@@ -127,16 +146,6 @@ def _structure_entries(model: nn.Module, groups: list, masks) -> dict:
             "structure_sizes": {name: list(pair) for name, pair in sizes.items()}}
 
 
-def _block_size(args) -> int | str:
-    """``--block-size``, with 0 spelled as the library spells the exact (unblocked) inverse."""
-    return EXACT if args.block_size == 0 else args.block_size
-
-
-def _sparse_name(dense_name: str) -> str:
-    """pruned.safetensors -> pruned.sparse.safetensors; a folder model/ -> model.sparse.safetensors."""
-    return dense_name.rstrip("/").removesuffix(".safetensors") + ".sparse.safetensors"
-
-
 @torch.no_grad()
 def _outputs(model: nn.Module, inputs) -> torch.Tensor:
     was_training = model.training
@@ -154,7 +163,7 @@ def _write_oneshot(out, args, job: PruneJob, masks, groups, dense: dict, report:
         files = [job.save(staging), "masks.safetensors"]
         save_weights(masks.state_dict(), staging / "masks.safetensors")
         if groups is None:  # unstructured: the same weights, values plus a bitmask
-            files.append(_sparse_name(files[0]))
+            files.append(sparse_name(files[0]))
             save_sparse(job.model.state_dict(), masks.state_dict(), staging / files[-1])
             what = "the pruned model; file_bytes_after: its sparse file (values plus a bitmask)"
         elif args.compact:
@@ -170,16 +179,16 @@ def _write_oneshot(out, args, job: PruneJob, masks, groups, dense: dict, report:
             report["compacted"] = compacted
         report.update(size_entries(dense, pruned, args.batch_size, args.latency_runs, what))
         report["file_bytes"] = {name: weights_bytes(staging / name) for name in files}
-        report["files"] = [*files, "report.json"]
+        report["files"] = [*files, "report.md", "report.json"]
+        write_markdown(staging / "report.md", "mfac prune", report, prune_figures(report))
         write_json(staging / "report.json", report)
     print(describe(dense, pruned, args.batch_size, args.latency_runs))
     if compacted is not None:
         plain = "yes" if compacted["loads_in"] == "transformers" else "no"
-        print(f"compacted model: {compacted['file']} (test accuracy {100 * compacted['test_accuracy']:.1f}%); plain "
-              f"transformers loads it: {plain}; load it with {compacted['load_with']}"
-              if args.model.startswith("hf:") else
-              f"compacted model: {compacted['file']} (test accuracy {100 * compacted['test_accuracy']:.1f}%); load "
-              f"it with {compacted['load_with']}")
+        accuracy = f"{job.eval_name} accuracy {100 * compacted['test_accuracy']:.1f}%"
+        print(f"compacted model: {compacted['file']} ({accuracy}); plain transformers loads it: {plain}; load it with "
+              f"{compacted['load_with']}" if args.model.startswith("hf:") else
+              f"compacted model: {compacted['file']} ({accuracy}); load it with {compacted['load_with']}")
     print(f"written to {out}/: {', '.join(report['files'])}")
     return 0
 
@@ -194,88 +203,3 @@ def _compact(job: PruneJob, masks, groups: list, staging) -> dict:
             "structure_sizes": {group: list(pair) for group, pair in result.sizes.items()},
             "removed": result.removed, "test_accuracy": job.accuracy(),
             "max_abs_output_difference": difference}
-
-
-def _write(out, save_model, masks, report: dict, model: nn.Module, dense: dict) -> int:
-    """Gradual pruning's outputs: the pruned model, its weights as values plus a bitmask, its masks
-    and the report (with parameters and sizes on disk before and after), staged and renamed into
-    ``out`` together."""
-    with staged_output(out) as staging:
-        files = [save_model(staging), "masks.safetensors"]
-        save_weights(masks.state_dict(), staging / "masks.safetensors")
-        files.append(_sparse_name(files[0]))
-        save_sparse(model.state_dict(), masks.state_dict(), staging / files[-1])
-        total, nonzero = parameter_counts(model)
-        after = {"parameters": total, "nonzero_parameters": nonzero, "file_bytes": weights_bytes(staging / files[-1])}
-        for key in after:
-            report[f"{key}_before"], report[f"{key}_after"] = dense[key], after[key]
-        report["file_bytes"] = {name: weights_bytes(staging / name) for name in files}
-        report["files"] = [*files, "report.json"]
-        write_json(staging / "report.json", report)
-    print(f"size on disk: {dense['file_bytes'] / 1e3:,.1f} kB dense -> {after['file_bytes'] / 1e3:,.1f} kB as values "
-          f"plus a bitmask ({files[-1]})")
-    print(f"written to {out}/: {', '.join(report['files'])}")
-    return 0
-
-
-def _gradual(args, out, nm) -> int:
-    """Train for --steps while GradualPruner prunes on its schedule; the model, masks and a report."""
-    from .train import make_job
-
-    if nm is not None:
-        raise CliError("--pattern applies to one-shot pruning; leave it out with --gradual")
-    start_step = args.prune_start if args.prune_start is not None else max(1, args.steps // 10)
-    end_step = args.prune_end if args.prune_end is not None else max(start_step, (7 * args.steps) // 10)
-    every = args.prune_every or max(1, (end_step - start_step) // 8)
-    if end_step > args.steps:
-        raise CliError(f"--prune-end {end_step} is after the last of --steps {args.steps}")
-    job = make_job(args)
-    model = job.model
-    hf_model = args.model.startswith("hf:")
-    params = None
-    if hf_model:
-        from ..hf import default_pruning_params
-
-        with usage_errors("--model: "):
-            params = default_pruning_params(model)
-    data, loss = None, {}
-    if args.method == "obs":
-        rows_per_batch = args.batch_size if args.per_sample else 1
-        data = [job.make_batch(next(job.stream)) for _ in range(-(-args.num_grads // rows_per_batch))]
-        loss = {"batch_loss": job.loss} if hf_model else {"loss_fn": nn.functional.cross_entropy}
-    with usage_errors():
-        opt = make_optimizer(args.optimizer, model.parameters(), args.lr)  # MFAC and SGD: the small-model recipe
-        pruner = GradualPruner(model, args.sparsity, start_step, end_step, every, data=data, method=args.method,
-                               params=params, num_grads=args.num_grads, block_size=_block_size(args),
-                               recompute=args.recompute or GRADUAL_RECOMPUTE, per_sample=args.per_sample,
-                               damp=args.damp, relative_damp=args.relative_damp, scope=args.scope, **loss)
-    total, nonzero = parameter_counts(model)
-    dense = {"parameters": total, "nonzero_parameters": nonzero, "file_bytes": dense_bytes(model, hf_model)}
-    before = job.test_accuracy()
-    started = time.perf_counter()
-    losses = []
-    model.train()
-    with Progress(args.steps, f"prune {args.model} gradually ({args.method})", args.quiet) as bar:
-        for _ in range(args.steps):
-            batch = job.make_batch(next(job.stream))
-            opt.zero_grad()
-            value = job.loss(model, batch)
-            value.backward()
-            opt.step()
-            pruner.step()
-            losses.append(float(value.detach()))
-            if not math.isfinite(losses[-1]):
-                pruner.detach()
-                raise RunError(f"training diverged at step {len(losses)} (the loss became NaN or Inf); lower --lr")
-            bar.update(1, loss=losses[-1], sparsity=pruner.sparsity)
-    pruner.detach()
-    after = job.test_accuracy()
-    masks = pruner.masks
-    report = {**run_header("prune", args, job.description), "gradual": {
-                  "start_step": start_step, "end_step": end_step, "every": every, "batch_losses": losses},
-              "test_accuracy_before": before, "test_accuracy_after": after, "sparsity": masks.sparsity(),
-              "per_tensor_sparsity": masks.per_tensor_sparsity(), "seconds": time.perf_counter() - started}
-    print(f"trained {args.model} for {args.steps} steps while pruning with {args.method} to sparsity "
-          f"{masks.sparsity():.4f} (steps {start_step}-{end_step}, every {every}): test accuracy "
-          f"{100 * before:.1f}% -> {100 * after:.1f}%")
-    return _write(out, job.save_model, masks, report, model, dense)
