@@ -1,6 +1,8 @@
 """MFAC and gradual pruning inside Hugging Face's Trainer, on a tiny BERT with a test-written vocabulary."""
 
 import json
+import shutil
+import warnings
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ pytest.importorskip("accelerate")
 
 from conftest import tiny_bert  # noqa: E402
 from mfac import MFAC  # noqa: E402
-from mfac.hf import STATE_FILE, PruningCallback, default_pruning_params  # noqa: E402
+from mfac.hf import SCHEDULE_FILE, STATE_FILE, PruningCallback, default_pruning_params  # noqa: E402
 
 SENTENCES = ["the movie was good", "a very boring film", "great fun", "the plot is not good at all it was awful",
              "love it", "i hate the actors", "not bad", "a great great movie with very good actors",
@@ -172,13 +174,15 @@ def test_pruning_callback_resumes_from_a_checkpoint(tokenizer, tmp_path):
         assert torch.equal(value, dict(model_b.named_parameters())[name]), name
 
 
-def test_pruning_callback_refuses_a_checkpoint_without_its_state(tokenizer, tmp_path):
+def test_pruning_callback_resumes_a_checkpoint_written_without_it(tokenizer, tmp_path):
+    """No state files (Trainer ran without the callback): the state is rebuilt from the weights."""
     trainer, _ = make_trainer(tokenizer, tmp_path, max_steps=3)
     trainer.train()
     callback = PruningCallback(0.5, start_step=1, end_step=5, every=2, method="magnitude")
     resumed, _ = make_trainer(tokenizer, tmp_path, callbacks=[callback], max_steps=6)
-    with pytest.raises(FileNotFoundError, match="no pruning state"):
+    with pytest.warns(UserWarning, match="rebuilt from the model's weights"):
         resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    assert callback.pruner.current_step == 6 and callback.sparsity == pytest.approx(0.5, abs=1e-3)
 
 
 def test_pruning_callback_validates_its_arguments():
@@ -343,3 +347,79 @@ def test_structured_pruning_callback_validates_its_arguments(tokenizer, tmp_path
         trainer.train()
     assert trainer.state.global_step == 0
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+# Pruning state: atomic, readable or refused by name, rebuilt from the weights, reproducible resumes ---------
+
+
+def run_pruned(tokenizer, folder, stop, resume=None, method="magnitude", sparsity=0.5, **options):
+    callback = PruningCallback(sparsity, start_step=1, end_step=5, every=2, method=method, **options)
+    trainer, model = make_trainer(tokenizer, folder, callbacks=[callback, StopAt(stop)], max_steps=6)
+    trainer.train(resume_from_checkpoint=resume)
+    return callback, model
+
+
+def assert_same_run(first, model_a, second, model_b):
+    assert second.pruner.current_step == first.pruner.current_step == 6
+    for name, mask in first.pruner.masks.items():
+        assert torch.equal(mask, second.pruner.masks[name]), name
+    for name, value in model_a.named_parameters():
+        assert torch.equal(value, dict(model_b.named_parameters())[name]), name
+
+
+def test_pruning_state_is_written_atomically_and_a_broken_file_is_named(tokenizer, tmp_path, monkeypatch):
+    import mfac.hf_state
+
+    written = []
+    real = mfac.hf_state.atomic_write_bytes
+    monkeypatch.setattr(mfac.hf_state, "atomic_write_bytes",
+                        lambda path, data: written.append(path) or real(path, data))
+    run_pruned(tokenizer, tmp_path / "b", 3)
+    checkpoint = tmp_path / "b" / "checkpoint-3"
+    assert checkpoint / SCHEDULE_FILE in written
+    assert sorted(p.name for p in checkpoint.iterdir() if p.name.startswith("mfac")) == [SCHEDULE_FILE, STATE_FILE]
+    for name in (SCHEDULE_FILE, STATE_FILE):  # half a file: an error naming it, not a bare JSONDecodeError
+        spare = tmp_path / "copy"
+        shutil.copytree(checkpoint, spare)
+        data = (spare / name).read_bytes()
+        (spare / name).write_bytes(data[: len(data) // 2])
+        with pytest.raises(ValueError, match=f"{name} is unreadable"):
+            run_pruned(tokenizer, tmp_path / "b", 6, resume=str(spare))
+        shutil.rmtree(spare)
+
+
+def test_pruning_callback_resumes_from_a_folder_outside_output_dir(tokenizer, tmp_path):
+    straight, model_a = run_pruned(tokenizer, tmp_path / "a", 6)
+    run_pruned(tokenizer, tmp_path / "b", 3)
+    elsewhere = tmp_path / "elsewhere" / "saved"
+    shutil.move(str(tmp_path / "b" / "checkpoint-3"), str(elsewhere))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="PruningCallback")  # read from its files, not rebuilt
+        resumed, model_b = run_pruned(tokenizer, tmp_path / "c", 6, resume=str(elsewhere))
+    assert_same_run(straight, model_a, resumed, model_b)
+
+
+@pytest.mark.parametrize("structure", [None, "neurons"])
+def test_pruning_callback_rebuilds_a_missing_state_from_the_weights(tokenizer, tmp_path, structure):
+    """A kill between Trainer's checkpoint (and rotation) and on_save: the folder has no state files."""
+    options = {} if structure is None else {"structure": structure, "compact_at_end": False}
+    straight, model_a = run_pruned(tokenizer, tmp_path / "a", 6, **options)
+    run_pruned(tokenizer, tmp_path / "b", 3, **options)
+    checkpoint = tmp_path / "b" / "checkpoint-3"
+    (checkpoint / STATE_FILE).unlink()
+    (checkpoint / SCHEDULE_FILE).unlink()
+    with pytest.warns(UserWarning, match="rebuilt from the model's weights"):
+        resumed, model_b = run_pruned(tokenizer, tmp_path / "b", 6, resume=str(checkpoint), **options)
+    assert_same_run(straight, model_a, resumed, model_b)
+
+
+def test_obs_pruning_callback_resumes_bit_for_bit(tokenizer, tmp_path):
+    """OBS to 80%: each pruning step's gradient batches depend on (seed, step) only, so the resumed run
+    ends with the uninterrupted run's masks and weights, bit for bit (MFAC underneath)."""
+    options = dict(method="obs", sparsity=0.8, num_grads=4, block_size=8)
+    straight, model_a = run_pruned(tokenizer, tmp_path / "a", 6, **options)
+    run_pruned(tokenizer, tmp_path / "b", 3, **options)
+    resumed, model_b = run_pruned(tokenizer, tmp_path / "b", 6, resume=str(tmp_path / "b" / "checkpoint-3"),
+                                  **options)
+    assert straight.sparsity == pytest.approx(0.8, abs=1e-3)
+    assert_same_run(straight, model_a, resumed, model_b)

@@ -33,8 +33,8 @@ Structured, the smaller model saved at the end::
 from __future__ import annotations
 
 import copy
-import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -42,16 +42,15 @@ from torch import nn
 from transformers import TrainerCallback
 
 from . import defaults
-from .checkpoint import load_weights, save_weights
+from .hf_state import STATE_FILE, SCHEDULE_FILE, StepBatches, has_state, masks_from_weights, read_state, \
+    resumed_folder, write_state
 from .prune.compact import compact
 from .prune.gradual import GradualPruner, check_schedule, describe_groups
 from .prune.settings import PruneSettings
 from .prune.structures import KINDS, StructureGroup, find_structures
 
-__all__ = ["PruningCallback", "default_pruning_params"]
+__all__ = ["PruningCallback", "default_pruning_params", "STATE_FILE", "SCHEDULE_FILE"]
 
-STATE_FILE = "mfac_pruning.safetensors"  # the masks, in each checkpoint folder
-SCHEDULE_FILE = "mfac_pruning.json"  # the schedule position and settings
 COMPACTED_DIR = "compacted"  # under args.output_dir: the compacted model saved at the end of training
 
 
@@ -107,7 +106,16 @@ class PruningCallback(TrainerCallback):
             ``GRADUAL_RECOMPUTE`` (1) recomputation, relative damping (``PRUNE_RELATIVE_DAMP``).
             Checked here, when the callback is made.
         resume_from: the checkpoint folder to restore the pruning state from when training resumes;
-            default ``<output_dir>/checkpoint-<global_step>``, the folder Trainer resumed from.
+            default the folder given to ``trainer.train(resume_from_checkpoint=...)`` (wherever it
+            lives), else ``<output_dir>/checkpoint-<global_step>``. A folder without the state files
+            (or with masks that do not match its weights) resumes with the state rebuilt from the
+            weights Trainer loaded, with a warning: pruned weights are exactly zero, and the schedule
+            position is Trainer's ``global_step``.
+        seed: base seed of the OBS gradient batches (default Trainer's ``args.seed``): the batches of
+            each pruning step are drawn with a ``torch.Generator`` seeded from it and the step, from
+            the dataset of ``data`` (a DataLoader; its batch size and ``collate_fn``), so a resumed run
+            prunes on the same batches, and ends with the same masks and weights, as an
+            uninterrupted one. See :class:`mfac.hf_state.StepBatches`.
         structure: remove whole structures instead of single weights: ``"neurons"`` (the
             feed-forward neurons of every encoder layer), ``"heads"`` (attention heads), or both as a
             tuple, found by :func:`mfac.prune.find_structures` in BERT-family encoders (BERT, MiniLM,
@@ -132,8 +140,8 @@ class PruningCallback(TrainerCallback):
     optimizer, and the model stays a plain model: Trainer's checkpoints and ``save_pretrained`` hold
     ordinary weights with zeros in place. The sparsity goes into each log entry as ``sparsity``.
     Each checkpoint folder gets ``mfac_pruning.safetensors`` (the masks) and ``mfac_pruning.json``
-    (the schedule position and settings, checked on resume). After a resume the OBS gradients come
-    from a fresh pass over ``data``, so later masks can differ from an uninterrupted run's.
+    (the schedule position and settings, checked on resume), each written atomically; an unreadable
+    one is refused naming the file.
 
     With ``structure``, the masks cover every parameter the structures touch (both layers' weights,
     and biases), removed structures stay exactly zero through every optimizer step as above, and
@@ -149,7 +157,7 @@ class PruningCallback(TrainerCallback):
                  num_grads: int | None = None, block_size: int | str | None = None, recompute: int | None = None,
                  per_sample: bool = True, damp: float | None = None, relative_damp: float | None = None,
                  scope: str = "global", resume_from: str | os.PathLike | None = None, *, structure=None,
-                 groups=None, compact_at_end: bool | None = None):
+                 groups=None, compact_at_end: bool | None = None, seed: int | None = None):
         check_schedule(final_sparsity, start_step, end_step, every, schedule, initial_sparsity)
         self.structure, self.groups = _check_structure(structure, groups, params)
         structured = self.structure is not None or self.groups is not None
@@ -172,7 +180,10 @@ class PruningCallback(TrainerCallback):
         elif self.structure is not None:
             self.schedule["structure"] = list(self.structure)
         self.params, self.data, self.batch_loss = params, data, batch_loss
-        self.resume_from = resume_from
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None (Trainer's args.seed), got {seed!r}")
+        self.resume_from, self.seed = resume_from, seed
+        self._batches: StepBatches | None = None
         self.pruner: GradualPruner | None = None
         self._model: nn.Module | None = None
         self._pruned = False  # whether any mask has a pruned entry (kept, not recounted every step)
@@ -194,6 +205,8 @@ class PruningCallback(TrainerCallback):
         data = self.data if self.data is not None else train_dataloader
         if method == "obs" and data is None:
             raise ValueError("PruningCallback(method='obs') needs data: pass data= or give Trainer a train_dataset")
+        if method == "obs":  # each pruning step's batches: a function of (seed, step), not of earlier draws
+            self._batches = data = StepBatches(data, args.seed if self.seed is None else self.seed)
         structured = self.structure is not None or self.groups is not None
         params = None if structured else self.params if self.params is not None else default_pruning_params(model)
         if self.compact_at_end:
@@ -228,6 +241,8 @@ class PruningCallback(TrainerCallback):
         if self.pruner.current_step != state.global_step - 1:
             raise RuntimeError(f"PruningCallback is at step {self.pruner.current_step} but Trainer finished step "
                                f"{state.global_step}; one callback instance serves one training run")
+        if self._batches is not None:
+            self._batches.step = state.global_step
         if self.pruner.step():
             self._pruned = self.pruner.masks.sparsity() > 0
         self.pruner.detach()  # zeros stay in place; plain weights for Trainer's checkpoints
@@ -243,12 +258,9 @@ class PruningCallback(TrainerCallback):
         if self.pruner is None:
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if not folder.is_dir():
+        if not folder.is_dir() or not args.should_save:
             return
-        save_weights({name: mask for name, mask in self.pruner.masks.items()}, folder / STATE_FILE)
-        state_file = folder / SCHEDULE_FILE
-        state_file.write_text(json.dumps({"step": self.pruner.current_step, "schedule": self.schedule,
-                                          "params": list(self.pruner.masks)}, indent=1))
+        write_state(folder, self.pruner.current_step, self.schedule, self.pruner.masks)
 
     def on_train_end(self, args, state, control, processing_class=None, **kwargs):
         if self.pruner is None:
@@ -277,22 +289,50 @@ class PruningCallback(TrainerCallback):
         return [(named[name], mask) for name, mask in self.pruner.masks.items()]
 
     def _restore(self, args, state) -> None:
-        folder = Path(self.resume_from) if self.resume_from is not None else \
-            Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        masks_file, schedule_file = folder / STATE_FILE, folder / SCHEDULE_FILE
-        if not masks_file.is_file() or not schedule_file.is_file():
-            raise FileNotFoundError(f"training resumes at step {state.global_step} but {folder} holds no pruning state "
-                                    f"({STATE_FILE}, {SCHEDULE_FILE}); resume from a checkpoint written with "
-                                    f"PruningCallback, or pass PruningCallback(resume_from=<that checkpoint folder>)")
-        saved = json.loads(schedule_file.read_text())
-        if saved.get("schedule") != self.schedule:
-            raise ValueError(f"the checkpoint's pruning schedule {saved.get('schedule')} differs from this callback's "
-                             f"{self.schedule}; construct PruningCallback with the same settings to resume")
-        if saved.get("step") != state.global_step:
-            raise ValueError(f"the checkpoint's pruning state is for step {saved.get('step')}, but training resumes "
-                             f"at step {state.global_step}")
-        masks = {name: tensor.bool() for name, tensor in load_weights(masks_file).items()}
-        self.pruner.load_state_dict({"step": saved["step"], "masks": masks})
+        """The pruning state at ``state.global_step``: from the state files of the folder Trainer resumed
+        from (``resume_from``, else Trainer's ``resume_from_checkpoint``, else
+        ``<output_dir>/checkpoint-<global_step>``), or, where they are missing or do not match the
+        weights Trainer loaded, rebuilt from those weights (pruned weights are exactly zero)."""
+        step = state.global_step
+        if self.resume_from is not None:
+            candidates = [Path(self.resume_from)]
+            if not candidates[0].is_dir():
+                raise FileNotFoundError(f"PruningCallback(resume_from={str(self.resume_from)!r}): no such folder; pass "
+                                        f"the checkpoint folder given to trainer.train(resume_from_checkpoint=...), "
+                                        f"or leave resume_from out")
+        else:
+            candidates = [folder for folder in (resumed_folder(), Path(args.output_dir) / f"checkpoint-{step}")
+                          if folder is not None]
+        folder = next((folder for folder in candidates if has_state(folder)), None)
+        why = f"no {SCHEDULE_FILE} / {STATE_FILE} in {candidates[0] if candidates else args.output_dir}"
+        if folder is not None:
+            saved, masks = read_state(folder)
+            if saved.get("schedule") != self.schedule:
+                raise ValueError(f"the checkpoint's pruning schedule {saved.get('schedule')} "
+                                 f"({folder / SCHEDULE_FILE}) differs from this callback's {self.schedule}; construct PruningCallback with the "
+                                 f"same settings to resume")
+            if saved["step"] != step:
+                raise ValueError(f"the pruning state in {folder / SCHEDULE_FILE} is for step {saved['step']}, but "
+                                 f"training resumes at step {step}; pass PruningCallback(resume_from=<the folder "
+                                 f"given to trainer.train(resume_from_checkpoint=...)>)")
+            if self._matches_weights(masks):
+                self._load(step, masks)
+                return
+            why = f"the masks in {folder / STATE_FILE} do not match the weights Trainer loaded"
+        pruned = step >= self.schedule["start_step"]
+        warnings.warn(f"PruningCallback: {why}; the pruning state at step {step} was rebuilt from the model's weights "
+                      f"(pruned weights are exactly zero{'' if pruned else '; no pruning step yet, so no masks'})",
+                      UserWarning, stacklevel=2)
+        self._load(step, masks_from_weights(self._model, list(self.pruner.masks), self.pruner.groups, pruned))
+
+    def _matches_weights(self, masks) -> bool:
+        named = dict(self._model.named_parameters())
+        return set(masks) == set(self.pruner.masks) and all(
+            named[name].shape == mask.shape and not torch.any(named[name].detach()[~mask.to(named[name].device)])
+            for name, mask in masks.items() if name in named)
+
+    def _load(self, step: int, masks) -> None:
+        self.pruner.load_state_dict({"step": step, "masks": masks})
         self.pruner.detach()
         self._pruned = self.pruner.masks.sparsity() > 0
 
