@@ -18,7 +18,7 @@ transformer`` times the compressed window at the size of MiniLM-L6 (d = 22.7M, m
 where a float32 window (93 GB) cannot be built to compare with.
 
     python benchmarks/fisher.py            # the full table (d up to 1M, m up to 1024; ~10 min, 14 GB)
-    python benchmarks/fisher.py --quick    # d up to 100k, m up to 256 (seconds)
+    python benchmarks/fisher.py --quick    # d up to 100k, m up to 256, with the spread of each time (seconds)
     python benchmarks/fisher.py --part windows        # storage forms at d = 1M and 4M (~5 min, 7 GB)
     python benchmarks/fisher.py --part transformer    # compressed m = 1024 at d = 22.7M (~6 min, 3 GB)
 """
@@ -44,17 +44,30 @@ def median_time(fn, reps: int) -> float:
     return median_times([fn], reps)[0]
 
 
-def median_times(fns, reps: int) -> list[float]:
+def median_times(fns, reps: int, warmup: int = 1) -> list[float]:
     """Median seconds of each function, timed in alternation so that they share the machine's noise."""
-    for fn in fns:
-        fn()  # warm-up
+    return [statistics.median(samples) for samples in timed_samples(fns, reps, warmup)]
+
+
+def timed_samples(fns, reps: int, warmup: int = 1) -> list[list[float]]:
+    """``reps`` seconds of each function, after ``warmup`` untimed rounds, timed in alternation (one
+    call of each per round) so that they share the machine's noise."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
     times = [[] for _ in fns]
     for _ in range(reps):
         for fn, bucket in zip(fns, times):
             start = time.perf_counter()
             fn()
             bucket.append(time.perf_counter() - start)
-    return [statistics.median(bucket) for bucket in times]
+    return times
+
+
+def spread(samples: list[float], scale: float = 1e3, digits: int = 2) -> str:
+    """``median [min-max]`` of ``samples`` (seconds) in the unit of ``scale`` (1e3: ms)."""
+    low, mid, high = min(samples) * scale, statistics.median(samples) * scale, max(samples) * scale
+    return f"{mid:.{digits}f} [{low:.{digits}f}-{high:.{digits}f}]"
 
 
 def once(fn) -> tuple[float, object]:
@@ -70,40 +83,47 @@ def factor_small(gram: torch.Tensor):
     return torch.linalg.cholesky_ex(shifted)
 
 
-def measure(d: int, m: int, reps: int) -> dict:
+def measure(d: int, m: int, reps: int, warmup: int = 1, setup_reps: int = 1) -> dict:
+    """The figures of one (d, m) row: seconds (medians) and MB, and in ``samples`` every timed
+    repeat of each seconds figure (setups: ``setup_reps`` of them, each a fresh object)."""
     gen = torch.Generator().manual_seed(0)
     grads = torch.randn(m, d, generator=gen)
-    probes = torch.randn(reps + 2, d, generator=gen)
+    probes = torch.randn(reps + warmup + 2, d, generator=gen)
     x, a = probes[0], torch.randn(m, generator=gen)
     row = {"d": d, "m": m}
     win = SlidingWindowFisherInverse(d, m, DAMP)
     win.extend(grads)
     del grads
     gc.collect()
-    window = win._grads  # the floor reads the very storage push_ihvp reads
+    window = win.storage.held(m)  # the floor reads the very storage push_ihvp reads
     counter = iter(range(10**9))
-    gram = win._gram.clone()
-    row["floor"], row["push_ihvp"], row["factor"] = median_times([
+    gram = win.state_dict()["gram"]
+    samples = dict(zip(("floor", "push_ihvp", "factor"), timed_samples([
         lambda: (torch.mv(window, x), torch.addmv(x, window.T, a, beta=2.0, alpha=-1.0)),
         lambda: win.push_ihvp(probes[next(counter) % len(probes)]),
         lambda: factor_small(gram),
-    ], reps)
+    ], reps, warmup)))
     row["window_MB"] = win.nbytes / 2**20
     grads = window.clone()
     del win, gram, window
     gc.collect()
 
-    row["static_setup"], static = once(lambda: StaticFisherInverse(grads, DAMP))
-    row["static_ihvp"] = median_time(lambda: static.ihvp(x), reps)
-    row["static_MB"] = static.nbytes / 2**20
-    del static
-    gc.collect()
-    row["block_setup"], block = once(lambda: BlockFisherInverse(grads, DAMP, 128))
-    row["block_ihvp"] = median_time(lambda: block.ihvp(x), reps)
-    row["block_MB"] = block.nbytes / 2**20
+    for name, build, arg in (("static", StaticFisherInverse, ()), ("block", BlockFisherInverse, (128,))):
+        setups, inverse = [], None
+        for _ in range(setup_reps):
+            inverse = None  # the previous one is freed before the next is built
+            seconds, inverse = once(lambda: build(grads, DAMP, *arg))
+            setups.append(seconds)
+        samples[f"{name}_setup"] = setups
+        samples[f"{name}_ihvp"] = timed_samples([lambda: inverse.ihvp(x)], reps, warmup)[0]
+        row[f"{name}_MB"] = inverse.nbytes / 2**20
+        del inverse
+        gc.collect()
     row["dense_MB"] = d * d * 4 / 2**20  # an explicit d x d inverse, for scale (never built here)
-    del block, grads
+    del grads
     gc.collect()
+    row.update({name: statistics.median(values) for name, values in samples.items()})
+    row["samples"] = samples
     return row
 
 
@@ -126,7 +146,7 @@ def measure_windows(d: int, m: int, reps: int, density: float) -> list[tuple[str
     rows = []
     win = SlidingWindowFisherInverse(d, m, DAMP)
     fill(win, d, m, gen)
-    window = win._grads
+    window = win.storage.held(m)
     rows.append(("float32 floor (G x + G^T a)", median_time(
         lambda: (torch.mv(window, x), torch.addmv(x, window.T, a, beta=2.0, alpha=-1.0)), reps), win.nbytes))
     rows.append(("float32 rows", steady_push_ihvp(win, probes, reps), win.nbytes))
@@ -136,12 +156,17 @@ def measure_windows(d: int, m: int, reps: int, density: float) -> list[tuple[str
     fill(win, d, m, gen)
     rows.append(("bfloat16 rows, compiled kernel" if kernels.available() else "bfloat16 rows, torch (no kernel)",
                  steady_push_ihvp(win, probes, reps), win.nbytes))
-    usable = kernels._usable
-    kernels._usable = lambda *tensors: None
+    setting = os.environ.get("MFAC_KERNELS")
+    os.environ["MFAC_KERNELS"] = "0"  # the torch fallback, for reference
+    kernels.reset()
     try:
         rows.append(("bfloat16 rows, torch upcast in chunks", steady_push_ihvp(win, probes, reps), win.nbytes))
     finally:
-        kernels._usable = usable
+        if setting is None:
+            os.environ.pop("MFAC_KERNELS")
+        else:
+            os.environ["MFAC_KERNELS"] = setting
+        kernels.reset()
     del win
     gc.collect()
     for dtype in (torch.float32, torch.bfloat16):
@@ -181,10 +206,11 @@ def transformer_row(d: int, m: int, density: float, reps: int) -> None:
         probes = torch.randn(3, d, generator=gen)
         push = steady_push_ihvp(win, probes, reps)
         x, a = probes[0], torch.randn(m, dtype=torch.float64, generator=gen)
-        topk = median_time(lambda: win._compress(x), reps)
-        dots = median_time(lambda: win._window_dots(x), reps)
-        combine = median_time(lambda: win._window_combine(x, a, 1.0, -1.0), reps)
-        entries = win._values.numel() * (win._values.element_size() + 2)
+        rows_held, storage = win.num_grads, win.storage
+        topk = median_time(lambda: storage.encode(x), reps)  # error feedback and the top-k per block
+        dots = median_time(lambda: storage.dots(x, rows_held), reps)
+        combine = median_time(lambda: storage.combine(x, a, 1.0, -1.0, rows_held), reps)
+        entries = win.window * storage.nnz * (storage.storage_dtype.itemsize + 2)
         name = "float32" if dtype == torch.float32 else "bfloat16"
         print(f"| {name:<9} | {d:>10,} | {m:>5} | {density:>7g} | {filled:>7.0f} | {push:>11.3f} | {topk:>7.3f} "
               f"| {dots:>6.3f} | {combine:>7.3f} | {win.nbytes / 1e9:>7.2f} | {2 * entries / 1e9 / (dots + combine):>14.1f} |",
@@ -215,6 +241,9 @@ def main() -> None:
     windows = [64, 256] if args.quick else [64, 256, 1024]
     print(f"# mfac Fisher-inverse benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, float32 gradients, damp {DAMP}")
+    if args.quick:
+        quick_core(dims, windows, args.reps or QUICK_REPS)
+        return
     header = (f"| {'d':>9} | {'m':>5} | {'floor ms':>9} | {'push_ihvp ms':>12} | {'/floor':>6} | {'m x m ms':>8} "
               f"| {'static setup s':>14} | {'static ihvp ms':>14} | {'block128 setup s':>16} "
               f"| {'block128 ihvp ms':>16} | {'window MB':>9} | {'static MB':>9} | {'block128 MB':>11} | {'dense MB':>10} |")
@@ -230,6 +259,76 @@ def main() -> None:
                   f"| {r['static_ihvp'] * 1e3:>14.2f} | {r['block_setup']:>16.2f} | {r['block_ihvp'] * 1e3:>16.2f} "
                   f"| {r['window_MB']:>9.0f} | {r['static_MB']:>9.0f} | {r['block_MB']:>11.0f} | {r['dense_MB']:>10.0f} |",
                   flush=True)
+
+
+# Quick mode ------------------------------------------------------------------------------------
+
+QUICK_REPS, QUICK_WARMUP, QUICK_SETUP_REPS = 15, 3, 3
+
+QUICK_LEGEND = """\
+Columns (each time: median [min-max] of its repeats; the repeats of floor, push_ihvp and m x m
+alternate, so the three share the machine's noise; a busy machine widens the [min-max]):
+  d, m              coordinates of a gradient, and gradients in the window
+  reps              timed repeats of each ms figure, after {warmup} untimed warm-up rounds
+                    (each setup s figure: {setup_reps} fresh builds)
+  floor ms          one G x plus one G^T a on the (m, d) float32 window push_ihvp reads: the two
+                    reads of the window that any exact F^-1 g needs
+  push_ihvp ms      SlidingWindowFisherInverse.push_ihvp on a full window (steady state)
+  /floor            push_ihvp / floor, of the medians (about 1-2 when a push is memory bound)
+  min /floor        the same of the fastest repeats: steadier than /floor on a busy machine
+  m x m ms          the float64 Cholesky factorisation of the m x m matrix K done at every push
+  static, block128  StaticFisherInverse and BlockFisherInverse(block_size=128): setup s, ihvp ms
+  MB columns        bytes each object holds; dense MB: an explicit d x d inverse (never built)
+"""
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table with right-aligned columns as wide as their widest cell."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    lines = ["| " + " | ".join(cell.rjust(w) for cell, w in zip(line, widths)) + " |" for line in [header, *rows]]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return lines
+
+
+def quick_rows(results: list[dict], reps: int) -> list[str]:
+    """The quick table of :func:`measure` rows: the full table's columns, each time as median
+    [min-max] of its repeats, and a reps column."""
+    header = ["d", "m", "reps", "floor ms", "push_ihvp ms", "/floor", "min /floor", "m x m ms", "static setup s",
+              "static ihvp ms", "block128 setup s", "block128 ihvp ms", "window MB", "static MB", "block128 MB",
+              "dense MB"]
+    rows = []
+    for r in results:
+        t = r["samples"]
+        rows.append([f"{r['d']:,}", str(r["m"]), str(reps), spread(t["floor"]), spread(t["push_ihvp"]),
+                     f"{r['push_ihvp'] / r['floor']:.2f}", f"{min(t['push_ihvp']) / min(t['floor']):.2f}",
+                     spread(t["factor"]), spread(t["static_setup"], 1, 3),
+                     spread(t["static_ihvp"]), spread(t["block_setup"], 1, 3), spread(t["block_ihvp"]),
+                     f"{r['window_MB']:.0f}", f"{r['static_MB']:.0f}", f"{r['block_MB']:.0f}", f"{r['dense_MB']:.0f}"])
+    return table(header, rows)
+
+
+def floor_notes(results: list[dict]) -> list[str]:
+    """A note for every d whose floor does not grow with m (the bytes read grow with m): the
+    timings of that run were disturbed (a busy machine), and should not be compared."""
+    notes = []
+    for a in results:
+        for b in results:
+            if a["d"] == b["d"] and a["m"] < b["m"] and a["floor"] > b["floor"]:
+                notes.append(f"note: at d = {a['d']:,} the floor for m = {a['m']} ({a['floor'] * 1e3:.2f} ms) is above "
+                             f"the floor for m = {b['m']} ({b['floor'] * 1e3:.2f} ms), which reads {b['m'] // a['m']}x "
+                             f"the bytes: the machine was busy during this run (see the [min-max]); rerun it")
+    return notes
+
+
+def quick_core(dims: list[int], windows: list[int], reps: int) -> None:
+    """The quick table: every row measured the same way (warm-up, repeats), printed at the end."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"# quick mode: {reps} repeats per time after {QUICK_WARMUP} warm-up rounds; load average {load:.1f} "
+          f"on {os.cpu_count()} CPUs at the start (above the CPU count, other processes share them)\n")
+    print(QUICK_LEGEND.format(warmup=QUICK_WARMUP, setup_reps=QUICK_SETUP_REPS))
+    measure(min(dims), min(windows), 2, QUICK_WARMUP)  # untimed: threads, allocator and kernels warm up first
+    results = [measure(d, m, reps, QUICK_WARMUP, QUICK_SETUP_REPS) for d in dims for m in windows]
+    print("\n".join(quick_rows(results, reps) + floor_notes(results)), flush=True)
 
 
 if __name__ == "__main__":

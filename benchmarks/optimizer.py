@@ -45,7 +45,7 @@ from mfac.models import mlp, resnet20, small_cnn
 from mfac.training import accuracy, mean_loss, train_classifier
 
 import minilm_sst2  # same folder: MiniLM-L6 and SST-2
-from fisher import median_times  # same folder: the alternating-median timer
+from fisher import median_times, spread, timed_samples  # same folder: the alternating timers
 
 MEMORY_BUDGET = 8 * 2**30  # bytes of window this benchmark allows itself (the machine has 24 GB)
 FILL_ROWS = 64  # the window is filled in chunks of this many gradients, to bound temporary memory
@@ -53,12 +53,20 @@ FILL_ROWS = 64  # the window is filled in chunks of this many gradients, to boun
 
 # Part 1: overhead ------------------------------------------------------------------------------
 
-def overhead_rows(name: str, model: nn.Module, windows: list[int], reps: int) -> list[str]:
+def overhead_rows(name: str, model: nn.Module, windows: list[int], reps: int, quick: bool = False) -> list[str]:
+    """Rows of the step-cost table; with ``quick``, each time is median [min-max] of its ``reps``
+    repeats (after QUICK_WARMUP untimed rounds) and a reps column follows the optimizer."""
     params = list(model.parameters())
     d = sum(p.numel() for p in params)
     gen = torch.Generator().manual_seed(0)
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+    warmup = QUICK_WARMUP if quick else 1
+
+    def cell(samples: list[float]) -> str:  # milliseconds: the median, and in quick mode the spread
+        return spread(samples) if quick else f"{statistics.median(samples) * 1e3:.2f}"
+
+    reps_cell = f" {reps} |" if quick else ""
     rows = []
     baselines = {
         "SGD (momentum 0.9)": torch.optim.SGD(params, lr=1e-9, momentum=0.9),
@@ -66,44 +74,61 @@ def overhead_rows(name: str, model: nn.Module, windows: list[int], reps: int) ->
     }
     for label, opt in baselines.items():
         opt.step()
-        seconds = median_times([opt.step], reps)[0]
+        samples = timed_samples([opt.step], reps, warmup)[0]
         state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                     if isinstance(t, torch.Tensor))
-        rows.append(f"| {name} | {d:,} | {label} | - | {seconds * 1e3:.2f} | - | - | {state / 2**20:.1f} |")
+        rows.append(f"| {name} | {d:,} | {label} |{reps_cell} - | {cell(samples)} | - | - | {state / 2**20:.1f} |")
     for window in windows:
         if window * d * 4 > MEMORY_BUDGET:
-            rows.append(f"| {name} | {d:,} | MFAC | {window} | not run: the window alone needs "
+            rows.append(f"| {name} | {d:,} | MFAC |{reps_cell} {window} | not run: the window alone needs "
                         f"{window * d * 4 / 2**30:.1f} GB | | | |")
             continue
         opt = MFAC(params, lr=1e-9, window=window, damp=1e-5, momentum=0.9, weight_decay=1e-4)
         opt.step()  # creates the window
         for _ in range(0, window, FILL_ROWS):  # steady state: a full window
             opt.fisher.extend(torch.randn(min(FILL_ROWS, window), d, generator=gen) * 1e-2)
-        storage = opt.fisher._grads
+        storage = opt.fisher.storage.held(window)
         x, a = torch.randn(d, generator=gen), torch.randn(window, generator=gen)
-        floor, step = median_times([
+        floor, step = timed_samples([
             lambda: (torch.mv(storage, x), torch.addmv(x, storage.T, a, beta=2.0, alpha=-1.0)),
             opt.step,
-        ], reps)
-        state = opt.fisher.nbytes + sum(t.numel() * t.element_size() for t in (opt._flat_grad, opt._momentum))
-        rows.append(f"| {name} | {d:,} | MFAC | {window} | {step * 1e3:.2f} | {floor * 1e3:.2f} | "
-                    f"{step / floor:.2f} | {state / 2**20:.1f} |")
+        ], reps, warmup)
+        vectors = 2 * opt.dim * opt.fisher.dtype.itemsize  # the flat gradient and the momentum buffer
+        state = opt.fisher.nbytes + vectors
+        rows.append(f"| {name} | {d:,} | MFAC |{reps_cell} {window} | {cell(step)} | {cell(floor)} | "
+                    f"{statistics.median(step) / statistics.median(floor):.2f} | {state / 2**20:.1f} |")
         del opt, storage
         gc.collect()
     return rows
 
 
+QUICK_WARMUP = 3
+QUICK_LEGEND = """\
+Columns: d = weights of the model; window = MFAC's m; reps = timed repeats of each time, after
+{warmup} untimed warm-up rounds; step ms = one optimizer.step() with the gradients given, as median
+[min-max] of the repeats; floor ms = one G g plus one G^T a on MFAC's (m, d) window (the two reads
+of the window any exact F^-1 g needs), timed in alternation with the step, as median [min-max];
+step / floor = the ratio of the medians; state MB = the optimizer's state (for MFAC the window,
+its m x m matrices, the flat gradient and the momentum). A busy machine widens the [min-max].
+"""
+
+
 def part_overhead(quick: bool) -> None:
     print("\n## 1. Cost of one step (gradients given)\n")
-    print("| model | d | optimizer | window | step ms | floor ms | step / floor | state MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    if quick:
+        print(QUICK_LEGEND.format(warmup=QUICK_WARMUP))
+        print("| model | d | optimizer | reps | window | step ms | floor ms | step / floor | state MB |")
+        print("|---|---|---|---|---|---|---|---|---|")
+    else:
+        print("| model | d | optimizer | window | step ms | floor ms | step / floor | state MB |")
+        print("|---|---|---|---|---|---|---|---|")
     windows = [64, 256] if quick else [64, 256, 1024]
     torch.manual_seed(0)
-    models = [("ResNet-20", resnet20(), 5 if quick else 15)]
+    models = [("ResNet-20", resnet20(), 10 if quick else 15)]
     if not quick:  # the 5.8M-weight model needs 1.5-6 GB of window: full runs only
         models.append(("MLP 784-2048-2048-10", mlp(784, (2048, 2048)), 7))
     for name, model, reps in models:
-        for row in overhead_rows(name, model, windows, reps):
+        for row in overhead_rows(name, model, windows, reps, quick):
             print(row, flush=True)
 
 

@@ -24,6 +24,9 @@ Parts (run all by default, or pick with --part):
 Writes a PNG of the curves with --plot PATH (needs matplotlib).
 
     python benchmarks/pruning.py [--part digits|resnet|timing|transformer] [--plot docs/pruning.png] [--quick]
+
+--quick (what ``mfac bench`` runs with --part digits) times every digits prune 3 times (--reps) and
+prints the seconds as median [min-max], with a legend of the columns.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from mfac.prune import prune_oneshot, recalibrate_batchnorm
 from mfac.training import accuracy as accuracy_fraction, train_classifier
 
 import minilm_sst2  # same folder: MiniLM-L6 and SST-2
+from fisher import spread  # same folder: median [min-max] of repeated times
 from minilm_sst2 import SHARED
 METHODS = {
     "magnitude": dict(method="magnitude"),
@@ -58,42 +62,69 @@ def accuracy(model, x, y) -> float:
     return 100.0 * accuracy_fraction(model, x, y)
 
 
-def curve(name, model, evaluate, sparsities, prune_kwargs, after=None):
+def curve(name, model, evaluate, sparsities, prune_kwargs, after=None, reps: int = 1):
     """Accuracy of each method at each sparsity (and 2:4, on every tensor whose rows divide by 4: all
-    but ResNet-20's first convolution); returns {method: [(label, sparsity, acc)]}."""
+    but ResNet-20's first convolution); returns {method: [(label, sparsity, acc)]}. With ``reps`` > 1
+    (quick mode) every prune is repeated that many times from the same model, and its row shows the
+    seconds as median [min-max] and the accuracy's range if the repeats differ."""
     results = {}
     for method, settings in METHODS.items():
         points = []
         for sparsity in list(sparsities) + ["2:4"]:
-            pruned = copy.deepcopy(model)
             pattern = sparsity if isinstance(sparsity, str) else None
-            start = time.perf_counter()
-            kwargs = {**prune_kwargs, **settings}
-            if pattern:  # N:M applies to the tensors whose rows split into groups of M
-                kwargs["params"] = [n for n, p in prunable_parameters(pruned).items() if p[0].numel() % 4 == 0]
-            masks = prune_oneshot(pruned, None if pattern else sparsity, pattern=pattern, **kwargs)
-            if after is not None:
-                after(pruned)
-            acc = evaluate(pruned)
+            seconds, accs = [], []
+            for _ in range(reps):
+                pruned = copy.deepcopy(model)
+                start = time.perf_counter()
+                kwargs = {**prune_kwargs, **settings}
+                if pattern:  # N:M applies to the tensors whose rows split into groups of M
+                    kwargs["params"] = [n for n, p in prunable_parameters(pruned).items() if p[0].numel() % 4 == 0]
+                masks = prune_oneshot(pruned, None if pattern else sparsity, pattern=pattern, **kwargs)
+                if after is not None:
+                    after(pruned)
+                accs.append(evaluate(pruned))
+                seconds.append(time.perf_counter() - start)
+            acc = accs[-1]
             points.append((str(sparsity), masks.sparsity(), acc))
-            print(f"| {name} | {method} | {sparsity if pattern else f'{sparsity:.0%}'} | {acc:.2f} | "
-                  f"{time.perf_counter() - start:.1f} |", flush=True)
+            label = sparsity if pattern else f"{sparsity:.0%}"
+            if reps == 1:
+                print(f"| {name} | {method} | {label} | {acc:.2f} | {seconds[0]:.1f} |", flush=True)
+            else:
+                shown = f"{acc:.2f}" if max(accs) == min(accs) else f"{acc:.2f} [{min(accs):.2f}-{max(accs):.2f}]"
+                print(f"| {name} | {method} | {label} | {shown} | {reps} | {spread(seconds, 1, 2)} |", flush=True)
         results[method] = points
     return results
 
 
-def part_digits(quick: bool):
+QUICK_REPS = 3
+QUICK_LEGEND = """\
+Columns: method = how weights are chosen (magnitude: smallest |w|; OBS: least saliency under the
+M-FAC inverse Fisher, which also updates the kept weights, in 1 step or 16 recomputations);
+sparsity = fraction of the prunable weights removed, or 2:4 (2 of every 4 consecutive weights of a
+row); test accuracy % = after pruning, without fine-tuning (the same in every repeat: pruning is
+deterministic; a range if not); reps = prunes timed, each from the same trained model; seconds =
+wall time of one prune and its evaluation, as median [min-max] of the repeats (a busy machine
+widens the [min-max]).
+"""
+
+
+def part_digits(quick: bool, reps: int | None = None):
     split = load_digits()
     torch.manual_seed(0)
     model = mlp(64, (64,))
     train_classifier(model, split.train_x, split.train_y, torch.optim.Adam(model.parameters(), lr=3e-3), 800)
     dense = accuracy(model, split.test_x, split.test_y)
     print(f"\n## Digits MLP (4,736 prunable weights), dense test accuracy {dense:.2f}%\n")
-    print("| model | method | sparsity | test accuracy % | seconds |\n|---|---|---|---|---|")
+    if quick or (reps or 1) > 1:
+        print(QUICK_LEGEND)
+        print("| model | method | sparsity | test accuracy % | reps | seconds |\n|---|---|---|---|---|---|")
+    else:
+        print("| model | method | sparsity | test accuracy % | seconds |\n|---|---|---|---|---|")
     data = [(split.train_x[i:i + 32], split.train_y[i:i + 32]) for i in range(0, len(split.train_x) - 31, 32)]
     sparsities = [0.5, 0.8, 0.9] if quick else [0.5, 0.7, 0.8, 0.9, 0.95]
     results = curve("digits MLP", model, lambda m: accuracy(m, split.test_x, split.test_y), sparsities,
-                    dict(data=data, loss_fn=nn.functional.cross_entropy))
+                    dict(data=data, loss_fn=nn.functional.cross_entropy),
+                    reps=reps or (QUICK_REPS if quick else 1))
     return {"dense": dense, "curves": results}
 
 
@@ -320,6 +351,9 @@ def main():
     parser.add_argument("--plot", type=Path, default=None, help="write the accuracy curves to this PNG")
     parser.add_argument("--json", type=Path, default=None, help="write every figure to this JSON file")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="digits part: prunes timed per row, shown as median [min-max] (default: 3 with --quick, "
+                             "else 1)")
     parser.add_argument("--transformer-grads", type=int, default=None, help="OBS gradients (default 1024)")
     parser.add_argument("--transformer-recompute", type=int, default=None, help="OBS recomputations (default 8)")
     args = parser.parse_args()
@@ -328,7 +362,7 @@ def main():
     if args.part is None or "timing" in args.part:
         results["timing"] = part_timing()  # first, so the process's peak memory is this run's
     if args.part is None or "digits" in args.part:
-        results["digits MLP"] = part_digits(args.quick)
+        results["digits MLP"] = part_digits(args.quick, args.reps)
     if args.part is None or "resnet" in args.part:
         results["ResNet-20 / CIFAR-10"] = part_resnet(args.quick)
     if args.part is None or "transformer" in args.part:

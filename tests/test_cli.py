@@ -971,3 +971,60 @@ def test_a_model_folder_with_only_its_config_is_a_usage_error(tiny_hf, tmp_path)
     line = one_line_error(mfac("train", "--model", f"hf:{folder}", "--data", f"tsv:{data_dir}", "--out", tmp_path / "x"),
                           2)
     assert line.startswith(f"mfac train: error: --model hf:{folder}") and not (tmp_path / "x").exists()
+
+
+def load_benchmark(name):
+    """A script of benchmarks/ as a module (its folder on sys.path: the scripts import each other)."""
+    import importlib
+
+    folder = ROOT / "benchmarks"
+    if not (folder / f"{name}.py").exists():
+        pytest.skip("benchmarks/ is only in a source checkout")
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
+    return importlib.import_module(name)
+
+
+def test_bench_quick_tables_show_repeats_and_spread_and_flag_an_inconsistent_floor():
+    # The quick mode itself takes minutes (and longer on a busy machine): its formatting is tested on a
+    # real measurement at a tiny size, and on made-up rows for the floor check.
+    fisher = load_benchmark("fisher")
+    assert fisher.spread([0.003, 0.001, 0.002]) == "2.00 [1.00-3.00]"
+    assert fisher.spread([1.5, 2.0, 1.0], 1, 3) == "1.500 [1.000-2.000]"
+    row = fisher.measure(1000, 8, 4, warmup=2, setup_reps=2)
+    assert {len(samples) for name, samples in row["samples"].items() if "setup" not in name} == {4}
+    assert len(row["samples"]["static_setup"]) == len(row["samples"]["block_setup"]) == 2
+    header, rule, line = fisher.quick_rows([row], 4)
+    columns = [cell.strip() for cell in header.strip("|").split("|")]
+    assert columns[:5] == ["d", "m", "reps", "floor ms", "push_ihvp ms"] and "block128 ihvp ms" in columns
+    cells = dict(zip(columns, (cell.strip() for cell in line.strip("|").split("|"))))
+    assert cells["reps"] == "4" and cells["d"] == "1,000" and len(rule) == len(header) == len(line)
+    for name in ("floor ms", "push_ihvp ms", "m x m ms", "static setup s", "static ihvp ms", "block128 ihvp ms"):
+        median, low, high = map(float, cells[name].replace("[", " ").replace("]", " ").replace("-", " ").split())
+        assert low <= median <= high, (name, cells[name])
+    for name in ("floor ms", "push_ihvp ms", "/floor", "reps", "m x m ms"):
+        assert name in fisher.QUICK_LEGEND  # every column is explained
+    rows = [{"d": 10_000, "m": 64, "floor": 2e-3}, {"d": 10_000, "m": 256, "floor": 1e-3},
+            {"d": 100_000, "m": 64, "floor": 1e-3}, {"d": 100_000, "m": 256, "floor": 4e-3}]
+    notes = fisher.floor_notes(rows)
+    assert len(notes) == 1 and "d = 10,000" in notes[0] and "m = 64" in notes[0] and "busy" in notes[0]
+    optimizer = load_benchmark("optimizer")
+    assert "reps" in optimizer.QUICK_LEGEND and "[min-max]" in optimizer.QUICK_LEGEND
+    pruning = load_benchmark("pruning")
+    assert pruning.QUICK_REPS >= 3 and "[min-max]" in pruning.QUICK_LEGEND
+
+
+def test_bench_introduces_and_times_every_script(tmp_path):
+    from mfac.cli.bench import ABOUT, SCRIPTS
+
+    for script in SCRIPTS:  # stand-ins that print their arguments, so nothing slow runs here
+        (tmp_path / script[0]).write_text("import sys\nprint('ran', *sys.argv[1:])\n")
+    result = mfac("bench", "--benchmarks", tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "median and [min-max]" in out and "explains its columns" in out
+    for script in SCRIPTS:
+        assert f"$ python {tmp_path.name}/{' '.join(script)}\n# {ABOUT[script[0]]}" in out
+        assert f"ran {' '.join(script[1:])}" in out and f"# {script[0]} took " in out
+    help_text = mfac("bench", "--help").stdout
+    assert "fisher.py --quick" in help_text and "minutes" in help_text

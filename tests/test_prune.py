@@ -488,3 +488,25 @@ def test_gradual_structured_pruner_checks_its_structures_when_built():
     assert pruner.sparsity == 0.5 and int(pruner.removed_structures()[0].sum()) == 3
     with pytest.raises(RuntimeError, match="structured"):
         GradualPruner(mlp(8, (6,), 3), 0.5, 1, 3, 1, method="magnitude", params=["0.weight"]).removed_structures()
+
+
+def test_gradual_pruner_progress_prints_lines_to_stderr_only_when_asked(capsys):
+    rows = []
+    runs = {}
+    for progress in (False, True):
+        model = small_net()
+        pruner = GradualPruner(model, 0.5, start_step=1, end_step=5, every=2, data=image_batches(2),
+                               loss_fn=nn.functional.cross_entropy, num_grads=8, recompute=2, block_size=16,
+                               on_gradient_rows=rows.append, progress=progress)
+        assert [pruner.step() for _ in range(5)] == [False, False, True, False, True]  # step 1: target 0
+        runs[progress] = (pruner.sparsity, capsys.readouterr())
+    quiet, shown = runs[False][1], runs[True][1]
+    assert quiet.out == quiet.err == "" and shown.out == ""
+    lines = shown.err.splitlines()
+    assert any(line.startswith("GradualPruner step 3 -> 43.8%, gradients: ") for line in lines), lines
+    assert any(line.startswith("GradualPruner step 5 -> 50.0%, gradients: 16/16") and "sparsity=" in line
+               for line in lines), lines
+    assert runs[True][0] == runs[False][0]  # the same pruning either way
+    assert sum(rows) == 2 * 2 * 2 * 8  # the caller's hook still sees every row, with and without the bar
+    with pytest.raises(TypeError, match="progress must be True or False"):
+        GradualPruner(small_net(), 0.5, 1, 3, 1, method="magnitude", progress="yes")

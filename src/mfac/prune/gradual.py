@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import torch
 from torch import nn
 
 from .. import defaults
+from ..progress import pruning_hooks
 from .masks import MaskHandle, Masks
 from .oneshot import GradientSource, prune, resolve_params
 from .settings import PruneSettings
@@ -71,14 +72,21 @@ class GradualPruner:
         data, loss_fn: batches and loss for OBS gradients (cycled; not needed for magnitude); or
             ``batch_loss(model, batch)`` instead of ``loss_fn`` for batches of any structure.
         structure, groups: prune whole structures (see above); checked here, when the pruner is built.
+        progress: show the progress of each pruning step on stderr (default False), as
+            ``prune_oneshot(progress=True)`` does: a tqdm bar when tqdm is installed and stderr is a
+            terminal, otherwise a few plain lines per pruning step ("GradualPruner step t -> s%, gradients: ...");
+            OBS counts the gradient rows. ``callback`` and ``on_gradient_rows`` are still called.
     """
 
     def __init__(self, model: nn.Module, final_sparsity: float, start_step: int, end_step: int, every: int,
                  data: Iterable | None = None, loss_fn=None, method: str = "obs", schedule: str = "cubic",
                  initial_sparsity: float = 0.0, *, batch_loss=None, settings: PruneSettings | None = None,
                  params=None, callback=None, on_gradient_rows=None, process_group=None, structure=None,
-                 groups=None, **setting_kwargs):
+                 groups=None, progress: bool = False, **setting_kwargs):
         check_schedule(final_sparsity, start_step, end_step, every, schedule, initial_sparsity)
+        if not isinstance(progress, bool):
+            raise TypeError(f"progress must be True or False, got {progress!r}")
+        self.progress = progress
         structured = structure is not None or groups is not None
         self.settings = _gradual_settings(method, settings, setting_kwargs, structured)
         self.groups = _structure_groups(model, structure, groups, params)
@@ -150,15 +158,29 @@ class GradualPruner:
             return False
         self.detach()
         try:
-            if self.groups is None:
-                self.masks = prune(self.model, self.settings, target, source=self._source, params=self._names,
-                                   masks=self.masks, callback=self._callback)
-            else:
-                self.masks = prune_structures(self.model, self.settings, target, self.groups, self._source,
-                                              self._callback, self.masks)
+            self.masks = self._prune_with_progress(target) if self.progress else \
+                self._prune(target, self._source, self._callback)
         finally:
             self._handle = self.masks.attach(self.model)
         return True
+
+    def _prune(self, target: float, source, callback) -> Masks:
+        """One pruning step to ``target`` (single weights, or whole structures)."""
+        if self.groups is None:
+            return prune(self.model, self.settings, target, source=source, params=self._names, masks=self.masks,
+                         callback=callback)
+        return prune_structures(self.model, self.settings, target, self.groups, source, callback, self.masks)
+
+    def _prune_with_progress(self, target: float) -> Masks:
+        """:meth:`_prune` with :func:`mfac.progress.pruning_hooks` (``progress=True``), one bar per step."""
+        source = self._source
+        rows = self.settings.num_grads if source is None or source.sharing is None else source.sharing.rows
+        desc = f"GradualPruner step {self._step} -> {target:.1%}"
+        with pruning_hooks(self.settings.method, self.settings.sub_steps(), rows, desc, callback=self._callback,
+                           on_gradient_rows=None if source is None else source.on_rows) as hooks:
+            if source is not None:  # the same batches (cycled on), with the bar's row counter
+                source = replace(source, on_rows=hooks["on_gradient_rows"])
+            return self._prune(target, source, hooks["callback"])
 
     def _removes_more(self, target: float) -> bool:
         """Whether pruning to ``target`` removes anything: more weights than now, or (structured) more
@@ -267,7 +289,8 @@ def _gradual_settings(method: str, settings: PruneSettings | None, given: dict,
             hint = "; pattern= (N:M inside rows) cannot be combined with structure=" if structured else \
                 "; it prunes to its schedule's sparsity, so pattern= is prune_oneshot's only"
         raise TypeError(f"GradualPruner got unexpected keyword arguments {unknown}{hint}; it takes the settings "
-                        f"{', '.join(SETTINGS)} (or settings=), and params, callback, on_gradient_rows, process_group")
+                        f"{', '.join(SETTINGS)} (or settings=), and params, callback, on_gradient_rows, process_group, "
+                        f"progress")
     if settings is None:
         if given.get("recompute") is None:
             given = {**given, "recompute": defaults.GRADUAL_RECOMPUTE}
