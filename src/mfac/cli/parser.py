@@ -216,8 +216,7 @@ def _checkpoint_options(sub, command: str) -> None:
     gradual = "--gradual " if command == "prune" else ""
     sub.add_argument("--checkpoint-every", type=integer(0), default=CHECKPOINT_EVERY,
                      help=f"{gradual.strip() + ': ' if gradual else ''}write a resumable checkpoint to --out every N "
-                          f"steps and at the end (0: no "
-                          f"checkpoints; the run cannot be resumed)")
+                          f"steps and at the end (0: no checkpoints; the run cannot be resumed)")
     sub.add_argument("--resume", default=None, metavar="DIR",
                      help=f"continue the {gradual}run recorded in DIR, its --out folder (its settings are used; "
                           f"--steps may extend it) (default: start a new run)")
