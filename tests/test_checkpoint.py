@@ -77,3 +77,10 @@ def test_atomic_save_keeps_the_old_file_when_interrupted(tmp_path):
         checkpoint.save({"step": 2, "bad": Boom()}, path)
     assert checkpoint.load(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]  # no temporary left behind
+
+
+def test_a_folder_is_named_as_a_folder(tmp_path):
+    from mfac import checkpoint
+
+    with pytest.raises(IsADirectoryError, match="is a folder, not a checkpoint file"):
+        checkpoint.load(tmp_path)

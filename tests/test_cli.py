@@ -1028,3 +1028,23 @@ def test_bench_introduces_and_times_every_script(tmp_path):
         assert f"ran {' '.join(script[1:])}" in out and f"# {script[0]} took " in out
     help_text = mfac("bench", "--help").stdout
     assert "fisher.py --quick" in help_text and "minutes" in help_text
+
+
+def test_a_model_folder_whose_torch_weights_run_code_is_refused(tiny_hf, tmp_path):
+    import shutil
+
+    model_dir, data_dir = tiny_hf
+    folder = tmp_path / "bert"
+    shutil.copytree(model_dir, folder)
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "ran"),))
+
+    torch.save({"weight": RunsCode()}, folder / "pytorch_model.bin")  # a torch file that would run code
+    message = one_line_error(mfac("prune", "--model", f"hf:{folder}", "--data", f"tsv:{data_dir}", "--quiet",
+                                  "--out", tmp_path / "out"), 2)
+    assert "pytorch_model.bin was refused" in message and "--model" in message
+    assert not (tmp_path / "ran").exists()

@@ -59,3 +59,23 @@ def test_scheduler_set_nan_lr_is_refused_before_the_step():
     with pytest.raises(ValueError, match="lr"):
         opt.step()
     assert opt.fisher is None or opt.fisher.pushed == 0
+
+
+def test_numpy_and_one_element_tensor_hyperparameters_are_numbers():
+    import numpy as np
+
+    torch.manual_seed(0)
+    reference, other = torch.nn.Parameter(torch.randn(6)), torch.nn.Parameter(torch.randn(6))
+    other.data.copy_(reference.data)
+    plain = MFAC([reference], lr=1e-2, window=3, damp=1e-2, momentum=0.5, weight_decay=1e-3)
+    given = MFAC([other], lr=np.float64(1e-2), window=3, damp=1e-2,
+                 momentum=torch.tensor(0.5, dtype=torch.float64), weight_decay=np.float64(1e-3))
+    for _ in range(4):
+        grad = torch.randn(6)
+        reference.grad, other.grad = grad.clone(), grad.clone()
+        plain.step()
+        given.step()
+    assert torch.equal(reference, other)
+    MFAC([torch.nn.Parameter(torch.randn(3))], lr=np.float32(1e-3), momentum=np.float32(0.9))  # accepted
+    with pytest.raises(ValueError, match="lr must be a finite number"):
+        MFAC([torch.nn.Parameter(torch.randn(3))], lr=np.float32("nan"))

@@ -102,6 +102,9 @@ def load(path: str | Path, map_location="cpu"):
     code. Raises FileNotFoundError, :class:`UnsafeFileError` for a file that holds other Python
     objects, or :class:`CorruptFileError` for one that is not a torch file at all."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a checkpoint file; pass the file inside it (such as "
+                                f"{path / 'checkpoint.pt'})")
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     try:
@@ -116,7 +119,10 @@ def load(path: str | Path, map_location="cpu"):
             ) from None
         raise CorruptFileError(f"{path} is not a readable torch file: its contents are not a valid checkpoint "
                                f"(damaged, or another format)") from None
-    except (EOFError, KeyError, RuntimeError, zipfile.BadZipFile, ValueError, IndexError, UnicodeDecodeError):
+    except (EOFError, KeyError, RuntimeError, zipfile.BadZipFile, ValueError, IndexError, UnicodeDecodeError,
+            OSError) as error:
+        if isinstance(error, (PermissionError, FileNotFoundError)):
+            raise
         raise CorruptFileError(f"{path} is not a readable torch file: it is empty, truncated or in another "
                                f"format") from None
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoint import load_weights
 from .errors import CliError, usage_errors
 from .labels import fresh_head_labels, has_classification_head, head_labels
 
@@ -141,6 +142,9 @@ def load_hf_model(spec: str, task: TextTask, new_head: bool = False):
             options.update(id2label=dict(enumerate(names)), label2id={name: i for i, name in enumerate(names)})
     task.set_labels(ids, count)
     with usage_errors(f"--model {spec}: "), _missing_files(spec):
+        if not any(path.glob("*.safetensors")):  # torch weight files are read without running code first
+            for weights in sorted(path.glob("pytorch_model*.bin")):
+                load_weights(weights)
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()  # the new task head's "newly initialized" notice
         try:

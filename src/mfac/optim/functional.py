@@ -12,16 +12,29 @@ One step, as published (Frantar et al., 2021):
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
 from ..fisher.base import finite_flag
 
-__all__ = ["check_hyper", "check_group", "flatten_gradients", "mfac_update"]
+__all__ = ["as_number", "check_hyper", "check_group", "flatten_gradients", "mfac_update"]
+
+
+def as_number(value):
+    """A real number given as a numpy scalar or a one-element real tensor, as a Python float; any
+    other value unchanged (so that :func:`check_hyper` refuses it by its own type)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype.is_floating_point:
+        return float(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+        return float(value)
+    return value
 
 
 def check_hyper(name: str, value, low: float = 0.0, high: float = math.inf, high_open: bool = False) -> None:
-    """Refuse a hyperparameter that is not a finite real number in [low, high] (or [low, high))."""
+    """Refuse a hyperparameter that is not a finite real number in [low, high] (or [low, high)):
+    Python, numpy and one-element tensor numbers are accepted."""
+    value = as_number(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or value < low or value > high or (high_open and value == high):
         bound = f"[{low:g}, {high:g}{')' if high_open else ']'}" if high < math.inf else f">= {low:g}"
@@ -35,8 +48,9 @@ def check_group(group: dict) -> None:
     check_hyper("lr", group["lr"], 0.0, largest)
     check_hyper("momentum", group["momentum"], 0.0, 1.0, high_open=True)
     check_hyper("weight_decay", group["weight_decay"], 0.0, largest)
-    if group["decoupled_weight_decay"] and group["lr"] * group["weight_decay"] > 1:
-        raise ValueError(f"lr * weight_decay = {group['lr'] * group['weight_decay']:g} > 1 with decoupled weight decay "
+    product = as_number(group["lr"]) * as_number(group["weight_decay"])
+    if group["decoupled_weight_decay"] and product > 1:
+        raise ValueError(f"lr * weight_decay = {product:g} > 1 with decoupled weight decay "
                          f"would flip the sign of the parameters; lower lr or weight_decay")
 
 

@@ -36,7 +36,7 @@ from ..fisher import CompressedWindowFisherInverse, NonFiniteGradientError, Slid
 from ..fisher.base import check_damp, compute_dtype
 from ..fisher.compressed import check_density, compressed_nbytes
 from ..fisher.window import window_nbytes
-from .functional import check_group, flatten_gradients, mfac_update
+from .functional import as_number, check_group, flatten_gradients, mfac_update
 from .saved import check_saved_state
 
 __all__ = ["MFAC"]
@@ -297,7 +297,7 @@ class MFAC(Optimizer):
         local coordinates); raises NonFiniteGradientError when the window refuses it."""
         params = self.all_params
         local = [self._local(p) for p in params]
-        coupled = [0.0 if group["decoupled_weight_decay"] else group["weight_decay"]
+        coupled = [0.0 if group["decoupled_weight_decay"] else as_number(group["weight_decay"])
                    for group, group_params in self._window_groups() for _ in group_params]
         flat = flatten_gradients(self._flat_grad, local, [self._local(p.grad) for p in params], coupled)
         flat = self._distributor.window_part(flat)
@@ -339,8 +339,9 @@ class MFAC(Optimizer):
                     params.append(local)
                     views.append(direction[start:offset])
                     buffers.append(buffer[start:offset] if group["momentum"] else None)
-            new, group_finite = mfac_update(params, views, buffers, lr=group["lr"], momentum=group["momentum"],
-                                            weight_decay=group["weight_decay"],
+            new, group_finite = mfac_update(params, views, buffers, lr=as_number(group["lr"]),
+                                            momentum=as_number(group["momentum"]),
+                                            weight_decay=as_number(group["weight_decay"]),
                                             decoupled_weight_decay=group["decoupled_weight_decay"])
             writes.extend(zip(params, new))
             finite &= group_finite
