@@ -46,6 +46,7 @@ __all__ = ["BlockFisherInverse", "StaticFisherInverse"]
 
 # float64 elements per temporary tile while factorising: bounds the extra memory to 128 MiB.
 _TILE_ELEMENTS = 1 << 24
+_SUBMATRIX_BYTES = 1 << 28  # factor columns gathered at a time by ``submatrices``: 256 MB
 
 
 @dataclass
@@ -326,11 +327,19 @@ class BlockFisherInverse(FisherInverse):
     def submatrices(self, index) -> torch.Tensor:
         """[F^-1] on each row of ``index`` (n, s): (n, s, s). Entries of different blocks are 0. Rows
         that lie within one block (the usual case in group OBS) take one batched product
-        alpha*I + scale * U[:, rows]^T U[:, rows], O(n s^2 r) for factors of r rows; other rows
-        ask ``element`` for each pair."""
+        alpha*I + scale * U[:, cols]^T U[:, cols] over just the s columns they need, O(n s^2 r) time
+        and n*r*s numbers of memory for factors of r rows (in pieces of about 256 MB); other rows ask
+        ``element`` for each pair."""
         index = check_index("index", index, self._dim).to(self.device)
         if index.dim() != 2:
             raise ValueError(f"index must have shape (n, s), got {tuple(index.shape)}")
+        widest = max((b.factor.shape[1] for b in self._batches), default=1)
+        step = max(1, _SUBMATRIX_BYTES // (max(widest, 1) * index.shape[1] * self._dtype.itemsize))
+        if index.shape[0] > step:
+            return torch.cat([self._submatrices(index[i: i + step]) for i in range(0, index.shape[0], step)])
+        return self._submatrices(index)
+
+    def _submatrices(self, index: torch.Tensor) -> torch.Tensor:
         n, s = index.shape
         out = torch.zeros(n, s, s, dtype=self._dtype, device=self.device)
         for b in self._batches:
@@ -340,8 +349,9 @@ class BlockFisherInverse(FisherInverse):
             if not bool(inside.any()):
                 continue
             rows = inside.nonzero()[:, 0]
-            factor = b.factor[block[rows, 0]]  # (k, r, size)
-            columns = factor.gather(2, (local[rows] % b.size)[:, None, :].expand(-1, factor.shape[1], -1))
+            r = b.factor.shape[1]
+            columns = b.factor[block[rows, 0][:, None, None], torch.arange(r, device=self.device)[None, :, None],
+                               (local[rows] % b.size)[:, None, :]]  # (k, r, s): only the columns needed
             sub = b.scale * columns.transpose(1, 2) @ columns
             sub.diagonal(dim1=1, dim2=2).add_(b.alpha)
             same = (index[rows][:, :, None] == index[rows][:, None, :]).to(sub.dtype)  # repeated coordinates
