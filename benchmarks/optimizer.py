@@ -211,14 +211,17 @@ def transformer_run(name: str, lr: float, steps: int, seed: int, overrides: dict
     model = minilm_sst2.classifier(seed)
     model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
     label, settings = TRANSFORMER_RUNS[name]
+    overrides = dict(overrides or {})
+    clip, decay = overrides.pop("clip", 1.0), bool(overrides.pop("decay", 1.0))
     if overrides:
         settings = {**settings, **overrides}
         label = f"{label}; " + ", ".join(f"{key} {value:g}" for key, value in overrides.items())
     opt = (torch.optim.AdamW(model.parameters(), lr=lr) if name == "adamw"
            else MFAC(model.parameters(), lr=lr, **settings))
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - step / steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, (lambda step: 1.0 - step / steps) if decay else (lambda step: 1.0))
     model.train()
     step_seconds = opt_seconds = 0.0
+    norms, losses = [], []
     for step in range(steps):
         chosen = order[step * 32:(step + 1) * 32]
         batch = minilm_sst2.encode(tok, [texts[i] for i in chosen], [labels[i] for i in chosen])
@@ -226,7 +229,8 @@ def transformer_run(name: str, lr: float, steps: int, seed: int, overrides: dict
         opt.zero_grad()
         loss = model(**batch).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))))
+        losses.append(float(loss))
         middle = time.perf_counter()
         opt.step()
         schedule.step()
@@ -239,7 +243,10 @@ def transformer_run(name: str, lr: float, steps: int, seed: int, overrides: dict
                     if isinstance(t, torch.Tensor))
     else:
         state = opt.fisher.nbytes + 3 * opt.dim * 4  # window, and flat gradient, momentum, staged update
-    return {"run": name, "optimizer": label, "lr": lr, "seed": seed, "steps": steps,
+    tail = max(1, steps // 5)
+    return {"run": name, "optimizer": label, "lr": lr, "seed": seed, "steps": steps, "clip": clip, "decay": decay,
+            "grad_norm_first": sum(norms[:tail]) / tail, "grad_norm_last": sum(norms[-tail:]) / tail,
+            "loss_last": sum(losses[-tail:]) / tail,
             "dev_accuracy": dev_accuracy, "step_s": step_seconds / steps,
             "optimizer_s": opt_seconds / steps, "state_gb": state / 1e9, "skipped": getattr(opt, "skipped_steps", 0),
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
@@ -257,10 +264,11 @@ def part_transformer(runs: list[str], steps: int, seeds: list[int]) -> None:
     if missing:
         print(f"\n## 3. Transformer: skipped (missing {', '.join(missing)})")
         return
-    print(f"\n## 3. MiniLM-L6 on SST-2, {steps} steps of 32 sentences (max length 64), linear decay, clipping 1\n")
-    print("| optimizer | lr | seed | dev accuracy % | s / step | optimizer s / step | state GB | peak RSS GB | "
-          "skipped |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"\n## 3. MiniLM-L6 on SST-2, {steps} steps of 32 sentences (max length 64); linear decay and clipping "
+          f"at 1 unless the run says clip=0 (none) or decay=0 (constant learning rate)\n")
+    print("| optimizer | lr | clip | decay | seed | dev accuracy % | train loss, last 20% | gradient norm first / last "
+          "20% | s / step | optimizer s / step | state GB | peak RSS GB | skipped |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for run in runs:
         name, lr, overrides = parse_run(run)
         for seed in seeds:
@@ -268,10 +276,12 @@ def part_transformer(runs: list[str], steps: int, seeds: list[int]) -> None:
             done = subprocess.run([sys.executable, __file__, "--one", one],
                                   capture_output=True, text=True)
             if done.returncode != 0:
-                print(f"| {name} | {lr} | {seed} | failed: {done.stderr.strip().splitlines()[-1:]} |||||")
+                print(f"| {name} | {lr} | | | {seed} | failed: {done.stderr.strip().splitlines()[-1:]} ||||||||")
                 continue
             r = json.loads(done.stdout.strip().splitlines()[-1])
-            print(f"| {r['optimizer']} | {r['lr']:g} | {seed} | {r['dev_accuracy']:.2f} | {r['step_s']:.3f} | "
+            print(f"| {r['optimizer']} | {r['lr']:g} | {r['clip'] or 'none'} | {'linear' if r['decay'] else 'none'} | "
+                  f"{seed} | {r['dev_accuracy']:.2f} | {r['loss_last']:.3f} | "
+                  f"{r['grad_norm_first']:.3g} / {r['grad_norm_last']:.3g} | {r['step_s']:.3f} | "
                   f"{r['optimizer_s']:.3f} | {r['state_gb']:.2f} | {r['peak_rss_gb']:.1f} | {r['skipped']} |",
                   flush=True)
 
