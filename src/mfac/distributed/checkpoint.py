@@ -24,7 +24,8 @@ def _empty_window(optimizer) -> dict:
     rows = optimizer.distributor.window_dim(optimizer.dim)
     return {"dim": rows, "window": m, "damp": optimizer.damp, "storage_dtype": str(dtype), "pushed": 0,
             "grads": torch.zeros(m, rows, dtype=dtype, device=device),
-            "gram": torch.zeros(m, m, dtype=torch.float64, device=device)}
+            "gram": torch.zeros(m, m, dtype=torch.float64, device=device),
+            "factor": torch.zeros(m, m, dtype=torch.float64, device=device)}
 
 
 def get_optimizer_state_dict(optimizer) -> dict:

@@ -6,10 +6,13 @@ object answers F^-1 x for F = damp*I + G^T G / k through the Woodbury identity
     F^-1 x = (x - G^T K^-1 G x) / damp,        K = k*damp*I + G G^T   (k x k).
 
 It keeps the float64 Gram matrix S = G G^T, whatever the window's storage dtype (each entry is one
-dot product, so S is exact up to the rounding of that product), and the Cholesky factor L of K,
-refactorised from S after every push: O(k^3 / 3), against the O(k d) of the two window passes
-(measured costs: BENCHMARKS.md#sliding-static-and-block-inverses). Every product with K^-1 is a pair of
-triangular solves with L (:mod:`mfac.fisher.woodbury`). This is what makes the window backward
+dot product, so S is exact up to the rounding of that product), and the Cholesky factor K = U^T U
+in the age order of the gradients. Once the window is full, a push updates U in O(k^2): the oldest
+gradient's row and column leave (a rank-one update of the rest, by Givens rotations) and the new
+one's arrive (one triangular solve), with a probe product checking the result against K and a
+refactorisation from S, O(k^3 / 3), when it has drifted or the compiled kernel is not available
+(:mod:`mfac.fisher.woodbury`; measured costs: BENCHMARKS.md#sliding-static-and-block-inverses). Every
+product with K^-1 is a pair of triangular solves with U. This is what makes the window backward
 stable, like the static inverse: an explicit K^-1, updated by low-rank corrections, is accurate only
 to eps * cond(K), and the Woodbury subtraction then multiplies that error by cond(F) again.
 
@@ -40,6 +43,7 @@ from .base import (FisherInverse, NonFiniteGradientError, all_finite, check_damp
                    check_positive_int, compute_dtype)
 from .rows import DenseRows
 from . import window_state, woodbury
+from .woodbury import Factor
 
 __all__ = ["SlidingWindowFisherInverse", "StagedPush", "window_nbytes", "GRAM_COPIES"]
 
@@ -60,7 +64,7 @@ class StagedPush:
     stored: torch.Tensor  # g as the window will hold it (rounded, or compressed), dense, compute dtype
     payload: object  # what the storage form writes for it
     dots: torch.Tensor  # (k,) float64: the new row and column of S
-    lower: torch.Tensor  # Cholesky factor after the push (float64)
+    factor: Factor  # the Cholesky factor of K after the push
     direction: torch.Tensor | None = None  # F^-1 g with g in the window, when asked for
 
 
@@ -113,7 +117,8 @@ class SlidingWindowFisherInverse(FisherInverse):
         self._reduce = reduce if reduce is not None else _unreduced
         self._rows = storage if storage is not None else DenseRows(dim, window, dtype, self._device)
         self._gram = torch.zeros(window, window, dtype=torch.float64, device=self._device)
-        self._lower = torch.zeros(0, 0, dtype=torch.float64, device=self._device)
+        self._factor = Factor(torch.zeros(0, 0, dtype=torch.float64, device=self._device))
+        self._probe: torch.Tensor | None = None
         self._pushed = 0
 
     dim = property(lambda self: self._dim)
@@ -132,7 +137,7 @@ class SlidingWindowFisherInverse(FisherInverse):
 
     @property
     def nbytes(self) -> int:
-        return self._rows.nbytes + sum(t.numel() * t.element_size() for t in (self._gram, self._lower))
+        return self._rows.nbytes + sum(t.numel() * t.element_size() for t in (self._gram, self._factor.upper))
 
     # Window products: the only passes over G ------------------------------------------------------
 
@@ -154,8 +159,29 @@ class SlidingWindowFisherInverse(FisherInverse):
         flag[0] = 0.0 if all_finite(tensor) else 1.0
         return float(self._reduce(flag)[0]) == 0.0
 
-    def _factor(self, gram: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        return woodbury.factor(gram, rows, self._damp, self.route == "primal")
+    def _refactor(self, gram: torch.Tensor, rows: torch.Tensor | None, pushed: int) -> Factor:
+        """The factor from scratch for the window holding ``gram`` after ``pushed`` pushes."""
+        return woodbury.factor(gram, rows, self._damp, self.route == "primal", pushed % self.window)
+
+    def _updated_factor(self, slot: int, dots: torch.Tensor) -> Factor | None:
+        """The factor after g (its dot products ``dots``, slot order) replaces the oldest gradient of
+        a full window, by an O(m^2) update; None where the update cannot run or the probe says it
+        has drifted from K, and the caller refactorises. Nothing of the window is changed."""
+        m, offset = self.window, (self._pushed + 1) % self.window
+        ages = torch.roll(dots, -offset)
+        candidate = woodbury.shifted(self._factor, ages[:-1], float(ages[-1]) + m * self._damp, offset)
+        if candidate is None:
+            return None
+        if self._probe is None or self._probe.shape[0] != m:
+            self._probe = window_state.probe_vector(m, self.device)
+        z = candidate.to_slots(self._probe)  # K_new z, from the old S with row and column `slot` replaced
+        k_times_z = self._gram @ z
+        k_times_z.add_(dots - self._gram[:, slot], alpha=float(z[slot]))
+        k_times_z[slot] = dots @ z
+        k_times_z.add_(z, alpha=m * self._damp)
+        if woodbury.drift(candidate, self._probe, candidate.to_age(k_times_z)) > woodbury.drift_tolerance(m):
+            return None
+        return candidate
 
     # Pushing: stage (no change), then commit ------------------------------------------------------
 
@@ -164,7 +190,8 @@ class SlidingWindowFisherInverse(FisherInverse):
         in the window, without changing the window. Raises NonFiniteGradientError (a ValueError)
         for a g that cannot enter, or whose F^-1 g is not finite. Apply the result with
         :meth:`commit`, or drop it: nothing has changed. Cost: one read of the window (two with
-        ``direction``) plus O(window^3 / 3)."""
+        ``direction``) plus O(window^2) once the window is full (O(window^3 / 3) while it fills, or
+        when the factor is refactorised)."""
         g = self._check_gradient(g)
         stored, payload = self._rows.encode(g)
         slot = self._pushed % self.window
@@ -174,22 +201,27 @@ class SlidingWindowFisherInverse(FisherInverse):
         # only then is g scanned, to tell a non-finite gradient from one too large for the dtype.
         if not all_finite(dots):
             self._refuse_dots(g, stored)
-        gram = self._gram[:k, :k].clone()
-        gram[slot, :] = dots
-        gram[:, slot] = dots
-        rows = None
-        if self.route == "primal":  # at most window x window numbers
-            rows = self._rows.held(k).clone()
-            rows[slot] = stored.to(self.storage_dtype)
-        staged = StagedPush(slot, stored, payload, dots, self._factor(gram, rows))
+        factor = None
+        if self.route == "dual" and self._pushed >= self.window:
+            factor = self._updated_factor(slot, dots)
+        if factor is None:
+            gram = self._gram[:k, :k].clone()
+            gram[slot, :] = dots
+            gram[:, slot] = dots
+            rows = None
+            if self.route == "primal":  # at most window x window numbers
+                rows = self._rows.held(k).clone()
+                rows[slot] = stored.to(self.storage_dtype)
+            factor = self._refactor(gram, rows, self._pushed + 1)
+        staged = StagedPush(slot, stored, payload, dots, factor)
         if direction and self.route == "primal":
-            staged.direction = woodbury.primal_apply(stored, staged.lower, k, self._damp, self.dtype)
+            staged.direction = woodbury.primal_apply(stored, staged.factor, k, self._damp, self.dtype)
         elif direction:
             # F^-1 g = k G_new^T K_new^-1 e_j. G_new differs from the stored rows in row j only, so
             # G_new^T a = (G_old^T a with a_j = 0) + a_j g: the window is read once and not yet written.
             unit = torch.zeros(k, dtype=torch.float64, device=self.device)
             unit[slot] = 1.0
-            coeffs = woodbury.solve(staged.lower, unit)
+            coeffs = staged.factor.solve(unit)
             weight = float(coeffs[slot]) * k
             coeffs[slot] = 0.0
             staged.direction = self._rows.combine(stored, coeffs, weight, float(k), k)
@@ -226,9 +258,9 @@ class SlidingWindowFisherInverse(FisherInverse):
         x = self._check_vectors(x)
         k = staged.dots.shape[0]
         if self.route == "primal":
-            out = woodbury.primal_apply(x, staged.lower, k, self._damp, self.dtype)
+            out = woodbury.primal_apply(x, staged.factor, k, self._damp, self.dtype)
         else:
-            coeffs = woodbury.solve(staged.lower, self._window_dots(x, rows=k, replace=(staged.slot, staged.stored)))
+            coeffs = staged.factor.solve(self._window_dots(x, rows=k, replace=(staged.slot, staged.stored)))
             weight = float(coeffs[staged.slot])
             coeffs[staged.slot] = 0.0  # the old row in that slot: its part is the staged row's, added below
             out = self._rows.combine(x, coeffs, 1.0 / self._damp, -1.0 / self._damp, k)
@@ -246,7 +278,7 @@ class SlidingWindowFisherInverse(FisherInverse):
         self._rows.write(staged.slot, staged.payload)
         self._gram[staged.slot, :k] = staged.dots
         self._gram[:k, staged.slot] = staged.dots
-        self._lower = staged.lower
+        self._factor = staged.factor
         self._pushed += 1
 
     def _check_gradient(self, g) -> torch.Tensor:
@@ -264,7 +296,7 @@ class SlidingWindowFisherInverse(FisherInverse):
     def push(self, g: torch.Tensor) -> None:
         """Replace the oldest gradient by g, shape (d,). A g that is not finite, or whose dot products
         overflow the compute dtype, raises NonFiniteGradientError (a ValueError) and leaves the
-        window unchanged. Cost: one pass over the window plus O(window^3 / 3)."""
+        window unchanged. Cost: one pass over the window plus O(window^2) (see :meth:`stage`)."""
         self.commit(self.stage(g, direction=False))
 
     def push_ihvp(self, g: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
@@ -274,8 +306,8 @@ class SlidingWindowFisherInverse(FisherInverse):
         The window's copy of g is what both the update and the product use, so with a half-precision
         window this is F^-1 of g rounded to that precision (and with a compressed window, of the
         compressed g). If g or the result is not finite, NonFiniteGradientError is raised and the
-        window is unchanged. Cost: two passes over the window (G g, then G^T a) plus
-        O(window^3 / 3); one more with ``x``.
+        window is unchanged. Cost: two passes over the window (G g, then G^T a) plus O(window^2)
+        once the window is full (see :meth:`stage`); one more with ``x``.
         """
         if x is not None:
             x = self._check_vectors(x)
@@ -304,20 +336,20 @@ class SlidingWindowFisherInverse(FisherInverse):
         if not all_finite(batch.gram):
             raise NonFiniteGradientError(f"grads are finite but their dot products overflow {self.dtype}; scale them "
                                          f"down or use a float64 window; the window was left unchanged")
-        lower = self._factor(batch.gram, batch.rows)
+        factor = self._refactor(batch.gram, batch.rows, self._pushed + grads.shape[0])
         k = batch.gram.shape[0]
         batch.commit()
         self._gram[:k, :k] = batch.gram
-        self._lower = lower
+        self._factor = factor
         self._pushed += grads.shape[0]
 
     def ihvp(self, x: torch.Tensor) -> torch.Tensor:
         x = self._check_vectors(x)
         vectors = x.mT if x.dim() == 2 else x  # (d,) or (d, n)
         if self.route == "primal":
-            out = woodbury.primal_apply(vectors, self._lower, self.num_grads, self._damp, self.dtype)
+            out = woodbury.primal_apply(vectors, self._factor, self.num_grads, self._damp, self.dtype)
         else:
-            coeffs = woodbury.solve(self._lower, self._window_dots(vectors))
+            coeffs = self._factor.solve(self._window_dots(vectors))
             out = self._rows.combine(vectors, coeffs, 1.0 / self._damp, -1.0 / self._damp, self.num_grads)
         return out.mT.contiguous() if x.dim() == 2 else out
 
@@ -330,23 +362,23 @@ class SlidingWindowFisherInverse(FisherInverse):
     # Entries of F^-1 ------------------------------------------------------------------------------
 
     def _whitened_columns(self, index: torch.Tensor) -> torch.Tensor:
-        """Dual route: L^-1 G[:, index]; primal route: L^-1 e_index. float64, (rows of L, len(index))."""
+        """Dual route: U^-T G[:, index]; primal route: U^-T e_index. float64, (rows of U, len(index))."""
         if self.route == "primal":
             columns = torch.zeros(self.dim, index.numel(), dtype=torch.float64, device=self.device)
             columns[index, torch.arange(index.numel(), device=self.device)] = 1.0
         else:
             columns = self._rows.columns(index, self.num_grads)
-        return torch.linalg.solve_triangular(self._lower, columns, upper=False)
+        return self._factor.whiten(columns)
 
     def _primal_entries(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        """Primal route: [F^-1]_ij = k (L^-1 e_i) . (L^-1 e_j) for index vectors i, j (float64)."""
+        """Primal route: [F^-1]_ij = k (U^-T e_i) . (U^-T e_j) for index vectors i, j (float64)."""
         k = self.num_grads
         if k == 0:
             return (i == j).to(torch.float64) / self._damp
         return k * (self._whitened_columns(i) * self._whitened_columns(j)).sum(0)
 
     def diag(self) -> torch.Tensor:
-        """diag(F^-1) = (1 - ||L^-1 G[:, q]||^2) / damp, shape (d,). Cost O(d window^2)."""
+        """diag(F^-1) = (1 - ||U^-T G[:, q]||^2) / damp, shape (d,). Cost O(d window^2)."""
         if self.route == "primal":
             index = torch.arange(self.dim, device=self.device)
             return self._primal_entries(index, index).to(self.dtype)
@@ -358,7 +390,7 @@ class SlidingWindowFisherInverse(FisherInverse):
         return out
 
     def element(self, i, j) -> torch.Tensor:
-        """[F^-1]_ij = (delta_ij - (L^-1 G[:, i]) . (L^-1 G[:, j])) / damp. Cost O(window^2) per pair."""
+        """[F^-1]_ij = (delta_ij - (U^-T G[:, i]) . (U^-T G[:, j])) / damp. Cost O(window^2) per pair."""
         i, j = self._check_pair(i, j)
         if self.route == "primal":
             return self._primal_entries(i.reshape(-1), j.reshape(-1)).to(self.dtype).reshape(i.shape)
@@ -371,12 +403,18 @@ class SlidingWindowFisherInverse(FisherInverse):
 
     def state_dict(self) -> dict:
         """Everything needed to continue exactly: the settings, the storage form's tensors (dense
-        rows; or values, offsets and residual), the float64 Gram matrix and the count of pushes
-        (plain tensors, ints, floats and strings: loadable with ``weights_only=True``). The
-        Cholesky factor is not stored: it is recomputed from the Gram matrix, bit for bit."""
+        rows; or values, offsets and residual), the float64 Gram matrix, the Cholesky factor and the
+        count of pushes (plain tensors, ints, floats and strings: loadable with ``weights_only=True``).
+        The factor's updates depend on the order of the pushes, so it is saved rather than
+        recomputed: a (window, window) float64 tensor holding U in its leading k x k block, zero
+        elsewhere; all zero on the primal route, whose factor is recomputed from the rows exactly."""
+        factor = torch.zeros(self.window, self.window, dtype=torch.float64, device=self.device)
+        if self.route == "dual":
+            size = self._factor.size
+            factor[:size, :size] = self._factor.upper
         return {"dim": self.dim, "window": self.window, "damp": self._damp, "storage_dtype": str(self.storage_dtype),
                 **self._rows.settings(), "pushed": self._pushed, **self._rows.state_tensors(),
-                "gram": self._gram.clone()}
+                "gram": self._gram.clone(), "factor": factor}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a state from ``state_dict``; later results are bitwise those of the saved object.
@@ -384,14 +422,21 @@ class SlidingWindowFisherInverse(FisherInverse):
         Everything is checked before anything changes (:func:`mfac.fisher.window_state.validate`):
         the keys, that the settings match this object's (construct it with the same arguments), the
         tensors' shapes, dtypes and finiteness, the storage form's own invariants, that the Gram
-        matrix is symmetric and its diagonal holds the rows' squared norms. A failed load raises
-        ValueError naming the key and leaves the window bitwise unchanged."""
+        matrix is symmetric and its diagonal holds the rows' squared norms, and that the factor is
+        one of K. The factor is refactorised from the Gram matrix (or, on the primal route, the rows)
+        where the state has none: written before factors were saved, all zero (the primal route's,
+        or a template never filled). A failed load raises ValueError naming the key and leaves the
+        window bitwise unchanged."""
         k = window_state.validate(state, self)
         tensors = {name: state[name].to(self.device) for name in self._rows.tensor_spec()}
         gram = state["gram"].to(self.device)
-        rows = tensors["grads"][:k] if self.route == "primal" else None  # the primal route: dense rows only
-        lower = self._factor(gram[:k, :k], rows)
+        if window_state.holds_factor(state, self):
+            factor = Factor(state["factor"][:k, :k].to(self.device).contiguous(), state["pushed"] % self.window % k)
+        else:
+            rows = tensors["grads"][:k] if self.route == "primal" else None  # the primal route: dense rows only
+            factor = self._refactor(gram[:k, :k], rows, state["pushed"])
         self._rows.load(tensors)
         self._gram.copy_(gram)
-        self._lower = lower
+        self._factor = factor
         self._pushed = state["pushed"]
+

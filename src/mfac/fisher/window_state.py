@@ -2,7 +2,9 @@
 
 A window's ``state_dict()`` holds its settings (``dim``, ``window``, ``damp``, ``storage_dtype``
 and the storage form's own, e.g. ``density`` and ``block``), the count of pushes, the float64 Gram
-matrix S = G G^T, and the storage form's tensors (dense rows; or values, offsets and the residual).
+matrix S = G G^T, the Cholesky factor of K (optional: states written before it was saved are
+refactorised on load), and the storage form's tensors (dense rows; or values, offsets and the
+residual).
 :func:`validate` checks all of it against the window that is to load it, without allocating
 anything of the size the state claims, and raises ValueError naming the key; nothing is changed.
 
@@ -11,6 +13,9 @@ squared norms, and for a fixed probe vector v, S v must equal G (G^T v) within w
 float64) rounding of the dot products allows. Both sides come from one pass over the stored rows in
 float64, a few megabytes at a time (:func:`probe_products`), so an edited Gram entry, rows from
 another state, or a shard of another run is refused, while every state ``state_dict()`` wrote loads.
+A dual-route factor (:func:`holds_factor`) must be upper triangular with a positive diagonal, zero
+beyond the k gradients held, and one of K: U^T U z within a few times the drift an updated factor
+may have (or that a fresh factorisation of the saved S has, if larger) of K z for the same probe.
 
 A sharded window (``window.reduce`` sums over the shards) checks its own shard first, then all
 shards agree on the outcome (``window.reduce.agree`` when the hook has it, as
@@ -23,9 +28,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import all_finite
+from .base import all_finite, robust_cholesky
+from . import woodbury
 
-__all__ = ["validate", "probe_products", "probe_vector", "gram_tolerance", "COMMON_KEYS"]
+__all__ = ["validate", "holds_factor", "probe_products", "probe_vector", "gram_tolerance", "COMMON_KEYS"]
 
 COMMON_KEYS = ("dim", "window", "damp", "storage_dtype", "pushed", "gram")
 # Written by dense windows that kept an explicit K^-1 (before the Cholesky factor); ignored on load.
@@ -50,6 +56,8 @@ def validate(state, window) -> int:
     error = None
     try:
         check_gram(window, gram, reduced, k)
+        if holds_factor(state, window):  # checked against S once S is known to be the rows'
+            check_factor(window, state["factor"].to(window.device), gram, state["pushed"])
     except ValueError as failure:
         error = failure
     agree(window, error, k)
@@ -66,10 +74,10 @@ def check_local(state, window) -> tuple[int, torch.Tensor, torch.Tensor]:
     expected = {"dim": window.dim, "window": window.window, "damp": window.damp,
                 "storage_dtype": str(window.storage_dtype), **storage.settings()}
     required = set(COMMON_KEYS) | set(expected) | set(spec)
-    if set(state) != required:
-        raise ValueError(f"window state must have exactly the keys {sorted(required)}; missing "
-                         f"{sorted(required - set(state))}, unknown {sorted(set(state) - required)}; pass the output "
-                         f"of state_dict()")
+    if not required <= set(state) <= required | {"factor"}:
+        raise ValueError(f"window state must have exactly the keys {sorted(required)} (and factor); missing "
+                         f"{sorted(required - set(state))}, unknown {sorted(set(state) - required - {'factor'})}; "
+                         f"pass the output of state_dict()")
     for key, mine in expected.items():
         if type(state[key]) is not type(mine) or state[key] != mine:
             raise ValueError(f"window state has {key} = {state[key]!r} but this window has {key} = {mine!r}; "
@@ -78,6 +86,8 @@ def check_local(state, window) -> tuple[int, torch.Tensor, torch.Tensor]:
     if isinstance(pushed, bool) or not isinstance(pushed, int) or pushed < 0:
         raise ValueError(f"window state has pushed = {pushed!r}; it must be an int >= 0")
     spec["gram"] = ((window.window, window.window), torch.float64)
+    if "factor" in state:
+        spec["factor"] = ((window.window, window.window), torch.float64)
     for key, (shape, dtype) in spec.items():
         tensor = state[key]
         if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape or tensor.dtype != dtype:
@@ -92,7 +102,7 @@ def check_local(state, window) -> tuple[int, torch.Tensor, torch.Tensor]:
         raise ValueError("window state's gram is not symmetric; it does not come from state_dict()")
     if bool(gram[k:].any()):
         raise ValueError(f"window state holds data beyond the {k} gradients that pushed = {pushed} implies")
-    tensors = {key: state[key].to(window.device) for key in spec if key != "gram"}
+    tensors = {key: state[key].to(window.device) for key in spec if key not in ("gram", "factor")}
     storage.check_state(tensors, k)
     gram = gram[:k, :k].to(window.device)
     return k, gram, probe_products(storage, tensors, k, probe_vector(k, window.device))
@@ -203,3 +213,34 @@ def check_gram(window, gram: torch.Tensor, reduced: torch.Tensor, k: int) -> Non
         raise ValueError(f"window state's gram does not match its rows: row {row} of the gram matrix is not the dot "
                          f"products of gradient {row} with the others (beyond float rounding); the gram was edited "
                          f"or comes from another state")
+
+
+def holds_factor(state: dict, window) -> bool:
+    """Whether ``state`` carries a factor for ``window`` to use: dual route, and not all zero (states
+    from the primal route, templates never filled and states from before factors were saved have
+    none, and are refactorised)."""
+    factor = state.get("factor")
+    return window.route == "dual" and isinstance(factor, torch.Tensor) and bool(factor.any())
+
+
+def check_factor(window, factor: torch.Tensor, gram: torch.Tensor, pushed: int) -> None:
+    """The saved dual-route factor against K = k*damp*I + S (see the module docstring); ValueError
+    naming ``factor``."""
+    k = gram.shape[0]
+    upper = factor[:k, :k]
+    if bool(factor.tril(-1).any()) or bool(factor[k:].any()) or bool(factor[:, k:].any()):
+        raise ValueError(f"window state's factor must be upper triangular and zero beyond its first {k} rows and "
+                         f"columns; it does not come from state_dict()")
+    if not bool((upper.diagonal() > 0).all()):
+        raise ValueError("window state's factor has a diagonal entry <= 0; it is not a Cholesky factor")
+    offset = pushed % window.window % k
+    matrix = torch.roll(gram, (-offset, -offset), (0, 1))
+    matrix.diagonal().add_(k * window.damp)
+    z = probe_vector(k, matrix.device)
+    drift = woodbury.drift(woodbury.Factor(upper.contiguous(), offset), z, matrix @ z)
+    if drift <= 4 * woodbury.drift_tolerance(k):
+        return
+    fresh = woodbury.Factor(robust_cholesky(matrix, k * window.damp).mT.contiguous())
+    if drift > 4 * woodbury.drift(fresh, z, matrix @ z):  # round-off may keep even a fresh factor this far
+        raise ValueError(f"window state's factor is not one of the saved Gram matrix (relative residual {drift:.2g} "
+                         f"on a probe); the factor was edited or comes from another state")

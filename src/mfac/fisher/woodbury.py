@@ -10,43 +10,118 @@ A window of k gradients G (k, d) represents F = damp*I + G^T G / k. Two routes g
   O(k d^2 + d^3 / 3)); then F^-1 x = k (k*damp*I + G^T G)^-1 x.
 
 Both factorisations go through :func:`mfac.fisher.base.robust_cholesky`, so a matrix that round-off
-made indefinite is repaired rather than refused.
+made indefinite is repaired rather than refused. Factors are kept upper, K = U^T U (:class:`Factor`).
+
+A full window's push changes K in one row and column: its oldest gradient's. Kept in age order, that
+is the leading row and column, whose removal turns the trailing part of U into a rank-one *update*
+(Givens rotations, no cancellation), and the new gradient is one triangular solve and one square
+root at the end: O(k^2) instead of O(k^3 / 3) (:func:`shifted`). A probe product checks every
+updated factor against K (:func:`drift`), and one that has drifted is replaced by a refactorisation.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
+from .. import kernels
 from .base import robust_cholesky
 
-__all__ = ["factor", "solve", "primal_apply"]
+__all__ = ["Factor", "factor", "shifted", "drift", "drift_tolerance", "primal_apply"]
 
 
-def factor(gram: torch.Tensor, rows: torch.Tensor | None, damp: float, primal: bool) -> torch.Tensor:
-    """The float64 Cholesky factor of the route: of k*damp*I + gram (dual; ``gram`` (k, k) float64),
-    or of k*damp*I + rows^T rows (primal; ``rows`` (k, d), any floating dtype, used in float64)."""
+
+def drift_tolerance(size: int) -> float:
+    """How far U^T U z may lie from K z, relative to ||K z||, before an updated factor of ``size``
+    rows is replaced by a refactorisation: 16 sqrt(size) eps. Measured (BENCHMARKS.md, window
+    push): a fresh factorisation leaves about 0.2-2 eps, updated ones a median of 1.5-12 eps with
+    rare peaks near 40 eps on streams mixing scales over six orders, collinear and zero rows, and
+    no growth over 200 windows of pushes; Cholesky's own backward error bound is of order size * eps."""
+    return 16 * math.sqrt(max(size, 1)) * torch.finfo(torch.float64).eps
+
+
+@dataclass(frozen=True)
+class Factor:
+    """K = U^T U: ``upper`` U (r, r) float64, contiguous, upper triangular with a positive diagonal.
+
+    On the dual route the rows and columns of U are in the *age order* of the gradients: index i
+    belongs to the i-th oldest, held in ring-buffer slot (offset + i) % r. That order is what makes
+    a push O(r^2) (:func:`shifted`): the oldest gradient is always index 0. Vectors come in and go
+    out in slot order; the permutation is a rotation, O(r). On the primal route U factors a d x d
+    matrix over coordinates and ``offset`` is 0.
+    """
+
+    upper: torch.Tensor
+    offset: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.upper.shape[0]
+
+    def to_age(self, slots: torch.Tensor) -> torch.Tensor:
+        """Rows of a slot-ordered (r,) or (r, n) tensor in age order."""
+        return torch.roll(slots, -self.offset, 0) if self.offset else slots
+
+    def to_slots(self, ages: torch.Tensor) -> torch.Tensor:
+        return torch.roll(ages, self.offset, 0) if self.offset else ages
+
+    def solve(self, rhs: torch.Tensor) -> torch.Tensor:
+        """K^-1 rhs for rhs (r,) or (r, n) float64 in slot order: two triangular solves, O(r^2 n)."""
+        columns = rhs if rhs.dim() == 2 else rhs[:, None]
+        out = self.to_slots(torch.cholesky_solve(self.to_age(columns), self.upper, upper=True))
+        return out if rhs.dim() == 2 else out[:, 0]
+
+    def whiten(self, columns: torch.Tensor) -> torch.Tensor:
+        """U^-T columns for columns (r, n) float64 in slot order; the result's rows are in age order
+        (it is only ever used through inner products of its columns, which do not depend on it)."""
+        return torch.linalg.solve_triangular(self.upper.mT, self.to_age(columns), upper=False)
+
+    def product(self, z: torch.Tensor) -> torch.Tensor:
+        """U^T U z for z (r,) float64 in age order: O(r^2)."""
+        return self.upper.mT @ (self.upper @ z)
+
+
+def factor(gram: torch.Tensor, rows: torch.Tensor | None, damp: float, primal: bool, offset: int = 0) -> Factor:
+    """Factor the route's matrix from scratch: k*damp*I + gram (dual; ``gram`` (k, k) float64 in slot
+    order, factored in age order from slot ``offset``), or k*damp*I + rows^T rows (primal; ``rows``
+    (k, d), any floating dtype, used in float64). O(r^3 / 3)."""
     k = gram.shape[0]
     if primal:
         if k == 0:
-            return torch.zeros(0, 0, dtype=torch.float64, device=gram.device)
+            return Factor(torch.zeros(0, 0, dtype=torch.float64, device=gram.device))
         rows = rows.to(torch.float64)
-        shifted = rows.T @ rows
-        shifted = (shifted + shifted.T) / 2
+        shifted_matrix = rows.T @ rows
+        shifted_matrix = (shifted_matrix + shifted_matrix.T) / 2
+        offset = 0
     else:
-        shifted = gram.clone()
-    shifted.diagonal().add_(k * damp)
-    return robust_cholesky(shifted, k * damp)
+        offset = offset % k if k else 0
+        shifted_matrix = torch.roll(gram, (-offset, -offset), (0, 1)) if offset else gram.clone()
+    shifted_matrix.diagonal().add_(k * damp)
+    return Factor(robust_cholesky(shifted_matrix, k * damp).mT.contiguous(), offset)
 
 
-def solve(lower: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """(L L^T)^-1 rhs for rhs of shape (k,) or (k, n), float64: two triangular solves."""
-    columns = rhs if rhs.dim() == 2 else rhs[:, None]
-    out = torch.cholesky_solve(columns, lower)
-    return out if rhs.dim() == 2 else out[:, 0]
+def shifted(old: Factor, column: torch.Tensor, diag: float, offset: int) -> Factor | None:
+    """The dual factor after the oldest of a full window's r gradients leaves and a new one arrives
+    (as index r - 1 of the age order, which then starts at slot ``offset``): ``column`` (r - 1,)
+    float64 holds its entries of K with the others in the new age order, ``diag`` its diagonal
+    entry. O(r^2) (:func:`mfac.kernels.factor_shift`); None where that kernel cannot run or the new
+    pivot is not positive, and the caller refactorises."""
+    upper = kernels.factor_shift(old.upper, column.contiguous(), diag)
+    return None if upper is None else Factor(upper, offset % upper.shape[0])
 
 
-def primal_apply(x: torch.Tensor, lower: torch.Tensor, k: int, damp: float, dtype: torch.dtype) -> torch.Tensor:
+def drift(candidate: Factor, z: torch.Tensor, k_times_z: torch.Tensor) -> float:
+    """||U^T U z - K z|| / ||K z|| for a probe z and K z, both (r,) float64 in age order: how far an
+    updated factor has moved from the matrix it stands for, in O(r^2)."""
+    scale = float(torch.linalg.vector_norm(k_times_z))
+    error = float(torch.linalg.vector_norm(candidate.product(z) - k_times_z))
+    return error / scale if scale > 0 else error
+
+
+def primal_apply(x: torch.Tensor, fac: Factor, k: int, damp: float, dtype: torch.dtype) -> torch.Tensor:
     """Primal route: F^-1 x = k (k*damp*I + G^T G)^-1 x for x (d,) or (d, n); result in ``dtype``."""
     if k == 0:
         return (x / damp).to(dtype)
-    return (solve(lower, x.to(torch.float64)) * k).to(dtype)
+    return (fac.solve(x.to(torch.float64)) * k).to(dtype)

@@ -32,7 +32,7 @@ from . import triton_window
 from .build import BuildError, cache_folder, load_library
 
 __all__ = ["BlockLayout", "available", "status", "reset", "dense_dots", "dense_combine", "sparse_dots",
-           "sparse_combine"]
+           "sparse_combine", "factor_shift"]
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -45,6 +45,7 @@ _SIGNATURES = {
     "dense_combine": [_P, _I64, _I64, _P, _P, _F32, _F32, _P, _INT],
     "sparse_dots": [_P, _INT, _P, _I64, _I64, _P, _I64, _I64, _P, _P, _INT],
     "sparse_combine": [_P, _INT, _P, _I64, _I64, _P, _I64, _I64, _I64, _P, _P, _F32, _F32, _P, _INT],
+    "factor_shift": [_P, _I64, _P, ctypes.c_double, _P, _P],
 }
 
 
@@ -252,4 +253,28 @@ def sparse_combine(layout: BlockLayout, values: torch.Tensor, offsets: torch.Ten
     _call(library.sparse_combine, values.data_ptr(), _value_kind(values), offsets.data_ptr(), rows, layout.capacity,
           layout.starts.data_ptr(), layout.starts.numel() - 1, layout.block, x.shape[0], coeffs.data_ptr(),
           x.data_ptr(), beta, alpha, out.data_ptr())
+    return out
+
+
+# The window's Cholesky factor --------------------------------------------------------------------------
+
+
+def factor_shift(upper: torch.Tensor, column: torch.Tensor, diag: float) -> torch.Tensor | None:
+    """The factor of a full window after its oldest gradient leaves and a new one arrives, in O(m^2).
+
+    ``upper`` (m, m) float64 is U with K = U^T U, rows in age order (0 = oldest); the new K drops
+    row and column 0 and appends ``column`` ((m - 1,) float64, age order) and ``diag`` at the end.
+    Returns the new (m, m) factor, a new tensor (``upper`` is not changed), or None where the
+    compiled kernel cannot run (no library, data not on the CPU) or round-off made the new matrix
+    look indefinite: the caller then refactorises. The drop is a rank-one update by Givens
+    rotations (orthogonal, no cancellation) and the append one triangular solve and one square
+    root; about 3 m^2 flops, single-threaded."""
+    m = upper.shape[0]
+    library = _usable(upper, column) if upper.dtype == column.dtype == torch.float64 and m >= 2 else None
+    if library is None:
+        return None
+    out = torch.empty_like(upper)
+    work = torch.empty(m, dtype=torch.float64)
+    if library.factor_shift(upper.data_ptr(), m, column.data_ptr(), float(diag), out.data_ptr(), work.data_ptr()):
+        return None
     return out

@@ -174,7 +174,7 @@ def run_compiler(command: list[str], output: Path, log: Path, timeout: float) ->
     """Compile window.c to ``output``; the compiler's error text on failure, None on success. Raises
     BuildError when it does not finish in ``timeout`` seconds (after killing its whole process group)."""
     with open(log, "wb") as errors:
-        process = subprocess.Popen([*command, "-shared", "-fPIC", str(SOURCE), "-o", str(output)],
+        process = subprocess.Popen([*command, "-shared", "-fPIC", str(SOURCE), "-o", str(output), "-lm"],
                                    stdin=subprocess.DEVNULL, stdout=errors, stderr=errors,
                                    start_new_session=hasattr(os, "killpg"))
         try:

@@ -16,6 +16,7 @@
  *
  * Threads: OpenMP over blocks when compiled with -fopenmp (num_threads is the caller's).
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -290,4 +291,57 @@ int sparse_combine(const void *values, int value_kind, const int16_t *offsets, i
         free(acc);
     }
     return failed ? -1 : 0;
+}
+
+/* The Cholesky factor of a full sliding window after its oldest gradient leaves and a new one
+ * arrives, in O(m^2) instead of the O(m^3 / 3) of a refactorisation.
+ *
+ * upper (m, m) row-major holds U with K = U^T U, rows and columns in age order (0 = the oldest).
+ * K' drops row and column 0 of K and appends the new gradient's column (`column`, m - 1 numbers
+ * in age order) and diagonal entry `diag` at the end.
+ *   Dropping: K[1:, 1:] = U11^T U11 + u u^T with u = U[0, 1:], a rank-one *update* (never a
+ *   downdate), done as Givens rotations of the rows of [U11; u^T]: orthogonal, so no cancellation.
+ *   Appending: solve U11'^T y = column, then U'[m-1, m-1] = sqrt(diag - |y|^2), the last step of
+ *   an ordinary Cholesky factorisation.
+ * out (m, m) receives U' and must not alias upper; work holds m doubles of scratch. Returns 0, or
+ * 1 when diag - |y|^2 <= 0 (round-off made K' look indefinite: the caller refactorises). */
+int factor_shift(const double *upper, int64_t m, const double *column, double diag, double *restrict out,
+                 double *restrict work) {
+    int64_t n = m - 1;
+    for (int64_t i = 0; i < n; i++) {
+        memcpy(out + i * m, upper + (i + 1) * m + 1, (size_t)n * sizeof(double));
+        out[i * m + n] = 0.0;
+    }
+    memset(out + n * m, 0, (size_t)m * sizeof(double));
+    double *restrict x = work;
+    memcpy(x, upper + 1, (size_t)n * sizeof(double));
+    for (int64_t k = 0; k < n; k++) {
+        double *restrict row = out + k * m;
+        double a = row[k], b = x[k];
+        if (b == 0.0) continue;
+        double r = hypot(a, b), c = a / r, s = b / r;
+        row[k] = r;
+        for (int64_t j = k + 1; j < n; j++) {
+            double rj = row[j], xj = x[j];
+            row[j] = c * rj + s * xj;
+            x[j] = c * xj - s * rj;
+        }
+    }
+    double *restrict y = work;
+    memcpy(y, column, (size_t)n * sizeof(double));
+    for (int64_t j = 0; j < n; j++) {  /* forward substitution with U11'^T, a row of U11' at a time */
+        const double *row = out + j * m;
+        double yj = y[j] / row[j];
+        y[j] = yj;
+        for (int64_t i = j + 1; i < n; i++) y[i] -= yj * row[i];
+    }
+    double squares = 0.0;
+    for (int64_t j = 0; j < n; j++) {
+        squares += y[j] * y[j];
+        out[j * m + n] = y[j];
+    }
+    double pivot = diag - squares;
+    if (!(pivot > 0.0)) return 1;
+    out[n * m + n] = sqrt(pivot);
+    return 0;
 }
