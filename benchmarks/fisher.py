@@ -4,8 +4,10 @@ For each size it measures, on float32 gradients:
   floor       one G x plus one G^T a on the same (m, d) window: the two reads of the window that
               any exact F^-1 g needs
   push_ihvp   SlidingWindowFisherInverse.push_ihvp on a full window (steady state)
-  m x m       the part of a push that is not a pass over the window: the float64 Cholesky
-              factorisation of the m x m matrix K that push_ihvp performs at every push
+  m x m       the part of a push on a full window that is not a pass over the window: the O(m^2)
+              update of the float64 Cholesky factor of the m x m matrix K and the probe checking it
+  refactor    a fresh factorisation of K, O(m^3 / 3) (every push did this before the update; a push
+              still does while the window fills, or when the probe finds the update drifted)
   static      StaticFisherInverse setup, and its ihvp
   block       BlockFisherInverse(block_size=128) setup, and its ihvp
 and the bytes of state each object holds. Timings are medians of repeated runs.
@@ -36,6 +38,7 @@ import torch
 
 from mfac import kernels
 from mfac.fisher import BlockFisherInverse, CompressedWindowFisherInverse, SlidingWindowFisherInverse, StaticFisherInverse
+from mfac.fisher import woodbury
 
 DAMP = 1e-4
 
@@ -77,10 +80,25 @@ def once(fn) -> tuple[float, object]:
 
 
 def factor_small(gram: torch.Tensor):
-    """What push_ihvp spends besides the window passes: a fresh m x m float64 Cholesky factor."""
+    """A fresh m x m float64 Cholesky factor: what a push spent besides the window passes before
+    the O(m^2) update (and still spends while the window fills, or when the update drifts)."""
     shifted = gram.clone()
     shifted.diagonal().add_(gram.shape[0] * DAMP)
     return torch.linalg.cholesky_ex(shifted)
+
+
+def factor_update(gram: torch.Tensor):
+    """A call doing what push_ihvp on a full window spends besides the window passes: the O(m^2)
+    update of the Cholesky factor (oldest gradient out, newest in) and the probe that checks it."""
+    m = gram.shape[0]
+    base = woodbury.factor(gram, None, DAMP, False)
+    column, diag = gram[0, 1:].contiguous(), float(gram[0, 0]) + m * DAMP  # the oldest comes back as the newest
+    z = torch.ones(m, dtype=torch.float64)
+
+    def call():
+        updated = woodbury.shifted(base, column, diag, 1)
+        return woodbury.drift(updated, z, gram @ z) if updated is not None else None
+    return call
 
 
 def measure(d: int, m: int, reps: int, warmup: int = 1, setup_reps: int = 1) -> dict:
@@ -98,9 +116,10 @@ def measure(d: int, m: int, reps: int, warmup: int = 1, setup_reps: int = 1) -> 
     window = win.storage.held(m)  # the floor reads the very storage push_ihvp reads
     counter = iter(range(10**9))
     gram = win.state_dict()["gram"]
-    samples = dict(zip(("floor", "push_ihvp", "factor"), timed_samples([
+    samples = dict(zip(("floor", "push_ihvp", "factor", "refactor"), timed_samples([
         lambda: (torch.mv(window, x), torch.addmv(x, window.T, a, beta=2.0, alpha=-1.0)),
         lambda: win.push_ihvp(probes[next(counter) % len(probes)]),
+        factor_update(gram),
         lambda: factor_small(gram),
     ], reps, warmup)))
     row["window_MB"] = win.nbytes / 2**20
@@ -245,7 +264,7 @@ def main() -> None:
         quick_core(dims, windows, args.reps or QUICK_REPS)
         return
     header = (f"| {'d':>9} | {'m':>5} | {'floor ms':>9} | {'push_ihvp ms':>12} | {'/floor':>6} | {'m x m ms':>8} "
-              f"| {'static setup s':>14} | {'static ihvp ms':>14} | {'block128 setup s':>16} "
+              f"| {'refactor ms':>11} | {'static setup s':>14} | {'static ihvp ms':>14} | {'block128 setup s':>16} "
               f"| {'block128 ihvp ms':>16} | {'window MB':>9} | {'static MB':>9} | {'block128 MB':>11} | {'dense MB':>10} |")
     print(header)
     print("|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|")
@@ -255,7 +274,7 @@ def main() -> None:
             r = measure(d, m, reps)
             print(f"| {d:>9,} | {m:>5} | {r['floor'] * 1e3:>9.2f} | {r['push_ihvp'] * 1e3:>12.2f} "
                   f"| {r['push_ihvp'] / r['floor']:>6.2f} | {r['factor'] * 1e3:>8.2f} "
-                  f"| {r['static_setup']:>14.2f} "
+                  f"| {r['refactor'] * 1e3:>11.2f} | {r['static_setup']:>14.2f} "
                   f"| {r['static_ihvp'] * 1e3:>14.2f} | {r['block_setup']:>16.2f} | {r['block_ihvp'] * 1e3:>16.2f} "
                   f"| {r['window_MB']:>9.0f} | {r['static_MB']:>9.0f} | {r['block_MB']:>11.0f} | {r['dense_MB']:>10.0f} |",
                   flush=True)
@@ -276,7 +295,9 @@ alternate, so the three share the machine's noise; a busy machine widens the [mi
   push_ihvp ms      SlidingWindowFisherInverse.push_ihvp on a full window (steady state)
   /floor            push_ihvp / floor, of the medians (about 1-2 when a push is memory bound)
   min /floor        the same of the fastest repeats: steadier than /floor on a busy machine
-  m x m ms          the float64 Cholesky factorisation of the m x m matrix K done at every push
+  m x m ms          what a push on a full window does besides the window passes: the O(m^2)
+                    update of the m x m Cholesky factor of K and the probe that checks it
+  refactor ms       a fresh factorisation of K, O(m^3 / 3): what every push did before the update
   static, block128  StaticFisherInverse and BlockFisherInverse(block_size=128): setup s, ihvp ms
   MB columns        bytes each object holds; dense MB: an explicit d x d inverse (never built)
 """
@@ -293,7 +314,8 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 def quick_rows(results: list[dict], reps: int) -> list[str]:
     """The quick table of :func:`measure` rows: the full table's columns, each time as median
     [min-max] of its repeats, and a reps column."""
-    header = ["d", "m", "reps", "floor ms", "push_ihvp ms", "/floor", "min /floor", "m x m ms", "static setup s",
+    header = ["d", "m", "reps", "floor ms", "push_ihvp ms", "/floor", "min /floor", "m x m ms", "refactor ms",
+              "static setup s",
               "static ihvp ms", "block128 setup s", "block128 ihvp ms", "window MB", "static MB", "block128 MB",
               "dense MB"]
     rows = []
@@ -301,7 +323,7 @@ def quick_rows(results: list[dict], reps: int) -> list[str]:
         t = r["samples"]
         rows.append([f"{r['d']:,}", str(r["m"]), str(reps), spread(t["floor"]), spread(t["push_ihvp"]),
                      f"{r['push_ihvp'] / r['floor']:.2f}", f"{min(t['push_ihvp']) / min(t['floor']):.2f}",
-                     spread(t["factor"]), spread(t["static_setup"], 1, 3),
+                     spread(t["factor"]), spread(t["refactor"]), spread(t["static_setup"], 1, 3),
                      spread(t["static_ihvp"]), spread(t["block_setup"], 1, 3), spread(t["block_ihvp"]),
                      f"{r['window_MB']:.0f}", f"{r['static_MB']:.0f}", f"{r['block_MB']:.0f}", f"{r['dense_MB']:.0f}"])
     return table(header, rows)

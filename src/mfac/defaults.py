@@ -9,7 +9,8 @@ Optimizer (:class:`mfac.MFAC`)
     ``SMALL_MODEL_RECIPE``: what the command line and the demo use for the built-in models (an MLP
     or CNN on digits, ResNet-20 on CIFAR): a short window and a large damp, chosen on digits.
     ``TRANSFORMER_RECIPE``: fine-tuning a BERT-size model (MiniLM-L6 on SST-2, BENCHMARKS.md#fine-tuning-minilm-l6-on-sst-2):
-    a compressed bfloat16 window of 1024 gradients at 1% density.
+    a compressed bfloat16 window of 1024 gradients at 1% density, gradients clipped to norm 1 by
+    the optimizer itself (so a plain loop trains as Trainer does; BENCHMARKS.md#clipping-and-the-transformer-recipe).
 
 Pruning (:func:`mfac.prune.prune_oneshot`, :class:`mfac.prune.GradualPruner`,
 :class:`mfac.hf.PruningCallback`)
@@ -54,14 +55,16 @@ class OptimizerRecipe:
     momentum: float = 0.0
     density: float = 1.0
     window_dtype: torch.dtype | None = None
+    max_grad_norm: float | None = None
 
     def kwargs(self) -> dict:
         return dict(lr=self.lr, window=self.window, damp=self.damp, momentum=self.momentum, density=self.density,
-                    window_dtype=self.window_dtype)
+                    window_dtype=self.window_dtype, max_grad_norm=self.max_grad_norm)
 
 
 SMALL_MODEL_RECIPE = OptimizerRecipe(lr=3e-3, window=64, damp=1e-2, momentum=0.9)
-TRANSFORMER_RECIPE = OptimizerRecipe(lr=3e-5, window=1024, damp=1e-4, density=0.01, window_dtype=torch.bfloat16)
+TRANSFORMER_RECIPE = OptimizerRecipe(lr=3e-5, window=1024, damp=1e-4, density=0.01, window_dtype=torch.bfloat16,
+                                     max_grad_norm=1.0)
 
 PRUNE_RELATIVE_DAMP = 0.3
 PRUNE_NUM_GRADS = 256

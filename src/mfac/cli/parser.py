@@ -166,6 +166,10 @@ def _mfac_options(sub, prefix: str = "") -> None:
     sub.add_argument("--window-dtype", choices=WINDOW_DTYPES, default=None,
                      help=f"{prefix}MFAC: the dtype the window stores gradients in (default: float32 for built-in "
                           f"models, bfloat16 for hf: models)")
+    sub.add_argument("--max-grad-norm", type=number(0, FLOAT32_MAX), default=None,
+                     help=f"{prefix}MFAC: clip each gradient to this norm before the window sees it; 0: no clipping "
+                          f"(default: {small.max_grad_norm or 0:g} for built-in models, {big.max_grad_norm or 0:g} "
+                          f"for hf: models, where training without it stalls)")
 
 
 def _add_demo(commands) -> None:

@@ -37,8 +37,8 @@ from .prune_jobs import PruneJob, block_size, builtin_job, check_pattern, dense_
 from .pruning_progress import pruning_progress
 from .reports import run_header, unused_settings, write_json, write_markdown, prune_figures
 
-GRADUAL_FLAGS = ("steps", "optimizer", "lr", "density", "window_dtype", "prune_start", "prune_end", "prune_every",
-                 "checkpoint_every")
+GRADUAL_FLAGS = ("steps", "optimizer", "lr", "density", "window_dtype", "max_grad_norm", "prune_start", "prune_end",
+                 "prune_every", "checkpoint_every")
 
 
 def run(args) -> int:

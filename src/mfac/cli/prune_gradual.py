@@ -47,7 +47,7 @@ KIND = "mfac prune --gradual"
 # Settings a resumed run takes from its checkpoint; --steps, --checkpoint-every and --quiet may change.
 RUN_SETTINGS = ("model", "data", "checkpoint", "batch_size", "max_length", "new_head", "method", "sparsity", "scope",
                 "num_grads", "per_sample", "damp", "relative_damp", "block_size", "recompute", "optimizer", "lr",
-                "density", "window_dtype", "prune_start", "prune_end", "prune_every", "seed")
+                "density", "window_dtype", "max_grad_norm", "prune_start", "prune_end", "prune_every", "seed")
 _PARAMETRIZED = re.compile(r"(.*?)parametrizations\.([^.]+)\.original")
 
 
@@ -100,6 +100,7 @@ def _setup(args, out: Path, load_weights: bool = True) -> GradualRun:
     resolve_num_grads(args, usable * args.batch_size, usable, GRADUAL_NUM_GRADS)
     settings = gradual_settings(args)
     args.lr, args.density, args.window_dtype = settings["lr"], settings["density"], settings["window_dtype"]
+    args.max_grad_norm = settings["max_grad_norm"]
     args.recompute = args.recompute or GRADUAL_RECOMPUTE
     params = None
     if hf_model:
@@ -248,7 +249,8 @@ def _load(args, folder: Path) -> dict:
 def _take_settings(args, saved: dict) -> None:
     """The resumed run's own settings into ``args``; a different one given on the command line is
     a usage error."""
-    take_run_settings(args, saved["settings"], RUN_SETTINGS, "mfac prune")
+    legacy = {"max_grad_norm": 0.0}  # runs from before --max-grad-norm did not clip
+    take_run_settings(args, {**legacy, **saved["settings"]}, RUN_SETTINGS, "mfac prune")
     args.gradual = True
     if args.steps < saved["step"]:
         raise CliError(f"--steps {args.steps} is fewer than the {saved['step']} steps the run has already taken")

@@ -17,7 +17,7 @@ __all__ = ["environment", "json_safe", "write_json", "markdown_table", "run_head
 # Namespace entries that are not settings of the run.
 _NOT_SETTINGS = ("quiet", "force", "option_defaults", "resume")
 _TEXT_ONLY = ("max_length", "new_head")
-_MFAC_ONLY = ("density", "window_dtype")
+_MFAC_ONLY = ("density", "window_dtype", "max_grad_norm")
 _GRADUAL_ONLY = ("gradual", "steps", "optimizer", "lr", "prune_start", "prune_end", "prune_every", "checkpoint_every",
                  *_MFAC_ONLY)
 _ONESHOT_ONLY = ("pattern", "structure", "compact", "latency_runs", "allow_untrained", "calibrate_bn")

@@ -38,10 +38,10 @@ CHECKPOINT = "checkpoint.pt"
 FORMAT = 1
 # Settings a resumed run takes from its checkpoint; --steps, --checkpoint-every and --quiet may change.
 RUN_SETTINGS = ("model", "data", "checkpoint", "batch_size", "max_length", "new_head", "optimizer", "lr", "momentum",
-                "weight_decay", "window", "damp", "density", "window_dtype", "seed")
+                "weight_decay", "window", "damp", "density", "window_dtype", "max_grad_norm", "seed")
 # What runs from before a setting existed used instead.
-LEGACY = {"max_length": 64, "new_head": False, "density": 1.0, "window_dtype": "float32"}
-MFAC_ONLY = ("window", "damp", "density", "window_dtype")
+LEGACY = {"max_length": 64, "new_head": False, "density": 1.0, "window_dtype": "float32", "max_grad_norm": 0.0}
+MFAC_ONLY = ("window", "damp", "density", "window_dtype", "max_grad_norm")
 
 
 @dataclass
@@ -113,7 +113,7 @@ def make_job(args, load_weights: bool = True) -> Job:
 def optimizer_settings(args) -> dict:
     """The keyword arguments of :func:`make_optimizer` from the (filled-in) settings of the run."""
     return dict(momentum=args.momentum, weight_decay=args.weight_decay, window=args.window, damp=args.damp,
-                density=args.density, window_dtype=args.window_dtype)
+                density=args.density, window_dtype=args.window_dtype, max_grad_norm=args.max_grad_norm)
 
 
 def build_optimizer(args, job: Job, context: str = ""):

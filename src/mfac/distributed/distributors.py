@@ -49,6 +49,7 @@ class SingleProcess:
     window_part = staticmethod(_identity)
     full_direction = staticmethod(_identity)
     agree = staticmethod(_identity)
+    total = None  # each process holds whole parameters: its own sums are the totals
 
     @staticmethod
     def window_dim(dim: int) -> int:
@@ -128,6 +129,10 @@ class ParameterShards(SingleProcess):
 
     def agree(self, flag: torch.Tensor) -> torch.Tensor:
         return all_true(flag, self.group)
+
+    def total(self, partial: torch.Tensor) -> torch.Tensor:
+        """A float64 sum over this process's parameter shards, summed over the group."""
+        return self.reduce(partial)
 
     def describe(self) -> dict:
         return self.shards.as_dict()

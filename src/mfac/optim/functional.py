@@ -1,9 +1,10 @@
 """The arithmetic of one MFAC step, as plain functions over lists of tensors (as ``torch.optim.adamw``'s
 ``adamw()``): :class:`mfac.MFAC` gathers the lists, asks its window for the direction, and calls these.
 
-One step, as published (Frantar et al., 2021):
+One step, as published (Frantar et al., 2021), with optional clipping of the gradient first:
 
-    g   <- grad + weight_decay * p          (coupled weight decay, per group; all params, one vector)
+    c   <- min(1, max_grad_norm / ||grad||) (global norm over all params; 1 without max_grad_norm)
+    g   <- c * grad + weight_decay * p      (coupled weight decay, per group; all params, one vector)
     u   <- F^-1 g                           (F over the last ``window`` gradients, g included)
     buf <- momentum * buf + u               (per group)
     p   <- p - lr * buf                     (decoupled: p * (1 - lr * weight_decay) - lr * buf)
@@ -18,7 +19,7 @@ import torch
 
 from ..fisher.base import finite_flag
 
-__all__ = ["as_number", "check_hyper", "check_group", "flatten_gradients", "mfac_update"]
+__all__ = ["as_number", "check_hyper", "check_group", "clip_coefficient", "flatten_gradients", "mfac_update"]
 
 
 def as_number(value):
@@ -54,10 +55,27 @@ def check_group(group: dict) -> None:
                          f"would flip the sign of the parameters; lower lr or weight_decay")
 
 
+def clip_coefficient(grads: list[torch.Tensor | None], max_norm: float | None, total=None) -> float:
+    """min(1, max_norm / ||grads||) for the global 2-norm of the gradients, as
+    ``torch.nn.utils.clip_grad_norm_`` scales them but without its epsilon, so gradients already
+    clipped to ``max_norm`` (by Hugging Face's Trainer, say) are left exactly as they are. 1.0 when
+    ``max_norm`` is None or the gradients are zero; NaN or 0 for non-finite gradients (which the
+    window then refuses). ``total`` sums a (1,) float64 partial sum of squares over the processes
+    that share the parameters (None: this process holds them all). One read of the gradients."""
+    if max_norm is None:
+        return 1.0
+    present = [g for g in grads if g is not None]
+    squares = torch.zeros(1, dtype=torch.float64, device=present[0].device if present else None)
+    for grad in present:
+        squares += torch.linalg.vector_norm(grad, dtype=torch.float64).square()
+    norm = math.sqrt(float(squares[0] if total is None else total(squares)[0]))
+    return 1.0 if norm <= max_norm else max_norm / norm
+
+
 def flatten_gradients(flat: torch.Tensor, params: list[torch.Tensor], grads: list[torch.Tensor | None],
-                      coupled_decay: list[float]) -> torch.Tensor:
-    """Write every gradient (plus its coupled weight decay * p) into ``flat``, in order, and zeros
-    for parameters without one: one pass over d. Returns ``flat``."""
+                      coupled_decay: list[float], scale: float = 1.0) -> torch.Tensor:
+    """Write every gradient times ``scale`` (plus its coupled weight decay * p) into ``flat``, in
+    order, and zeros for parameters without one: one pass over d. Returns ``flat``."""
     offset = 0
     for p, grad, decay in zip(params, grads, coupled_decay):
         part = flat[offset: offset + p.numel()]
@@ -66,10 +84,12 @@ def flatten_gradients(flat: torch.Tensor, params: list[torch.Tensor], grads: lis
             part.zero_()
         elif grad.is_sparse:
             raise RuntimeError("MFAC does not support sparse gradients")
-        elif decay:
-            torch.add(grad.reshape(-1), p.reshape(-1), alpha=decay, out=part)
         else:
             part.copy_(grad.reshape(-1))
+            if scale != 1.0:
+                part.mul_(scale)
+            if decay:
+                part.add_(p.reshape(-1), alpha=decay)
     return flat
 
 

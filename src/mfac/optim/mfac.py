@@ -36,12 +36,12 @@ from ..fisher import CompressedWindowFisherInverse, NonFiniteGradientError, Slid
 from ..fisher.base import check_damp, compute_dtype
 from ..fisher.compressed import check_density, compressed_nbytes
 from ..fisher.window import window_nbytes
-from .functional import as_number, check_group, flatten_gradients, mfac_update
+from .functional import as_number, check_group, check_hyper, clip_coefficient, flatten_gradients, mfac_update
 from .saved import check_saved_state
 
 __all__ = ["MFAC"]
 
-_GLOBAL_KEYS = ("window", "damp", "window_dtype", "nonfinite", "density", "precondition")
+_GLOBAL_KEYS = ("window", "damp", "window_dtype", "nonfinite", "density", "precondition", "max_grad_norm")
 
 
 class MFAC(Optimizer):
@@ -84,6 +84,14 @@ class MFAC(Optimizer):
             gradient g, or "compressed", the compressed gradient that entered the window, as EFCP
             does. The full gradient costs one more read of the kept entries per step and trains
             better on the bundled tasks (BENCHMARKS.md#which-gradient-a-compressed-window-preconditions).
+        max_grad_norm: clip the gradient to this global 2-norm before it enters the window and the
+            step, as ``torch.nn.utils.clip_grad_norm_`` and Trainer's ``max_grad_norm`` do (without
+            their epsilon, so after Trainer's own clipping it changes nothing). Default None: no
+            clipping. Why it matters: F^-1 scales what lies outside the window's span by 1 / damp,
+            so with a small damp (and a compressed window, which holds only part of each gradient)
+            the step grows with the raw gradient. The transformer recipe
+            (``mfac.defaults.TRANSFORMER_RECIPE``) sets 1.0: without clipping it stalls at chance on
+            MiniLM/SST-2 (BENCHMARKS.md#clipping-and-the-transformer-recipe).
 
     All parameters of all groups form one vector of d coordinates and share one window, as in the
     published method; the window is created at the first ``step``, after which ``add_param_group``
@@ -108,7 +116,7 @@ class MFAC(Optimizer):
                  window: int = defaults.MFAC_WINDOW, damp: float = defaults.MFAC_DAMP, momentum: float = 0.0,
                  weight_decay: float = 0.0, decoupled_weight_decay: bool = False,
                  window_dtype: torch.dtype | None = None, nonfinite: str = "skip", process_group: Any = None,
-                 density: float = 1.0, precondition: str = "gradient") -> None:
+                 density: float = 1.0, precondition: str = "gradient", max_grad_norm: float | None = None) -> None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an int >= 1 (the number of gradients kept), got {window!r}")
         if window_dtype is not None and (not isinstance(window_dtype, torch.dtype)
@@ -120,6 +128,12 @@ class MFAC(Optimizer):
         if precondition not in ("gradient", "compressed"):
             raise ValueError(f"precondition must be 'gradient' or 'compressed', got {precondition!r}")
         self._precondition = precondition
+        if max_grad_norm is not None:
+            check_hyper("max_grad_norm", max_grad_norm, 0.0)
+            if not as_number(max_grad_norm) > 0:
+                raise ValueError("max_grad_norm must be > 0, or None for no clipping; got 0")
+            max_grad_norm = float(as_number(max_grad_norm))
+        self._max_grad_norm = max_grad_norm
         if self._density < 1 and process_group is not None:
             raise ValueError("density < 1 (a compressed window) cannot be combined with process_group yet; "
                              "shard a dense window (density=1.0) or compress on one process")
@@ -228,6 +242,7 @@ class MFAC(Optimizer):
     window_size = property(lambda self: self._window_size, doc="m, the number of gradients the window keeps.")
     damp = property(lambda self: self._damp, doc="The damping lambda of the window.")
     density = property(lambda self: self._density, doc="Fraction of each gradient's entries the window keeps.")
+    max_grad_norm = property(lambda self: self._max_grad_norm, doc="The gradient's clipping norm (None: no clipping).")
     device = property(lambda self: self.all_params[0].device, doc="Where the parameters and the window live.")
 
     @property
@@ -299,7 +314,9 @@ class MFAC(Optimizer):
         local = [self._local(p) for p in params]
         coupled = [0.0 if group["decoupled_weight_decay"] else as_number(group["weight_decay"])
                    for group, group_params in self._window_groups() for _ in group_params]
-        flat = flatten_gradients(self._flat_grad, local, [self._local(p.grad) for p in params], coupled)
+        grads = [self._local(p.grad) for p in params]
+        scale = clip_coefficient(grads, self._max_grad_norm, self._distributor.total)
+        flat = flatten_gradients(self._flat_grad, local, grads, coupled, scale)
         flat = self._distributor.window_part(flat)
         full_gradient = self._density < 1 and self._precondition == "gradient"
         staged = fisher.stage(flat, direction=not full_gradient)
