@@ -89,15 +89,16 @@ def factor_small(gram: torch.Tensor):
 
 def factor_update(gram: torch.Tensor):
     """A call doing what push_ihvp on a full window spends besides the window passes: the O(m^2)
-    update of the Cholesky factor (oldest gradient out, newest in) and the probe that checks it."""
+    update of the Cholesky factor (oldest gradient out, newest in), the probe that checks it, and
+    the triangular solve for the new gradient's coefficients."""
     m = gram.shape[0]
     base = woodbury.factor(gram, None, DAMP, False)
     column, diag = gram[0, 1:].contiguous(), float(gram[0, 0]) + m * DAMP  # the oldest comes back as the newest
     z = torch.ones(m, dtype=torch.float64)
 
     def call():
-        updated = woodbury.shifted(base, column, diag, 1)
-        return woodbury.drift(updated, z, gram @ z) if updated is not None else None
+        updated, product = woodbury.shifted(base, column, diag, 1, z)
+        return woodbury.drift(product, gram @ z), updated.solve_newest()
     return call
 
 

@@ -140,6 +140,7 @@ def test_defaults_come_from_mfac_defaults(monkeypatch, capsys):
         fill_recipe(train)  # what the user leaves out comes from the model's recipe
         assert (train.lr, train.window, train.damp, train.momentum, train.density, train.window_dtype) == (
             recipe.lr, recipe.window, recipe.damp, recipe.momentum, recipe.density, dtype_name(recipe.window_dtype))
+        assert train.max_grad_norm == (recipe.max_grad_norm or 0.0)  # 0: no clipping
     given = parser.parse_args(["train", "--model", "hf:/x", "--window", "8", "--window-dtype", "float32"])
     fill_recipe(given)
     assert (given.window, given.window_dtype, given.damp) == (8, "float32", defaults.TRANSFORMER_RECIPE.damp)
@@ -844,8 +845,8 @@ def test_hugging_face_training_uses_the_transformer_recipe_and_states_its_memory
     report = json.loads((tmp_path / "t" / "report.json").read_text())
     recipe = defaults.TRANSFORMER_RECIPE
     settings = report["settings"]
-    assert (settings["lr"], settings["window"], settings["damp"], settings["density"], settings["window_dtype"]) == (
-        recipe.lr, recipe.window, recipe.damp, recipe.density, "bfloat16")
+    assert (settings["lr"], settings["window"], settings["damp"], settings["density"], settings["window_dtype"],
+            settings["max_grad_norm"]) == (recipe.lr, recipe.window, recipe.damp, recipe.density, "bfloat16", 1.0)
     memory = [line for line in result.stdout.splitlines() if line.startswith("memory:")]
     assert len(memory) == 1 and "window of 1024 gradients" in memory[0] and "bfloat16 at density 0.01" in memory[0]
     assert "one checkpoint:" in memory[0] and report["memory"]["optimizer_bytes"] > 0

@@ -78,8 +78,8 @@ def test_updated_window_is_backward_stable_on_any_stream(d, window, exponent, se
 
 @pytest.mark.parametrize("how", ["drifted", "no kernel"])
 def test_a_factor_that_cannot_be_updated_is_refactorised(monkeypatch, how):
-    """When the probe says the updated factor drifted (tolerance 0 here), or the kernel is
-    unavailable, every full push refactorises and the results are those of the dense inverse."""
+    """When the probe says the updated factor drifted (tolerance 0 here), or the
+    kernel is unavailable, every full push refactorises and the results are those of the dense inverse."""
     if how == "drifted":
         monkeypatch.setattr(woodbury, "drift_tolerance", lambda size: 0.0)
     else:
@@ -107,9 +107,12 @@ def test_factor_shift_kernel_matches_a_fresh_cholesky(m):
     new = grads[1:] @ grads[1:].T + 1e-3 * torch.eye(m, dtype=torch.float64)
     upper = torch.linalg.cholesky(old, upper=True).contiguous()
     before = upper.clone()
-    got = kernels.factor_shift(upper, new[-1, :-1].contiguous(), float(new[-1, -1]))
+    z = torch.randn(m, generator=gen, dtype=torch.float64)
+    got, product = kernels.factor_shift(upper, new[-1, :-1].contiguous(), float(new[-1, -1]), z)
+    assert torch.allclose(product, got.T @ (got @ z), rtol=1e-12, atol=0)
+    assert kernels.factor_shift(upper, new[-1, :-1].contiguous(), float(new[-1, -1]))[1] is None
     assert torch.equal(upper, before)  # the old factor is left as it was (a staged push may be dropped)
-    assert torch.equal(got, got.triu()) and bool((got.diagonal() > 0).all())
+    assert torch.equal(got, got.triu()) and bool((got.diagonal() > 0).all())  # zero below the diagonal
     assert float((got.T @ got - new).norm() / new.norm()) <= 50 * m * torch.finfo(torch.float64).eps
     # a column that makes the new matrix indefinite is refused, not factored
     assert kernels.factor_shift(upper, new[-1, :-1].contiguous(), -1.0) is None

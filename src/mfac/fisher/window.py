@@ -168,18 +168,19 @@ class SlidingWindowFisherInverse(FisherInverse):
         a full window, by an O(m^2) update; None where the update cannot run or the probe says it
         has drifted from K, and the caller refactorises. Nothing of the window is changed."""
         m, offset = self.window, (self._pushed + 1) % self.window
-        ages = torch.roll(dots, -offset)
-        candidate = woodbury.shifted(self._factor, ages[:-1], float(ages[-1]) + m * self._damp, offset)
-        if candidate is None:
-            return None
         if self._probe is None or self._probe.shape[0] != m:
             self._probe = window_state.probe_vector(m, self.device)
+        ages = torch.roll(dots, -offset)
+        result = woodbury.shifted(self._factor, ages[:-1], float(ages[-1]) + m * self._damp, offset, self._probe)
+        if result is None:
+            return None
+        candidate, product = result
         z = candidate.to_slots(self._probe)  # K_new z, from the old S with row and column `slot` replaced
         k_times_z = self._gram @ z
         k_times_z.add_(dots - self._gram[:, slot], alpha=float(z[slot]))
         k_times_z[slot] = dots @ z
         k_times_z.add_(z, alpha=m * self._damp)
-        if woodbury.drift(candidate, self._probe, candidate.to_age(k_times_z)) > woodbury.drift_tolerance(m):
+        if woodbury.drift(product, candidate.to_age(k_times_z)) > woodbury.drift_tolerance(m):
             return None
         return candidate
 
@@ -219,9 +220,7 @@ class SlidingWindowFisherInverse(FisherInverse):
         elif direction:
             # F^-1 g = k G_new^T K_new^-1 e_j. G_new differs from the stored rows in row j only, so
             # G_new^T a = (G_old^T a with a_j = 0) + a_j g: the window is read once and not yet written.
-            unit = torch.zeros(k, dtype=torch.float64, device=self.device)
-            unit[slot] = 1.0
-            coeffs = staged.factor.solve(unit)
+            coeffs = staged.factor.solve_newest()  # K^-1 e_slot: g is the newest gradient
             weight = float(coeffs[slot]) * k
             coeffs[slot] = 0.0
             staged.direction = self._rows.combine(stored, coeffs, weight, float(k), k)

@@ -237,10 +237,10 @@ def check_factor(window, factor: torch.Tensor, gram: torch.Tensor, pushed: int) 
     matrix = torch.roll(gram, (-offset, -offset), (0, 1))
     matrix.diagonal().add_(k * window.damp)
     z = probe_vector(k, matrix.device)
-    drift = woodbury.drift(woodbury.Factor(upper.contiguous(), offset), z, matrix @ z)
+    drift = woodbury.drift(woodbury.Factor(upper.contiguous(), offset).product(z), matrix @ z)
     if drift <= 4 * woodbury.drift_tolerance(k):
         return
     fresh = woodbury.Factor(robust_cholesky(matrix, k * window.damp).mT.contiguous())
-    if drift > 4 * woodbury.drift(fresh, z, matrix @ z):  # round-off may keep even a fresh factor this far
+    if drift > 4 * woodbury.drift(fresh.product(z), matrix @ z):  # round-off may keep even a fresh factor this far
         raise ValueError(f"window state's factor is not one of the saved Gram matrix (relative residual {drift:.2g} "
                          f"on a probe); the factor was edited or comes from another state")

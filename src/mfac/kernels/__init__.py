@@ -45,7 +45,7 @@ _SIGNATURES = {
     "dense_combine": [_P, _I64, _I64, _P, _P, _F32, _F32, _P, _INT],
     "sparse_dots": [_P, _INT, _P, _I64, _I64, _P, _I64, _I64, _P, _P, _INT],
     "sparse_combine": [_P, _INT, _P, _I64, _I64, _P, _I64, _I64, _I64, _P, _P, _F32, _F32, _P, _INT],
-    "factor_shift": [_P, _I64, _P, ctypes.c_double, _P, _P],
+    "factor_shift": [_P, _I64, _P, ctypes.c_double, _P, _P, _P, _P],
 }
 
 
@@ -259,22 +259,29 @@ def sparse_combine(layout: BlockLayout, values: torch.Tensor, offsets: torch.Ten
 # The window's Cholesky factor --------------------------------------------------------------------------
 
 
-def factor_shift(upper: torch.Tensor, column: torch.Tensor, diag: float) -> torch.Tensor | None:
+def factor_shift(upper: torch.Tensor, column: torch.Tensor, diag: float,
+                 probe: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """The factor of a full window after its oldest gradient leaves and a new one arrives, in O(m^2).
 
     ``upper`` (m, m) float64 is U with K = U^T U, rows in age order (0 = oldest); the new K drops
     row and column 0 and appends ``column`` ((m - 1,) float64, age order) and ``diag`` at the end.
-    Returns the new (m, m) factor, a new tensor (``upper`` is not changed), or None where the
-    compiled kernel cannot run (no library, data not on the CPU) or round-off made the new matrix
-    look indefinite: the caller then refactorises. The drop is a rank-one update by Givens
-    rotations (orthogonal, no cancellation) and the append one triangular solve and one square
-    root; about 3 m^2 flops, single-threaded."""
+    Returns the new (m, m) factor U' (a new tensor; ``upper`` is not changed) and, for a ``probe``
+    z ((m,) float64, age order), U'^T U' z (else None); or None where the compiled kernel cannot run
+    (no library, data not on the CPU) or round-off made the new matrix look indefinite: the caller
+    then refactorises. The drop is a rank-one update by Givens rotations (orthogonal, no
+    cancellation), the append one triangular solve and one square root; about 3 m^2 flops and two
+    more m^2 for the probe, single-threaded."""
     m = upper.shape[0]
-    library = _usable(upper, column) if upper.dtype == column.dtype == torch.float64 and m >= 2 else None
+    tensors = (upper, column) if probe is None else (upper, column, probe)
+    usable = all(t.dtype == torch.float64 for t in tensors) and m >= 2
+    library = _usable(*tensors) if usable else None
     if library is None:
         return None
     out = torch.empty_like(upper)
-    work = torch.empty(m, dtype=torch.float64)
-    if library.factor_shift(upper.data_ptr(), m, column.data_ptr(), float(diag), out.data_ptr(), work.data_ptr()):
+    work = torch.empty(2 * m, dtype=torch.float64)
+    product = None if probe is None else torch.empty(m, dtype=torch.float64)
+    if library.factor_shift(upper.data_ptr(), m, column.data_ptr(), float(diag),
+                            None if probe is None else probe.data_ptr(), out.data_ptr(), work.data_ptr(),
+                            None if product is None else product.data_ptr()):
         return None
-    return out
+    return out, product

@@ -301,47 +301,71 @@ int sparse_combine(const void *values, int value_kind, const int16_t *offsets, i
  * in age order) and diagonal entry `diag` at the end.
  *   Dropping: K[1:, 1:] = U11^T U11 + u u^T with u = U[0, 1:], a rank-one *update* (never a
  *   downdate), done as Givens rotations of the rows of [U11; u^T]: orthogonal, so no cancellation.
+ *   Each row of U11 is read once and written, rotated, straight into out.
  *   Appending: solve U11'^T y = column, then U'[m-1, m-1] = sqrt(diag - |y|^2), the last step of
  *   an ordinary Cholesky factorisation.
- * out (m, m) receives U' and must not alias upper; work holds m doubles of scratch. Returns 0, or
- * 1 when diag - |y|^2 <= 0 (round-off made K' look indefinite: the caller refactorises). */
-int factor_shift(const double *upper, int64_t m, const double *column, double diag, double *restrict out,
-                 double *restrict work) {
+ * With z (m numbers, age order) given, probe (m) receives U'^T (U' z), for the caller to compare
+ * with K' z: U' z is summed while the rows are rotated, U'^T (U' z) while they are read for the
+ * substitution, so the probe adds no pass over the matrix. out (m, m) receives U' (zero below the
+ * diagonal) and must not alias upper; work holds 2 m doubles of scratch. Returns 0, or 1 when
+ * diag - |y|^2 <= 0 (round-off made K' look indefinite: the caller refactorises). */
+int factor_shift(const double *upper, int64_t m, const double *column, double diag, const double *z,
+                 double *restrict out, double *restrict work, double *restrict probe) {
     int64_t n = m - 1;
-    for (int64_t i = 0; i < n; i++) {
-        memcpy(out + i * m, upper + (i + 1) * m + 1, (size_t)n * sizeof(double));
-        out[i * m + n] = 0.0;
-    }
-    memset(out + n * m, 0, (size_t)m * sizeof(double));
-    double *restrict x = work;
+    double *restrict x = work, *restrict w = work + m;
     memcpy(x, upper + 1, (size_t)n * sizeof(double));
     for (int64_t k = 0; k < n; k++) {
+        const double *src = upper + (k + 1) * m + 1;  /* row k of U11 */
         double *restrict row = out + k * m;
-        double a = row[k], b = x[k];
-        if (b == 0.0) continue;
-        double r = hypot(a, b), c = a / r, s = b / r;
-        row[k] = r;
-        for (int64_t j = k + 1; j < n; j++) {
-            double rj = row[j], xj = x[j];
-            row[j] = c * rj + s * xj;
-            x[j] = c * xj - s * rj;
+        memset(row, 0, (size_t)k * sizeof(double));
+        double a = src[k], b = x[k], sum = 0.0;
+        if (b == 0.0) {
+            memcpy(row + k, src + k, (size_t)(n - k) * sizeof(double));
+            if (z)
+                for (int64_t j = k; j < n; j++) sum += row[j] * z[j];
+        } else {
+            double r = hypot(a, b), c = a / r, s = b / r;
+            row[k] = r;
+            sum = z ? r * z[k] : 0.0;
+            for (int64_t j = k + 1; j < n; j++) {
+                double rj = src[j], xj = x[j], rotated = c * rj + s * xj;
+                row[j] = rotated;
+                x[j] = c * xj - s * rj;
+                sum += rotated * (z ? z[j] : 0.0);
+            }
         }
+        w[k] = sum;  /* U' z without the last column's part, added below */
     }
+    memset(out + n * m, 0, (size_t)m * sizeof(double));
     double *restrict y = work;
     memcpy(y, column, (size_t)n * sizeof(double));
+    if (z) memset(probe, 0, (size_t)m * sizeof(double));
     for (int64_t j = 0; j < n; j++) {  /* forward substitution with U11'^T, a row of U11' at a time */
         const double *row = out + j * m;
         double yj = y[j] / row[j];
         y[j] = yj;
-        for (int64_t i = j + 1; i < n; i++) y[i] -= yj * row[i];
+        if (z) {
+            double wj = w[j] + yj * z[n];
+            w[j] = wj;
+            probe[j] += row[j] * wj;
+            for (int64_t i = j + 1; i < n; i++) {
+                y[i] -= yj * row[i];
+                probe[i] += wj * row[i];
+            }
+        } else {
+            for (int64_t i = j + 1; i < n; i++) y[i] -= yj * row[i];
+        }
     }
-    double squares = 0.0;
+    double squares = 0.0, last = 0.0;
     for (int64_t j = 0; j < n; j++) {
         squares += y[j] * y[j];
         out[j * m + n] = y[j];
+        if (z) last += y[j] * w[j];
     }
     double pivot = diag - squares;
     if (!(pivot > 0.0)) return 1;
-    out[n * m + n] = sqrt(pivot);
+    double corner = sqrt(pivot);
+    out[n * m + n] = corner;
+    if (z) probe[n] = last + corner * (corner * z[n]);
     return 0;
 }
