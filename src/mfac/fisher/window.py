@@ -203,7 +203,7 @@ class SlidingWindowFisherInverse(FisherInverse):
         if not all_finite(dots):
             self._refuse_dots(g, stored)
         factor = None
-        if self.route == "dual" and self._pushed >= self.window:
+        if self.route == "dual" and self._pushed >= self.window >= woodbury.SMALLEST_UPDATED:
             factor = self._updated_factor(slot, dots)
         if factor is None:
             gram = self._gram[:k, :k].clone()

@@ -32,7 +32,12 @@ import torch
 from .. import kernels
 from .base import robust_cholesky
 
-__all__ = ["Factor", "factor", "shifted", "drift", "drift_tolerance", "primal_apply"]
+__all__ = ["Factor", "factor", "shifted", "drift", "drift_tolerance", "SMALLEST_UPDATED", "primal_apply"]
+
+# Windows smaller than this refactorise at every push: there a fresh factorisation is cheaper than
+# the update with its probe (measured at d = 10k: 0.06 against 0.14 ms at m = 64; 0.42 against
+# 0.26 ms at m = 256; BENCHMARKS.md#sliding-static-and-block-inverses).
+SMALLEST_UPDATED = 128
 
 
 def drift_tolerance(size: int) -> float:
