@@ -194,3 +194,24 @@ def test_builds_leave_no_partial_files_and_old_ones_are_removed(fresh, tmp_path)
     names = {p.name for p in cache.iterdir()}
     assert stale.name not in names and recent.name in names  # another process may still be building there
     assert {name for name in names if name.startswith(build.BUILD_PREFIX)} == {recent.name}
+
+
+@pytest.mark.parametrize("isa_flags, width", [("-mno-avx512f", 8), ("-mno-avx512f -mno-avx", 0)])
+def test_every_vector_width_computes_the_same_products(fresh, tmp_path, isa_flags, width):
+    """The bfloat16 row kernels come in 16-float (AVX-512), 8-float (AVX with FMA) and portable
+    forms, the widest the build's CPU flags allow; each agrees with the float64 reference, for
+    both products and for lengths that leave a tail shorter than a vector."""
+    fresh.setenv("MFAC_KERNEL_CACHE", str(tmp_path / "cache"))
+    fresh.setenv("CC", f"cc {isa_flags}")
+    if not kernels.available():
+        pytest.skip(f"this compiler cannot build with {isa_flags}: {kernels.status()}")
+    described = f"{width}-float vectors" if width else "portable loops"
+    if described not in kernels.status():
+        pytest.skip(f"{isa_flags} gave another width on this compiler: {kernels.status()}")
+    gen = torch.Generator().manual_seed(3)
+    for d in (9000, 8192 + 13, 7):
+        rows = torch.randn(6, d, generator=gen).bfloat16()
+        x, a = torch.randn(d, generator=gen), torch.randn(6, generator=gen)
+        assert torch.allclose(kernels.dense_dots(rows, x), rows.double() @ x.double(), rtol=1e-4, atol=1e-3)
+        expected = 0.5 * x.double() - 2.0 * (rows.double().T @ a.double())
+        assert torch.allclose(kernels.dense_combine(rows, a, x, 0.5, -2.0).double(), expected, rtol=1e-4, atol=1e-3)

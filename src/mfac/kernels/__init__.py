@@ -46,6 +46,7 @@ _SIGNATURES = {
     "sparse_dots": [_P, _INT, _P, _I64, _I64, _P, _I64, _I64, _P, _P, _INT],
     "sparse_combine": [_P, _INT, _P, _I64, _I64, _P, _I64, _I64, _I64, _P, _P, _F32, _F32, _P, _INT],
     "factor_shift": [_P, _I64, _P, ctypes.c_double, _P, _P, _P, _P],
+    "row_vector_width": [],
 }
 
 
@@ -73,7 +74,9 @@ def _load() -> ctypes.CDLL | None:
                 try:
                     library, note = load_library()
                     _library = _bind(library, note)
-                    _reason = f"compiled kernels in use ({note})"
+                    width = _library.row_vector_width()
+                    vectors = f"{width}-float vectors" if width else "portable loops"
+                    _reason = f"compiled kernels in use ({note}; bfloat16 rows in {vectors})"
                 except Exception as error:  # any failure to build, load or bind: torch does the products
                     _reason = f"torch fallback: {error}"
             _tried = True

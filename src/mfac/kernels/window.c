@@ -34,40 +34,70 @@ static inline float bf16_to_float(uint16_t h) {
 }
 
 /* Row kernels over n columns: four rows share each load of x (dots) or of the accumulator (axpy).
- * With AVX and FMA (no AVX2 needed) 8 bfloat16 values widen to floats by interleaving them with
- * zeros, two instructions per 8 values; otherwise a portable loop the compiler vectorises. */
-#if defined(__AVX__) && defined(__FMA__)
+ * Vectors of W floats: with AVX-512, 16 bfloat16 values widen to floats by a zero-extension and a
+ * shift (two instructions per 16 values); with AVX and FMA (no AVX2 needed), 8 by interleaving them
+ * with zeros (two per 8); otherwise a portable loop the compiler vectorises. The width is chosen
+ * when the library is built for this CPU (-march=native), so each CPU gets its widest vectors. */
+#if defined(__AVX512F__)
 #include <immintrin.h>
-#define ROW_KERNELS_AVX 1
-
-static inline __m256 load_bf16x8(const uint16_t *p) {
+#define ROW_KERNELS_W 16
+typedef __m512 vfloat;
+static inline vfloat load_bf16(const uint16_t *p) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+#define VLOAD(p) _mm512_loadu_ps(p)
+#define VSTORE(p, v) _mm512_storeu_ps(p, v)
+#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define VZERO() _mm512_setzero_ps()
+#define VSET1(a) _mm512_set1_ps(a)
+#define VSUM(v) _mm512_reduce_add_ps(v)
+#elif defined(__AVX__) && defined(__FMA__)
+#include <immintrin.h>
+#define ROW_KERNELS_W 8
+typedef __m256 vfloat;
+static inline vfloat load_bf16(const uint16_t *p) {
     __m128i v = _mm_loadu_si128((const __m128i *)p), zero = _mm_setzero_si128();
     __m128 lo = _mm_castsi128_ps(_mm_unpacklo_epi16(zero, v)), hi = _mm_castsi128_ps(_mm_unpackhi_epi16(zero, v));
     return _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
 }
-
 static inline float sum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
     return _mm_cvtss_f32(s);
 }
+#define VLOAD(p) _mm256_loadu_ps(p)
+#define VSTORE(p, v) _mm256_storeu_ps(p, v)
+#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define VZERO() _mm256_setzero_ps()
+#define VSET1(a) _mm256_set1_ps(a)
+#define VSUM(v) sum8(v)
 #endif
+
+/* The vector width the library was built with (0: portable loops), for mfac.kernels.status(). */
+int row_vector_width(void) {
+#ifdef ROW_KERNELS_W
+    return ROW_KERNELS_W;
+#else
+    return 0;
+#endif
+}
 
 static inline void dot_rows4(const uint16_t *r0, const uint16_t *r1, const uint16_t *r2, const uint16_t *r3,
                              const float *x, int64_t n, float *sums) {
     float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
     int64_t c = 0;
-#ifdef ROW_KERNELS_AVX
-    __m256 v0 = _mm256_setzero_ps(), v1 = v0, v2 = v0, v3 = v0;
-    for (; c + 8 <= n; c += 8) {
-        __m256 xv = _mm256_loadu_ps(x + c);
-        v0 = _mm256_fmadd_ps(load_bf16x8(r0 + c), xv, v0);
-        v1 = _mm256_fmadd_ps(load_bf16x8(r1 + c), xv, v1);
-        v2 = _mm256_fmadd_ps(load_bf16x8(r2 + c), xv, v2);
-        v3 = _mm256_fmadd_ps(load_bf16x8(r3 + c), xv, v3);
+#ifdef ROW_KERNELS_W
+    vfloat v0 = VZERO(), v1 = v0, v2 = v0, v3 = v0;
+    for (; c + ROW_KERNELS_W <= n; c += ROW_KERNELS_W) {
+        vfloat xv = VLOAD(x + c);
+        v0 = VFMA(load_bf16(r0 + c), xv, v0);
+        v1 = VFMA(load_bf16(r1 + c), xv, v1);
+        v2 = VFMA(load_bf16(r2 + c), xv, v2);
+        v3 = VFMA(load_bf16(r3 + c), xv, v3);
     }
-    s0 = sum8(v0); s1 = sum8(v1); s2 = sum8(v2); s3 = sum8(v3);
+    s0 = VSUM(v0); s1 = VSUM(v1); s2 = VSUM(v2); s3 = VSUM(v3);
 #endif
     for (; c < n; c++) {
         float xv = x[c];
@@ -82,10 +112,10 @@ static inline void dot_rows4(const uint16_t *r0, const uint16_t *r1, const uint1
 static inline float dot_row(const uint16_t *r, const float *x, int64_t n) {
     float s = 0;
     int64_t c = 0;
-#ifdef ROW_KERNELS_AVX
-    __m256 v = _mm256_setzero_ps();
-    for (; c + 8 <= n; c += 8) v = _mm256_fmadd_ps(load_bf16x8(r + c), _mm256_loadu_ps(x + c), v);
-    s = sum8(v);
+#ifdef ROW_KERNELS_W
+    vfloat v = VZERO();
+    for (; c + ROW_KERNELS_W <= n; c += ROW_KERNELS_W) v = VFMA(load_bf16(r + c), VLOAD(x + c), v);
+    s = VSUM(v);
 #endif
     for (; c < n; c++) s += bf16_to_float(r[c]) * x[c];
     return s;
@@ -95,14 +125,14 @@ static inline float dot_row(const uint16_t *r, const float *x, int64_t n) {
 static inline void axpy_rows4(float *acc, const uint16_t *r0, const uint16_t *r1, const uint16_t *r2,
                               const uint16_t *r3, const float *a, int64_t n) {
     int64_t c = 0;
-#ifdef ROW_KERNELS_AVX
+#ifdef ROW_KERNELS_W
     const uint16_t *rows[4] = {r0, r1, r2, r3};
-    __m256 weights[4];
-    for (int k = 0; k < 4; k++) weights[k] = _mm256_set1_ps(a[k]);
-    for (; c + 8 <= n; c += 8) {
-        __m256 v = _mm256_loadu_ps(acc + c);
-        for (int k = 0; k < 4; k++) v = _mm256_fmadd_ps(load_bf16x8(rows[k] + c), weights[k], v);  /* unrolled */
-        _mm256_storeu_ps(acc + c, v);
+    vfloat weights[4];
+    for (int k = 0; k < 4; k++) weights[k] = VSET1(a[k]);
+    for (; c + ROW_KERNELS_W <= n; c += ROW_KERNELS_W) {
+        vfloat v = VLOAD(acc + c);
+        for (int k = 0; k < 4; k++) v = VFMA(load_bf16(rows[k] + c), weights[k], v);  /* unrolled */
+        VSTORE(acc + c, v);
     }
 #endif
     for (; c < n; c++)
@@ -112,10 +142,9 @@ static inline void axpy_rows4(float *acc, const uint16_t *r0, const uint16_t *r1
 
 static inline void axpy_row(float *acc, const uint16_t *r, float a, int64_t n) {
     int64_t c = 0;
-#ifdef ROW_KERNELS_AVX
-    __m256 av = _mm256_set1_ps(a);
-    for (; c + 8 <= n; c += 8)
-        _mm256_storeu_ps(acc + c, _mm256_fmadd_ps(load_bf16x8(r + c), av, _mm256_loadu_ps(acc + c)));
+#ifdef ROW_KERNELS_W
+    vfloat av = VSET1(a);
+    for (; c + ROW_KERNELS_W <= n; c += ROW_KERNELS_W) VSTORE(acc + c, VFMA(load_bf16(r + c), av, VLOAD(acc + c)));
 #endif
     for (; c < n; c++) acc[c] += a * bf16_to_float(r[c]);
 }
