@@ -120,8 +120,8 @@ def _call(function, *args) -> None:
 
 def dense_dots(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """rows @ x in float64, for rows (k, d) bfloat16 and x (d,) float32, accumulated in float32
-    within blocks of 8192 coordinates (on GPUs: the Triton kernel, chunks of 1024). One read of rows;
-    O(k d)."""
+    within column blocks of 8192 to 65536 coordinates (on GPUs: the Triton kernel, chunks of 1024).
+    One read of rows; O(k d)."""
     if triton_window.selected(rows, x):
         return triton_window.dense_dots(rows, x)
     out = torch.empty(rows.shape[0], dtype=torch.float64, device=rows.device)

@@ -24,7 +24,12 @@
 #include <omp.h>
 #endif
 
-#define DENSE_BLOCK 8192
+/* Dense rows are read in column blocks of 8192 to 65536 coordinates (see dense_block): long enough
+ * runs of each row for the hardware prefetchers, x's block (or the accumulator's) small enough to
+ * stay in the core's L2 cache; PREFETCH is how far ahead (in values) each row is prefetched. */
+#define DENSE_BLOCK_MIN 8192
+#define DENSE_BLOCK_MAX 65536
+#define PREFETCH 1024
 
 static inline float bf16_to_float(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
@@ -91,6 +96,12 @@ static inline void dot_rows4(const uint16_t *r0, const uint16_t *r1, const uint1
 #ifdef ROW_KERNELS_W
     vfloat v0 = VZERO(), v1 = v0, v2 = v0, v3 = v0;
     for (; c + ROW_KERNELS_W <= n; c += ROW_KERNELS_W) {
+        if ((c & 31) == 0) {  /* one 64-byte line of each row, PREFETCH values ahead */
+            __builtin_prefetch(r0 + c + PREFETCH);
+            __builtin_prefetch(r1 + c + PREFETCH);
+            __builtin_prefetch(r2 + c + PREFETCH);
+            __builtin_prefetch(r3 + c + PREFETCH);
+        }
         vfloat xv = VLOAD(x + c);
         v0 = VFMA(load_bf16(r0 + c), xv, v0);
         v1 = VFMA(load_bf16(r1 + c), xv, v1);
@@ -130,6 +141,8 @@ static inline void axpy_rows4(float *acc, const uint16_t *r0, const uint16_t *r1
     vfloat weights[4];
     for (int k = 0; k < 4; k++) weights[k] = VSET1(a[k]);
     for (; c + ROW_KERNELS_W <= n; c += ROW_KERNELS_W) {
+        if ((c & 31) == 0)
+            for (int k = 0; k < 4; k++) __builtin_prefetch(rows[k] + c + PREFETCH);
         vfloat v = VLOAD(acc + c);
         for (int k = 0; k < 4; k++) v = VFMA(load_bf16(rows[k] + c), weights[k], v);  /* unrolled */
         VSTORE(acc + c, v);
@@ -196,13 +209,20 @@ static int sum_over_blocks(int64_t blocks, int64_t m, int num_threads, block_dot
     return 0;
 }
 
-struct dense_rows { const uint16_t *rows; int64_t m, d; const float *x; };
+/* The column block for d coordinates over `threads` threads: about d / (4 threads), so every
+ * thread gets a near-equal share of blocks, rounded to 1024 and kept within [MIN, MAX]. */
+static int64_t dense_block(int64_t d, int threads) {
+    int64_t block = (d / (4 * (int64_t)(threads > 0 ? threads : 1)) + 1023) / 1024 * 1024;
+    return block < DENSE_BLOCK_MIN ? DENSE_BLOCK_MIN : (block > DENSE_BLOCK_MAX ? DENSE_BLOCK_MAX : block);
+}
+
+struct dense_rows { const uint16_t *rows; int64_t m, d, block; const float *x; };
 
 static void dense_block_dots(const void *ctx, int64_t b, double *mine) {
     const struct dense_rows *c = ctx;
     const uint16_t *rows = c->rows;
-    int64_t m = c->m, d = c->d;
-    int64_t c0 = b * DENSE_BLOCK, n = (c0 + DENSE_BLOCK < d ? DENSE_BLOCK : d - c0);
+    int64_t m = c->m, d = c->d, block = c->block;
+    int64_t c0 = b * block, n = (c0 + block < d ? block : d - c0);
     const float *xb = c->x + c0;
     int64_t i = 0;
     for (; i + 4 <= m; i += 4) {
@@ -216,28 +236,39 @@ static void dense_block_dots(const void *ctx, int64_t b, double *mine) {
 
 /* out (m,) float64 = rows (m, d) bf16 @ x (d,) float32. Returns 0, or -1 if memory ran out. */
 int dense_dots(const uint16_t *rows, int64_t m, int64_t d, const float *x, double *out, int num_threads) {
-    struct dense_rows ctx = {rows, m, d, x};
-    return sum_over_blocks((d + DENSE_BLOCK - 1) / DENSE_BLOCK, m, num_threads, dense_block_dots, &ctx, out);
+    int64_t block = dense_block(d, num_threads);
+    struct dense_rows ctx = {rows, m, d, block, x};
+    return sum_over_blocks((d + block - 1) / block, m, num_threads, dense_block_dots, &ctx, out);
 }
 
 /* out (d,) = beta * x + alpha * rows^T a, rows (m, d) bf16, a (m,) float32. out may alias x. */
 int dense_combine(const uint16_t *rows, int64_t m, int64_t d, const float *a, const float *x, float beta,
                   float alpha, float *out, int num_threads) {
-    int64_t blocks = (d + DENSE_BLOCK - 1) / DENSE_BLOCK;
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (int64_t b = 0; b < blocks; b++) {
-        float acc[DENSE_BLOCK];
-        int64_t c0 = b * DENSE_BLOCK, n = (c0 + DENSE_BLOCK < d ? DENSE_BLOCK : d - c0);
-        for (int64_t c = 0; c < n; c++) acc[c] = 0.0f;
-        int64_t i = 0;
-        for (; i + 4 <= m; i += 4) {
-            const uint16_t *r0 = rows + i * d + c0;
-            axpy_rows4(acc, r0, r0 + d, r0 + 2 * d, r0 + 3 * d, a + i, n);
+    int64_t block = dense_block(d, num_threads), blocks = (d + block - 1) / block;
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads)
+    {
+        float *acc = malloc((size_t)block * sizeof(float));
+        if (!acc) {
+#pragma omp atomic write
+            failed = 1;
         }
-        for (; i < m; i++) axpy_row(acc, rows + i * d + c0, a[i], n);
-        for (int64_t c = 0; c < n; c++) out[c0 + c] = beta * x[c0 + c] + alpha * acc[c];
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++) {
+            if (!acc) continue;
+            int64_t c0 = b * block, n = (c0 + block < d ? block : d - c0);
+            memset(acc, 0, (size_t)n * sizeof(float));
+            int64_t i = 0;
+            for (; i + 4 <= m; i += 4) {
+                const uint16_t *r0 = rows + i * d + c0;
+                axpy_rows4(acc, r0, r0 + d, r0 + 2 * d, r0 + 3 * d, a + i, n);
+            }
+            for (; i < m; i++) axpy_row(acc, rows + i * d + c0, a[i], n);
+            for (int64_t c = 0; c < n; c++) out[c0 + c] = beta * x[c0 + c] + alpha * acc[c];
+        }
+        free(acc);
     }
-    return 0;
+    return failed ? -1 : 0;
 }
 
 struct sparse_rows {
