@@ -196,13 +196,14 @@ def test_builds_leave_no_partial_files_and_old_ones_are_removed(fresh, tmp_path)
     assert {name for name in names if name.startswith(build.BUILD_PREFIX)} == {recent.name}
 
 
-@pytest.mark.parametrize("isa_flags, width", [("-mno-avx512f", 8), ("-mno-avx512f -mno-avx", 0)])
+@pytest.mark.parametrize("isa_flags, width", [("", 16), ("-mno-avx512f", 8), ("-mno-avx512f -mno-avx", 0)])
 def test_every_vector_width_computes_the_same_products(fresh, tmp_path, isa_flags, width):
     """The bfloat16 row kernels come in 16-float (AVX-512), 8-float (AVX with FMA) and portable
-    forms, the widest the build's CPU flags allow; each agrees with the float64 reference, for
-    both products and for lengths that leave a tail shorter than a vector."""
+    forms, the widest the build's CPU flags allow (the compressed rows' dot products gather 16
+    entries at a time with AVX-512); each agrees with the float64 reference, for both products and
+    for lengths that leave a tail shorter than a vector. A width this CPU cannot build is skipped."""
     fresh.setenv("MFAC_KERNEL_CACHE", str(tmp_path / "cache"))
-    fresh.setenv("CC", f"cc {isa_flags}")
+    fresh.setenv("CC", f"cc {isa_flags}".strip())
     if not kernels.available():
         pytest.skip(f"this compiler cannot build with {isa_flags}: {kernels.status()}")
     described = f"{width}-float vectors" if width else "portable loops"
@@ -215,3 +216,29 @@ def test_every_vector_width_computes_the_same_products(fresh, tmp_path, isa_flag
         assert torch.allclose(kernels.dense_dots(rows, x), rows.double() @ x.double(), rtol=1e-4, atol=1e-3)
         expected = 0.5 * x.double() - 2.0 * (rows.double().T @ a.double())
         assert torch.allclose(kernels.dense_combine(rows, a, x, 0.5, -2.0).double(), expected, rtol=1e-4, atol=1e-3)
+    check_sparse_products(gen)
+
+
+def check_sparse_products(gen):
+    """The compressed-row products (16-entry gathers with AVX-512) against the dense rows they hold."""
+    d, rows, block = 3 * 8192 + 700, 5, 8192
+    layout = kernels.BlockLayout.build(d, 0.01, block, rows)
+    dense = torch.zeros(rows, d, dtype=torch.float64)
+    offsets = torch.zeros(rows * layout.nnz, dtype=torch.int16)
+    for b in range(layout.starts.numel() - 1):
+        size, kept = min(block, d - b * block), int(layout.starts[b + 1] - layout.starts[b])
+        for i in range(rows):
+            chosen = torch.randperm(size, generator=gen)[:kept]  # distinct within the row's block
+            position = layout.first[int(layout.starts[b])] + i * kept
+            offsets[position: position + kept] = chosen.to(torch.int16)
+    for value_dtype in (torch.float32, torch.bfloat16):
+        values = torch.randn(rows * layout.nnz, generator=gen).to(value_dtype)
+        dense.zero_()
+        for i in range(rows):
+            positions = layout.first + i * layout.kept
+            dense[i, layout.bases + offsets[positions].long()] = values[positions].double()
+        x, a = torch.randn(d, generator=gen), torch.randn(rows, generator=gen)
+        dots = kernels.sparse_dots(layout, values, offsets, rows, x)
+        assert torch.allclose(dots, dense @ x.double(), rtol=1e-4, atol=1e-4)
+        combined = kernels.sparse_combine(layout, values, offsets, rows, a, x, 0.5, -2.0).double()
+        assert torch.allclose(combined, 0.5 * x.double() - 2.0 * (dense.T @ a.double()), rtol=1e-4, atol=1e-4)
