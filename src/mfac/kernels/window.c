@@ -241,10 +241,13 @@ int dense_dots(const uint16_t *rows, int64_t m, int64_t d, const float *x, doubl
     return sum_over_blocks((d + block - 1) / block, m, num_threads, dense_block_dots, &ctx, out);
 }
 
-/* out (d,) = beta * x + alpha * rows^T a, rows (m, d) bf16, a (m,) float32. out may alias x. */
-int dense_combine(const uint16_t *rows, int64_t m, int64_t d, const float *a, const float *x, float beta,
-                  float alpha, float *out, int num_threads) {
-    int64_t block = dense_block(d, num_threads), blocks = (d + block - 1) / block;
+/* Each thread accumulates G^T a over its share of the column blocks in a buffer of `block` floats;
+   fn(ctx, b, acc, n) adds block b's part (n columns, acc zeroed first), and out = beta x + alpha acc
+   is written block by block. Returns 0, or -1 if memory ran out. */
+typedef void (*block_combine_fn)(const void *ctx, int64_t b, float *acc, int64_t n);
+
+static int combine_over_blocks(int64_t blocks, int64_t block, int64_t d, int num_threads, block_combine_fn fn,
+                               const void *ctx, const float *x, float beta, float alpha, float *out) {
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)
     {
@@ -258,17 +261,34 @@ int dense_combine(const uint16_t *rows, int64_t m, int64_t d, const float *a, co
             if (!acc) continue;
             int64_t c0 = b * block, n = (c0 + block < d ? block : d - c0);
             memset(acc, 0, (size_t)n * sizeof(float));
-            int64_t i = 0;
-            for (; i + 4 <= m; i += 4) {
-                const uint16_t *r0 = rows + i * d + c0;
-                axpy_rows4(acc, r0, r0 + d, r0 + 2 * d, r0 + 3 * d, a + i, n);
-            }
-            for (; i < m; i++) axpy_row(acc, rows + i * d + c0, a[i], n);
+            fn(ctx, b, acc, n);
             for (int64_t c = 0; c < n; c++) out[c0 + c] = beta * x[c0 + c] + alpha * acc[c];
         }
         free(acc);
     }
     return failed ? -1 : 0;
+}
+
+struct dense_combine_ctx { const uint16_t *rows; int64_t m, d, block; const float *a; };
+
+static void dense_block_combine(const void *ctx, int64_t b, float *acc, int64_t n) {
+    const struct dense_combine_ctx *c = ctx;
+    const uint16_t *rows = c->rows + b * c->block;
+    int64_t i = 0, d = c->d;
+    for (; i + 4 <= c->m; i += 4) {
+        const uint16_t *r0 = rows + i * d;
+        axpy_rows4(acc, r0, r0 + d, r0 + 2 * d, r0 + 3 * d, c->a + i, n);
+    }
+    for (; i < c->m; i++) axpy_row(acc, rows + i * d, c->a[i], n);
+}
+
+/* out (d,) = beta * x + alpha * rows^T a, rows (m, d) bf16, a (m,) float32. out may alias x. */
+int dense_combine(const uint16_t *rows, int64_t m, int64_t d, const float *a, const float *x, float beta,
+                  float alpha, float *out, int num_threads) {
+    int64_t block = dense_block(d, num_threads);
+    struct dense_combine_ctx ctx = {rows, m, d, block, a};
+    return combine_over_blocks((d + block - 1) / block, block, d, num_threads, dense_block_combine, &ctx, x, beta,
+                               alpha, out);
 }
 
 struct sparse_rows {
@@ -327,42 +347,33 @@ int sparse_dots(const void *values, int value_kind, const int16_t *offsets, int6
     return sum_over_blocks(blocks, m, num_threads, sparse_block_dots, &ctx, out);
 }
 
+struct sparse_combine_ctx { const void *values; int value_kind; const int16_t *offsets; int64_t m, capacity;
+                           const int64_t *starts; const float *a; };
+
+static void sparse_block_combine(const void *ctx, int64_t b, float *acc, int64_t n) {
+    const struct sparse_combine_ctx *c = ctx;
+    int64_t kept = c->starts[b + 1] - c->starts[b];
+    (void)n;
+    for (int64_t i = 0; i < c->m; i++) {
+        int64_t first = c->capacity * c->starts[b] + i * kept;
+        const int16_t *off = c->offsets + first;
+        float ai = c->a[i];  /* scalar: an AVX-512 gather-add-scatter measured only 5% faster */
+        if (c->value_kind) {
+            const uint16_t *v = (const uint16_t *)c->values + first;
+            for (int64_t e = 0; e < kept; e++) acc[(uint16_t)off[e]] += ai * bf16_to_float(v[e]);
+        } else {
+            const float *v = (const float *)c->values + first;
+            for (int64_t e = 0; e < kept; e++) acc[(uint16_t)off[e]] += ai * v[e];
+        }
+    }
+}
+
 /* out (d,) = beta * x + alpha * G^T a for the sparse rows described above; out may alias x. */
 int sparse_combine(const void *values, int value_kind, const int16_t *offsets, int64_t m, int64_t capacity,
                    const int64_t *starts, int64_t blocks, int64_t block, int64_t d, const float *a, const float *x,
                    float beta, float alpha, float *out, int num_threads) {
-    int failed = 0;
-#pragma omp parallel num_threads(num_threads)
-    {
-        float *acc = malloc((size_t)block * sizeof(float));
-        if (!acc) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < blocks; b++) {
-            if (!acc) continue;
-            int64_t c0 = b * block, n = (c0 + block < d ? block : d - c0);
-            int64_t kept = starts[b + 1] - starts[b], e0 = 0, e1 = kept;
-            memset(acc, 0, (size_t)n * sizeof(float));
-            for (int64_t i = 0; i < m; i++) {
-                int64_t first = capacity * starts[b] + i * kept;
-                const int16_t *off = offsets + first;
-                float ai = a[i];
-                int64_t e = e0;  /* scalar: AVX-512 gather-add-scatter measured only 5% faster */
-                if (value_kind) {
-                    const uint16_t *v = (const uint16_t *)values + first;
-                    for (; e < e1; e++) acc[(uint16_t)off[e]] += ai * bf16_to_float(v[e]);
-                } else {
-                    const float *v = (const float *)values + first;
-                    for (; e < e1; e++) acc[(uint16_t)off[e]] += ai * v[e];
-                }
-            }
-            for (int64_t c = 0; c < n; c++) out[c0 + c] = beta * x[c0 + c] + alpha * acc[c];
-        }
-        free(acc);
-    }
-    return failed ? -1 : 0;
+    struct sparse_combine_ctx ctx = {values, value_kind, offsets, m, capacity, starts, a};
+    return combine_over_blocks(blocks, block, d, num_threads, sparse_block_combine, &ctx, x, beta, alpha, out);
 }
 
 /* The Cholesky factor of a full sliding window after its oldest gradient leaves and a new one
