@@ -31,8 +31,11 @@ def batches():
     return [(torch.randn(8, 10, generator=gen), torch.randint(0, 3, (8,), generator=gen)) for _ in range(STEPS)]
 
 
-def make_optimizer(params, group=None):
-    return MFAC(params, lr=0.05, window=WINDOW, damp=1e-2, momentum=0.9, process_group=group)
+CLIP = 0.05  # a max_grad_norm below this model's gradient norms, so that the clipping acts
+
+
+def make_optimizer(params, group=None, **settings):
+    return MFAC(params, lr=0.05, window=WINDOW, damp=1e-2, momentum=0.9, process_group=group, **settings)
 
 
 def train(model, opt, data, rank=None, world=1, start=0, stop=STEPS, on_step=None):
@@ -188,16 +191,16 @@ def two_processes(ddp_run):
     return ddp_run[0]
 
 
-def single_process_run():
+def single_process_run(**settings):
     model = make_model()
-    opt = make_optimizer(model.parameters())
+    opt = make_optimizer(model.parameters(), **settings)
     train(model, opt, batches())
     return model, opt
 
 
-def assert_matches_one_process(parameters: dict):
+def assert_matches_one_process(parameters: dict, **settings):
     """Parameters after training equal one process's run within float32 round-off (relative 1e-5)."""
-    model, _ = single_process_run()
+    model, _ = single_process_run(**settings)
     for name, value in model.state_dict().items():
         err = float((parameters[name] - value).norm() / value.norm())
         assert err <= 1e-5, (name, err)
@@ -381,6 +384,9 @@ def _fsdp_worker(rank, world, folder):
 
         train(model, opt, data, rank, world, on_step=keep)
         final = {k: v.full_tensor() for k, v in model.state_dict().items()}
+        clipped_model = sharded_model()  # max_grad_norm: the norm must be summed over the shards
+        train(clipped_model, make_optimizer(clipped_model.parameters(), max_grad_norm=CLIP), data, rank, world)
+        clipped = {k: v.full_tensor() for k, v in clipped_model.state_dict().items()}
         from_dcp = _resume_sharded(sharded_model, f"{folder}/dcp-fsdp", rank, world)
         # A checkpoint written by one process (plain parameters) loads into the sharded run.
         from_one = _resume_sharded(sharded_model, f"{folder}/dcp-one", rank, world)
@@ -406,7 +412,7 @@ def _fsdp_worker(rank, world, folder):
         except ValueError as error:
             refusals.append(str(error))
         result = {"final": final, "resumed": {k: v.full_tensor() for k, v in resumed.state_dict().items()},
-                  "refusals": refusals, "from_dcp": from_dcp, "from_one": from_one,
+                  "refusals": refusals, "from_dcp": from_dcp, "from_one": from_one, "clipped": clipped,
                   "window_shape": tuple(opt.fisher.state_dict()["grads"].shape), "dim": opt.dim, "shard": saved["opt"]["mfac"]["shard"]}
         del model, resumed, opt, opt2, saved, keep
         _save_atomically(result, f"{folder}/fsdp{rank}.pt")
@@ -445,6 +451,17 @@ def test_fsdp2_parameters_train_as_one_process(fsdp_processes):
     assert sum(r["dim"] for r in fsdp_processes) == dim  # the shards partition the coordinates
     assert [r["window_shape"] for r in fsdp_processes] == [(WINDOW, r["dim"]) for r in fsdp_processes]
     assert [r["shard"]["rank"] for r in fsdp_processes] == [0, 1]
+
+
+def test_fsdp2_clips_by_the_global_gradient_norm(fsdp_processes):
+    """max_grad_norm under FSDP2: each process holds a shard of the gradient, and the clipping uses
+    the norm of the whole one, so training matches one process with the same clipping (which itself
+    differs from training without it: the clipping acted)."""
+    for result in fsdp_processes:
+        assert_matches_one_process(result["clipped"], max_grad_norm=CLIP)
+    clipped, _ = single_process_run(max_grad_norm=CLIP)
+    plain, _ = single_process_run()
+    assert not torch.allclose(clipped[0].weight, plain[0].weight, rtol=1e-3)
 
 
 def test_fsdp2_refuses_mixed_or_replicated_parameters(fsdp_processes):
