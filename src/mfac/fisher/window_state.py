@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import all_finite, robust_cholesky
+from .base import all_finite
 from . import woodbury
 
 __all__ = ["validate", "holds_factor", "probe_products", "probe_vector", "gram_tolerance", "COMMON_KEYS"]
@@ -234,13 +234,12 @@ def check_factor(window, factor: torch.Tensor, gram: torch.Tensor, pushed: int) 
     if not bool((upper.diagonal() > 0).all()):
         raise ValueError("window state's factor has a diagonal entry <= 0; it is not a Cholesky factor")
     offset = pushed % window.window % k
-    matrix = torch.roll(gram, (-offset, -offset), (0, 1))
-    matrix.diagonal().add_(k * window.damp)
-    z = probe_vector(k, matrix.device)
-    drift = woodbury.drift(woodbury.Factor(upper.contiguous(), offset).product(z), matrix @ z)
+    z = probe_vector(k, gram.device)
+    k_times_z = woodbury.dual_matrix(gram, window.damp, offset) @ z
+    drift = woodbury.drift(woodbury.Factor(upper.contiguous(), offset).product(z), k_times_z)
     if drift <= 4 * woodbury.drift_tolerance(k):
         return
-    fresh = woodbury.Factor(robust_cholesky(matrix, k * window.damp).mT.contiguous())
-    if drift > 4 * woodbury.drift(fresh.product(z), matrix @ z):  # round-off may keep even a fresh factor this far
+    fresh = woodbury.factor(gram, None, window.damp, primal=False, offset=offset)
+    if drift > 4 * woodbury.drift(fresh.product(z), k_times_z):  # round-off may keep even a fresh factor this far
         raise ValueError(f"window state's factor is not one of the saved Gram matrix (relative residual {drift:.2g} "
                          f"on a probe); the factor was edited or comes from another state")
