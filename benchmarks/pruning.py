@@ -163,7 +163,7 @@ def phase_timer() -> dict:
     import mfac.fisher.blocks as block_module
 
     spent = {"gradients": 0.0, "factorise": 0.0}
-    collect, chunks, factor = oneshot.collect_gradients, oneshot.gradient_chunks, block_module._primal_factor
+    collect, chunks, factor = oneshot.collect_gradients, oneshot.gradient_chunks, block_module.inverse_cholesky_factors
 
     def timed_collect(*args, **kwargs):
         start = time.perf_counter()
@@ -192,9 +192,9 @@ def phase_timer() -> dict:
             spent["factorise"] += time.perf_counter() - start
 
     def stop():
-        oneshot.collect_gradients, oneshot.gradient_chunks, block_module._primal_factor = collect, chunks, factor
+        oneshot.collect_gradients, oneshot.gradient_chunks, block_module.inverse_cholesky_factors = collect, chunks, factor
 
-    oneshot.collect_gradients, oneshot.gradient_chunks, block_module._primal_factor = (timed_collect, timed_chunks,
+    oneshot.collect_gradients, oneshot.gradient_chunks, block_module.inverse_cholesky_factors = (timed_collect, timed_chunks,
                                                                                        timed_factor)
     spent["stop"] = stop
     return spent

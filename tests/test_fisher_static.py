@@ -54,11 +54,13 @@ def test_float32_block_and_half_inputs_accumulate_in_float32():
 
 def test_large_static_is_tiled_and_exact(monkeypatch):
     """Factorisation tiles (bounded temporary memory) give the same result as one big tile."""
+    import mfac.fisher.block_factor as block_factor
     import mfac.fisher.blocks as blocks
 
     grads = torch.randn(6, 300, dtype=torch.float64)
     whole = StaticFisherInverse(grads, 1e-2)
-    monkeypatch.setattr(blocks, "_TILE_ELEMENTS", 50)
+    monkeypatch.setattr(blocks, "TILE_ELEMENTS", 50)
+    monkeypatch.setattr(block_factor, "TILE_ELEMENTS", 50)
     tiled = StaticFisherInverse(grads, 1e-2)
     x = torch.randn(300, dtype=torch.float64)
     assert rel_err(tiled.ihvp(x), whole.ihvp(x)) <= 1e-12

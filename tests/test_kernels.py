@@ -13,6 +13,7 @@ import torch
 
 from mfac import kernels
 from mfac.kernels import build
+from test_block_factorisation import check_inverse_factors
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) on PATH")
 
@@ -200,8 +201,9 @@ def test_builds_leave_no_partial_files_and_old_ones_are_removed(fresh, tmp_path)
 def test_every_vector_width_computes_the_same_products(fresh, tmp_path, isa_flags, width):
     """The bfloat16 row kernels come in 16-float (AVX-512), 8-float (AVX with FMA) and portable
     forms, the widest the build's CPU flags allow (the compressed rows' dot products gather 16
-    entries at a time with AVX-512); each agrees with the float64 reference, for both products and
-    for lengths that leave a tail shorter than a vector. A width this CPU cannot build is skipped."""
+    entries at a time with AVX-512; the block factorisation uses 64-byte vector types); each agrees
+    with the float64 reference, for both products and the factorisation, and for lengths that leave
+    a tail shorter than a vector. A width this CPU cannot build is skipped."""
     fresh.setenv("MFAC_KERNEL_CACHE", str(tmp_path / "cache"))
     fresh.setenv("CC", f"cc {isa_flags}".strip())
     if not kernels.available():
@@ -217,6 +219,7 @@ def test_every_vector_width_computes_the_same_products(fresh, tmp_path, isa_flag
         expected = 0.5 * x.double() - 2.0 * (rows.double().T @ a.double())
         assert torch.allclose(kernels.dense_combine(rows, a, x, 0.5, -2.0).double(), expected, rtol=1e-4, atol=1e-3)
     check_sparse_products(gen)
+    check_inverse_factors(gen)
 
 
 def check_sparse_products(gen):

@@ -26,8 +26,10 @@ of magnitude. One lambda serves every block: a per-block lambda would rescale ea
 saliencies separately and spoil the global ranking OBS makes across blocks (measured in
 BENCHMARKS.md#choosing-the-damping). If every gradient is zero, lambda = relative_damp.
 
-The small factorisations always run in float64 (the conditioning of K is poor when damp is
-small); U is kept in float32, or float64 when the gradients are float64. Blocks of equal size are
+U is kept in float32, or float64 when the gradients are float64. The primal route's B x B
+factorisations run in the precision each block's measured conditioning allows (float32 where its
+residual is small, float64 otherwise: :mod:`mfac.fisher.block_factor`); the dual route's m x m
+ones always run in float64 (the conditioning of K is poor when damp is small). Blocks of equal size are
 processed together with batched tensor ops; a shorter last block forms a second batch of one.
 """
 
@@ -41,11 +43,10 @@ import torch
 from .. import resources
 from .base import (FisherInverse, check_damping, check_finite, check_gradients, check_index, compute_dtype,
                    robust_cholesky)
+from .block_factor import TILE_ELEMENTS, inverse_cholesky_factors
 
 __all__ = ["BlockFisherInverse", "StaticFisherInverse"]
 
-# float64 elements per temporary tile while factorising: bounds the extra memory to 128 MiB.
-_TILE_ELEMENTS = 1 << 24
 _SUBMATRIX_BYTES = 1 << 28  # factor columns gathered at a time by ``submatrices``: 256 MB
 
 
@@ -75,36 +76,23 @@ def _resolve_damp(mean_diagonal: float, damp: float | None, relative: float | No
     return max(value, torch.finfo(torch.float32).tiny)
 
 
-def _primal_factor(fisher: torch.Tensor, damp: float, out: torch.Tensor) -> None:
-    """Write U = L^-1 of each damped (nb, B, B) block Gram matrix (already divided by m) into
-    ``out``, in tiles of blocks that bound the float64 work memory."""
-    nb, size, _ = fisher.shape
-    per_tile = max(1, _TILE_ELEMENTS // (size * size))
-    eye = torch.eye(size, dtype=torch.float64, device=fisher.device)
-    for b0 in range(0, nb, per_tile):
-        tile = fisher[b0: b0 + per_tile].to(torch.float64, copy=True)
-        tile.diagonal(dim1=1, dim2=2).add_(damp)
-        lower = robust_cholesky(tile, damp)
-        out[b0: b0 + per_tile] = torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False)
-
-
-def _factor_blocks(blocks: torch.Tensor, damp: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, str]:
-    """Factor F_b for each of the (nb, m, B) gradient blocks; returns (U, route)."""
+def _factor_blocks(blocks: torch.Tensor, damp: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, str, int]:
+    """Factor F_b for each of the (nb, m, B) gradient blocks; returns (U, route, blocks factorised
+    in float64 on the primal route)."""
     nb, m, size = blocks.shape
     f64 = torch.float64
     if m == 0:
-        return blocks.new_zeros((nb, 0, size), dtype=out_dtype), "dual"
+        return blocks.new_zeros((nb, 0, size), dtype=out_dtype), "dual", 0
     if size <= m:
         fisher = blocks.new_zeros((nb, size, size), dtype=f64)
-        rows = max(1, _TILE_ELEMENTS // (nb * size))
+        rows = max(1, TILE_ELEMENTS // (nb * size))
         for r0 in range(0, m, rows):
             tile = blocks[:, r0: r0 + rows].to(f64)
             fisher.baddbmm_(tile.transpose(1, 2), tile)
         fisher.div_(m)
         factor = torch.empty((nb, size, size), dtype=out_dtype, device=blocks.device)
-        _primal_factor(fisher, damp, factor)
-        return factor, "primal"
-    cols = max(1, _TILE_ELEMENTS // (nb * m))
+        return factor, "primal", inverse_cholesky_factors(fisher, damp, factor)
+    cols = max(1, TILE_ELEMENTS // (nb * m))
     gram = blocks.new_zeros((nb, m, m), dtype=f64)
     for c0 in range(0, size, cols):
         tile = blocks[:, :, c0: c0 + cols].to(f64)
@@ -115,7 +103,7 @@ def _factor_blocks(blocks: torch.Tensor, damp: float, out_dtype: torch.dtype) ->
     for c0 in range(0, size, cols):
         tile = blocks[:, :, c0: c0 + cols].to(f64)
         factor[:, :, c0: c0 + cols] = torch.linalg.solve_triangular(lower, tile, upper=False)
-    return factor, "dual"
+    return factor, "dual", 0
 
 
 def _batch_layout(dim: int, block_size: int) -> list[tuple[int, int, int]]:
@@ -134,7 +122,7 @@ def _peak_bytes(m: int, d: int, block_size: int, element: int) -> int:
         work = d * size * 8
     else:
         work = 2 * blocks * m * m * 8
-    return d * min(size, m) * element + work + 3 * 8 * min(_TILE_ELEMENTS, d * size)
+    return d * min(size, m) * element + work + 3 * 8 * min(TILE_ELEMENTS, d * size)
 
 
 def _check_block_size(block_size) -> int:
@@ -178,10 +166,12 @@ class BlockFisherInverse(FisherInverse):
         mean_diagonal = float(grads.to(torch.float64).square().sum()) / (max(m, 1) * d) if relative else 0.0
         self._damp = _resolve_damp(mean_diagonal, absolute, relative)
         self._batches: list[_BlockBatch] = []
+        self._float64_blocks = 0
         for start, count, width in _batch_layout(d, self._block_size):
             blocks = grads[:, start: start + count * width].reshape(m, count, width).transpose(0, 1)
-            factor, route = _factor_blocks(blocks, self._damp, self._dtype)
+            factor, route, in_float64 = _factor_blocks(blocks, self._damp, self._dtype)
             self._add_batch(start, count, width, factor, route)
+            self._float64_blocks += in_float64
 
     def _add_batch(self, start, count, width, factor, route) -> None:
         alpha, scale = (0.0, 1.0) if route == "primal" else (1.0 / self._damp, -1.0 / self._damp)
@@ -222,7 +212,7 @@ class BlockFisherInverse(FisherInverse):
         device = torch.device(device) if device is not None else torch.empty(0).device
         size = min(block_size, dim)
         element = torch.empty(0, dtype=dtype).element_size()
-        resources.check_fits(dim * size * element + 3 * 8 * _TILE_ELEMENTS, device,
+        resources.check_fits(dim * size * element + 3 * 8 * TILE_ELEMENTS, device,
                              f"streamed block Fisher statistics for {dim:,} coordinates in blocks of {size} "
                              f"({dim:,} x {size} {dtype} numbers)", "lower block_size")
         if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool
@@ -245,7 +235,7 @@ class BlockFisherInverse(FisherInverse):
                 # Blocks in tiles of 16 MB, copied to (blocks, rows, B) order first: the batched
                 # product then runs near plain-matmul speed (strided operands run slower),
                 # and the copy stays small (a whole chunk's worth would add gigabytes).
-                per_tile = max(1, _TILE_ELEMENTS // (4 * len(rows) * width))
+                per_tile = max(1, TILE_ELEMENTS // (4 * len(rows) * width))
                 for b0 in range(0, count, per_tile):
                     b1 = min(count, b0 + per_tile)
                     part = rows[:, start + b0 * width: start + b1 * width].reshape(len(rows), b1 - b0, width)
@@ -266,13 +256,14 @@ class BlockFisherInverse(FisherInverse):
                 total.mul_(keep[:, :, None]).mul_(keep[:, None, :])
         self = cls.__new__(cls)
         self._num_grads, self._dim, self._dtype, self._block_size = m, dim, dtype, size
-        self._batches = []
+        self._batches, self._float64_blocks = [], 0
         divisor = max(m, 1)
         trace = sum(float(total.diagonal(dim1=1, dim2=2).to(torch.float64).sum()) for total in sums)
         self._damp = _resolve_damp(trace / (divisor * dim), absolute, relative)
         for (start, count, width), total in zip(layout, sums):
             total.div_(divisor)
-            _primal_factor(total, self._damp, total)  # the factor overwrites the sums, tile by tile
+            # the factor overwrites the sums, tile by tile
+            self._float64_blocks += inverse_cholesky_factors(total, self._damp, total)
             self._add_batch(start, count, width, total, "primal")
         return self
 
@@ -286,6 +277,13 @@ class BlockFisherInverse(FisherInverse):
         """B, the size of every block but possibly the last."""
         return self._block_size
     nbytes = property(lambda self: sum(b.factor.numel() * b.factor.element_size() for b in self._batches))
+
+    @property
+    def float64_blocks(self) -> int:
+        """How many primal-route blocks were factorised in float64: all of them for float64 factors
+        (or where the compiled kernel cannot run), else those whose float32 factorisation failed the
+        residual check (``FLOAT32_RESIDUAL``): a measure of how ill-conditioned the blocks were."""
+        return self._float64_blocks
 
     @property
     def routes(self) -> tuple[str, ...]:

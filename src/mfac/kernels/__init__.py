@@ -1,7 +1,8 @@
 """Compiled CPU kernels for the window products, with pure-torch fallbacks.
 
 This module owns one small C file (``window.c``: products with a bfloat16 window, and with a
-compressed window of (value, int16 offset) pairs) and the bridge to it. torch has no fast product
+compressed window of (value, int16 offset) pairs; the window's factor update; the factorisation of
+many small blocks) and the bridge to it. torch has no fast product
 of a bfloat16 matrix with a float32 vector that accumulates in float32 (its own bfloat16 product
 rounds the vector and the result to bfloat16), and its sparse formats are far from memory speed
 (BENCHMARKS.md#window-storage-forms), so these few loops are written in C, blocked over columns so the window is
@@ -32,7 +33,7 @@ from . import triton_window
 from .build import BuildError, cache_folder, load_library
 
 __all__ = ["BlockLayout", "available", "status", "reset", "dense_dots", "dense_combine", "sparse_dots",
-           "sparse_combine", "factor_shift"]
+           "sparse_combine", "factor_shift", "inverse_factors", "INVERSE_FACTORS_MAX_SIZE"]
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -47,6 +48,8 @@ _SIGNATURES = {
     "sparse_combine": [_P, _INT, _P, _I64, _I64, _P, _I64, _I64, _I64, _P, _P, _F32, _F32, _P, _INT],
     "factor_shift": [_P, _I64, _P, ctypes.c_double, _P, _P, _P, _P],
     "row_vector_width": [],
+    "inverse_factors_f32": [_P, _I64, _I64, _P, ctypes.c_double, _P, _P, _INT],
+    "inverse_factors_f64": [_P, _I64, _I64, _P, ctypes.c_double, _P, _P, _INT],
 }
 
 
@@ -288,3 +291,40 @@ def factor_shift(upper: torch.Tensor, column: torch.Tensor, diag: float,
                             None if product is None else product.data_ptr()):
         return None
     return out, product
+
+
+# Many small factorisations --------------------------------------------------------------------------
+
+# Largest block the compiled factorisation takes: a thread works on one block at a time in two
+# copies (2 n^2 numbers: 1 MiB in float64 at 256), which must stay in the core's cache; larger
+# matrices are few and LAPACK's blocked, multi-threaded factorisation serves them well.
+INVERSE_FACTORS_MAX_SIZE = 256
+
+
+def inverse_factors(blocks: torch.Tensor, probe: torch.Tensor,
+                    limit: float = math.inf) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Factorise each symmetric block of ``blocks`` ((count, n, n), float32 or float64, contiguous,
+    CPU, n <= INVERSE_FACTORS_MAX_SIZE; lower triangle read), in the blocks' dtype: X = L^-1 where
+    block = L L^T, and the residual |X A X^T z - z| for the unit ``probe`` z ((n,) float64), computed
+    in float64 (about eps * cond(A)). Each block is overwritten with X (lower triangular, zeros
+    above) where its residual is at most ``limit``, and left exactly as it was otherwise.
+
+    Returns (info, residual): info (count,) int32, 0 where the factorisation ran to the end, i + 1
+    where the i-th pivot was not positive (residual inf); residual (count,) float64. Returns None,
+    with nothing changed, where the compiled kernel cannot run (no library, not a CPU tensor,
+    another dtype or size). Cost: 2 n^3 / 3 + 3 n^2 flops per block, in panels of
+    register-blocked products (BENCHMARKS.md#streamed-block-statistics)."""
+    if blocks.dim() != 3 or blocks.shape[1] != blocks.shape[2] or blocks.dtype not in (torch.float32, torch.float64):
+        return None
+    count, size, _ = blocks.shape
+    if not 1 <= size <= INVERSE_FACTORS_MAX_SIZE or probe.shape != (size,) or probe.dtype != torch.float64:
+        return None
+    library = _usable(blocks, probe)
+    if library is None:
+        return None
+    info = torch.zeros(count, dtype=torch.int32)
+    residual = torch.empty(count, dtype=torch.float64)
+    function = library.inverse_factors_f32 if blocks.dtype == torch.float32 else library.inverse_factors_f64
+    _call(function, blocks.data_ptr(), count, size, probe.data_ptr(), float(limit), info.data_ptr(),
+          residual.data_ptr())
+    return info, residual

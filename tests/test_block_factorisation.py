@@ -1,0 +1,195 @@
+"""The factorisation behind every block-diagonal inverse: the compiled ``inverse_factors`` kernel
+against LAPACK in float64, and the precision rule of ``BlockFisherInverse`` (float32 where a block's
+measured residual allows, float64 otherwise, LAPACK where the kernel cannot run)."""
+
+import shutil
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import block_dense_fisher, rel_err, solve, tolerance
+from mfac import kernels
+from mfac.fisher import BlockFisherInverse
+
+needs_kernels = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) on PATH")
+
+
+def spd_blocks(count: int, size: int, rank: int, damp: float, gen: torch.Generator, scales=None) -> torch.Tensor:
+    """count damped Gram matrices G^T G / rank + damp I of (rank, size) gradients, float64."""
+    g = torch.randn(count, rank, size, dtype=torch.float64, generator=gen)
+    if scales is not None:
+        g = g * scales
+    out = g.mT @ g / max(rank, 1)
+    out.diagonal(dim1=1, dim2=2).add_(damp)
+    return out
+
+
+def reference_factors(matrices: torch.Tensor) -> torch.Tensor:
+    lower = torch.linalg.cholesky(matrices)
+    eye = torch.eye(matrices.shape[-1], dtype=matrices.dtype).expand_as(lower)
+    return torch.linalg.solve_triangular(lower, eye, upper=False)
+
+
+def unit_probe(size: int, seed: int = 0) -> torch.Tensor:
+    z = torch.randn(size, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return z / z.norm()
+
+
+def factorise(work: torch.Tensor, limit: float = float("inf")):
+    """kernels.inverse_factors with a unit probe; (info, residual, probe)."""
+    probe = unit_probe(work.shape[-1])
+    result = kernels.inverse_factors(work, probe, limit)
+    assert result is not None, kernels.status()
+    return (*result, probe)
+
+
+def residual(factors: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
+    """|X A X^T - I| per block (spectral norm), in float64."""
+    x = factors.double()
+    eye = torch.eye(x.shape[-1], dtype=torch.float64)
+    return torch.linalg.matrix_norm(x @ matrices @ x.mT - eye, ord=2)
+
+
+def check_inverse_factors(gen: torch.Generator) -> None:
+    """Sizes around the vector width (16 floats / 8 doubles) and the panel of 8 rows, in both
+    precisions: lower triangular with exact zeros above, and backward stable."""
+    for dtype in (torch.float32, torch.float64):
+        eps = torch.finfo(dtype).eps
+        for size in (1, 2, 7, 8, 9, 15, 16, 17, 31, 33, 100, 128, 130, 256):
+            for rank in (size // 2, 2 * size):  # rank-deficient (cond ~ 1/damp) and full rank
+                matrices = spd_blocks(3, size, rank, 1e-2, gen)
+                work = matrices.to(dtype, copy=True)
+                info, probed, z = factorise(work)
+                assert info.tolist() == [0, 0, 0]
+                assert torch.equal(work.triu(1), torch.zeros_like(work))
+                x = work.double()
+                product = x @ (matrices.to(dtype).double() @ (x.mT @ z[:, None]))
+                expected_probe = torch.linalg.vector_norm(product[..., 0] - z, dim=1)
+                assert torch.allclose(probed, expected_probe, rtol=1e-6, atol=1e-12)
+                cond = torch.linalg.cond(matrices)
+                assert bool((residual(work, matrices) <= 10 * size * eps * cond).all()), (dtype, size, rank)
+                if dtype == torch.float64:
+                    expected = reference_factors(matrices)
+                    assert rel_err(work, expected) <= 1e3 * eps * float(cond.max()) ** 0.5
+
+
+@needs_kernels
+def test_inverse_factors_match_lapack_on_awkward_sizes():
+    if not kernels.available():
+        pytest.fail(f"a C compiler is on PATH but the kernels are not in use: {kernels.status()}")
+    check_inverse_factors(torch.Generator().manual_seed(0))
+
+
+@needs_kernels
+@settings(max_examples=40, deadline=None)
+@given(size=st.integers(1, 70), count=st.integers(1, 5), rank=st.integers(0, 80),
+       log_damp=st.floats(-6, 2), log_scale=st.floats(-8, 8), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_inverse_factors_are_backward_stable(size, count, rank, log_damp, log_scale, dtype):
+    """Hypothesis: any damped Gram matrix at scales over 16 orders; the residual of X A X^T is
+    within a small multiple of n * eps * cond(A), or the block is reported as failed (float32 with a
+    condition number near 1/eps), never silently wrong."""
+    gen = torch.Generator().manual_seed(size * 1000 + count * 10 + rank)
+    scale = 10.0 ** log_scale
+    matrices = spd_blocks(count, size, rank, 10.0 ** log_damp * scale ** 2, gen) * 1.0
+    if rank == 0:
+        matrices = torch.eye(size, dtype=torch.float64).expand(count, size, size) * (10.0 ** log_damp * scale ** 2)
+    matrices = matrices.contiguous()
+    work = matrices.to(dtype, copy=True)
+    info, probed, _ = factorise(work)
+    assert bool((probed[info != 0] == float("inf")).all())
+    cond = torch.linalg.cond(matrices)
+    eps = torch.finfo(dtype).eps
+    ok = info == 0
+    assert bool(ok[cond * size * eps < 0.01].all())  # a well-conditioned block never fails
+    if bool(ok.any()):
+        assert bool((residual(work[ok], matrices[ok]) <= 10 * size * eps * cond[ok]).all())
+
+
+@needs_kernels
+def test_an_indefinite_block_is_reported_and_the_others_are_still_factorised():
+    gen = torch.Generator().manual_seed(1)
+    matrices = spd_blocks(4, 20, 40, 0.1, gen)
+    matrices[2, 5, 5] = -1.0  # the sixth pivot cannot be positive
+    work = matrices.to(torch.float32, copy=True)
+    info, _, _ = factorise(work)
+    assert info[2] == 6 and info[[0, 1, 3]].tolist() == [0, 0, 0]
+    assert torch.equal(work[2], matrices[2].float())  # left exactly as it was, for the caller to redo
+    good = [0, 1, 3]
+    assert rel_err(work[good], reference_factors(matrices[good])) < 1e-5
+
+
+@needs_kernels
+def test_blocks_over_the_residual_limit_are_left_as_they_were():
+    gen = torch.Generator().manual_seed(8)
+    matrices = torch.cat([spd_blocks(2, 24, 48, 1.0, gen), spd_blocks(2, 24, 3, 1e-6, gen)])  # cond ~1e1, ~1e7
+    work = matrices.to(torch.float32, copy=True)
+    info, probed, _ = factorise(work, limit=1e-3)
+    assert info[:2].tolist() == [0, 0]
+    assert bool((probed[:2] < 1e-5).all()) and bool((probed[2:] > 1e-3).all())
+    assert torch.equal(work[2:], matrices[2:].float())
+    assert rel_err(work[:2], reference_factors(matrices[:2])) < 1e-5
+
+
+def test_inverse_factors_decline_what_they_cannot_take():
+    """None, nothing changed, for what the kernel does not take: the caller uses LAPACK."""
+    big = torch.eye(kernels.INVERSE_FACTORS_MAX_SIZE + 1).unsqueeze(0)
+    strided = torch.eye(8, dtype=torch.float64).expand(3, 8, 8)
+    for blocks in (big, strided, torch.eye(4, dtype=torch.bfloat16)[None], torch.eye(4)):
+        before = blocks.clone()
+        assert kernels.inverse_factors(blocks, unit_probe(blocks.shape[-1])) is None
+        assert torch.equal(blocks, before)
+
+
+def ill_conditioned_gradients(gen: torch.Generator) -> torch.Tensor:
+    """48 gradients over 4 blocks of 32: blocks 0 and 2 rank 48 (well conditioned), blocks 1 and 3
+    spanned by 2 directions, so with a tiny damp their condition number is about 1e9."""
+    g = torch.randn(48, 128, generator=gen)
+    low = torch.randn(48, 2, generator=gen) @ torch.randn(2, 32, generator=gen)
+    g[:, 32:64], g[:, 96:128] = low, low * 3
+    return g
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "lapack"])
+def test_precision_follows_the_measured_conditioning(monkeypatch, kernel):
+    """float32 factors: the well-conditioned blocks stay in float32, the two ill-conditioned ones
+    are redone in float64 (with the kernel); without it every block is float64, as before. Either
+    way ihvp is backward stable against the dense float64 reference, and both routes agree."""
+    if kernel and not kernels.available():
+        pytest.skip(kernels.status())
+    if not kernel:
+        monkeypatch.setattr(kernels, "inverse_factors", lambda *args: None)
+    grads = ill_conditioned_gradients(torch.Generator().manual_seed(2))
+    damp = 1e-7
+    fisher = BlockFisherInverse(grads, damp=damp, block_size=32)
+    assert fisher.float64_blocks == (2 if kernel else 4)
+    dense = block_dense_fisher(grads.double(), damp, 32)
+    x = torch.randn(128, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    assert rel_err(fisher.ihvp(x.float()), solve(dense, x)) <= tolerance(dense, torch.float32)
+    well = torch.cat([torch.arange(0, 32), torch.arange(64, 96)])
+    assert rel_err(fisher.diag()[well], torch.linalg.inv(dense).diagonal()[well]) < 1e-5
+
+
+def test_streamed_statistics_take_the_same_rule():
+    """from_chunks factorises its float32 sums in place by the same rule: the same blocks go to
+    float64 and the inverse matches the one built from the whole matrix."""
+    if not kernels.available():
+        pytest.skip(kernels.status())
+    grads = ill_conditioned_gradients(torch.Generator().manual_seed(4))
+    whole = BlockFisherInverse(grads, damp=1e-7, block_size=32)
+    streamed = BlockFisherInverse.from_chunks(grads.split(10), 128, 32, damp=1e-7)
+    assert streamed.float64_blocks == whole.float64_blocks == 2
+    x = torch.randn(128, generator=torch.Generator().manual_seed(5))
+    dense = block_dense_fisher(grads.double(), 1e-7, 32)
+    for fisher in (whole, streamed):
+        assert rel_err(fisher.ihvp(x), solve(dense, x.double())) <= tolerance(dense, torch.float32)
+
+
+def test_float64_factors_never_take_float32():
+    grads = torch.randn(200, 256, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    fisher = BlockFisherInverse(grads, damp=0.1, block_size=64)
+    assert fisher.float64_blocks == 4
+    dense = block_dense_fisher(grads, 0.1, 64)
+    x = torch.randn(256, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    assert rel_err(fisher.ihvp(x), solve(dense, x)) <= tolerance(dense, torch.float64)
