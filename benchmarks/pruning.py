@@ -271,7 +271,8 @@ def minilm_protocol(quick: bool = False):
 batches_accuracy = minilm_sst2.batches_accuracy
 
 
-def part_transformer(quick: bool, num_grads: int | None = None, recompute: int | None = None):
+def part_transformer(quick: bool, num_grads: int | None = None, recompute: int | None = None,
+                     sparsities: list[float] | None = None, methods: list[str] | None = None):
     protocol = minilm_protocol(quick)
     if protocol is None:
         return None
@@ -289,12 +290,14 @@ def part_transformer(quick: bool, num_grads: int | None = None, recompute: int |
           f"{recompute or (2 if quick else 8)} recomputations, block 128, default damping\n")
     print("| method | sparsity | dev accuracy % | seconds | of which gradients s | factorisation s | peak RSS GB |\n"
           "|---|---|---|---|---|---|---|")
-    sparsities = [0.7] if quick else [0.5, 0.7, 0.8, 0.9]
+    sparsities = sparsities or ([0.7] if quick else [0.5, 0.7, 0.8, 0.9])
     settings = {"magnitude, global": dict(method="magnitude"),
                 "magnitude, per layer": dict(method="magnitude", scope="layer"),
                 "OBS": dict(method="obs", data=obs_batches, batch_loss=lambda m, b: m(**b).loss, per_sample=True,
                             num_grads=num_grads or (128 if quick else 1024),
                             recompute=recompute or (2 if quick else 8), block_size=128)}
+    if methods:
+        settings = {name: kwargs for name, kwargs in settings.items() if name in methods}
     results = {"dense": dense, "curves": {}}
     for name, kwargs in settings.items():
         points = []
@@ -356,6 +359,11 @@ def main():
                              "else 1)")
     parser.add_argument("--transformer-grads", type=int, default=None, help="OBS gradients (default 1024)")
     parser.add_argument("--transformer-recompute", type=int, default=None, help="OBS recomputations (default 8)")
+    parser.add_argument("--transformer-sparsities", type=float, nargs="+", default=None,
+                        help="sparsities of the transformer part (default 0.5 0.7 0.8 0.9)")
+    parser.add_argument("--transformer-methods", nargs="+", default=None,
+                        choices=["magnitude, global", "magnitude, per layer", "OBS"],
+                        help="methods of the transformer part (default: all three)")
     args = parser.parse_args()
     print(f"# mfac pruning benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads")
     results = {}
@@ -366,7 +374,8 @@ def main():
     if args.part is None or "resnet" in args.part:
         results["ResNet-20 / CIFAR-10"] = part_resnet(args.quick)
     if args.part is None or "transformer" in args.part:
-        results["MiniLM-L6 / SST-2"] = part_transformer(args.quick, args.transformer_grads, args.transformer_recompute)
+        results["MiniLM-L6 / SST-2"] = part_transformer(args.quick, args.transformer_grads, args.transformer_recompute,
+                                                        args.transformer_sparsities, args.transformer_methods)
     if args.plot:
         plot(results, args.plot)
     if args.json:

@@ -193,3 +193,59 @@ def test_float64_factors_never_take_float32():
     dense = block_dense_fisher(grads, 0.1, 64)
     x = torch.randn(256, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     assert rel_err(fisher.ihvp(x), solve(dense, x)) <= tolerance(dense, torch.float64)
+
+
+def check_gram_update(gen: torch.Generator) -> None:
+    """The lower triangle of every block gets P_b^T P_b, for row counts around the register tile
+    and the row group, both dtypes, a column offset and a row stride wider than the row."""
+    for dtype in (torch.float32, torch.float64):
+        for n, size, count in ((1, 32, 3), (7, 64, 2), (33, 128, 5), (300, 32, 2)):
+            wide = torch.randn(n, 5 + count * size + 11, dtype=dtype, generator=gen)
+            rows = wide[:, 2:]  # stride(0) wider than the row
+            start = 3
+            before = torch.randn(count, size, size, dtype=dtype, generator=gen)
+            stats = before.clone()
+            assert kernels.gram_update(stats, rows, start)
+            p = rows[:, start: start + count * size].double().reshape(n, count, size).transpose(0, 1)
+            expected = before.double() + p.mT @ p
+            lower = torch.ones(size, size, dtype=torch.bool).tril()
+            eps = torch.finfo(dtype).eps
+            scale = expected.abs().amax()
+            assert float((stats.double() - expected)[:, lower].abs().max()) <= 4 * n * eps * float(scale)
+            touched = (stats != before) & ~lower  # above the diagonal: either untouched or true values
+            if bool(touched.any()):
+                assert float((stats.double() - expected)[touched].abs().max()) <= 4 * n * eps * float(scale)
+
+
+@needs_kernels
+def test_gram_update_matches_the_batched_product():
+    if not kernels.available():
+        pytest.fail(f"a C compiler is on PATH but the kernels are not in use: {kernels.status()}")
+    check_gram_update(torch.Generator().manual_seed(9))
+
+
+def test_gram_update_declines_what_it_cannot_take():
+    stats = torch.zeros(2, 48, 48)  # 48 is not a multiple of 32 floats
+    assert not kernels.gram_update(stats, torch.ones(4, 96), 0)
+    assert not kernels.gram_update(torch.zeros(2, 32, 32), torch.ones(4, 64, dtype=torch.float64), 0)
+    assert not kernels.gram_update(torch.zeros(2, 32, 32), torch.ones(64, 4).T, 0)  # columns not contiguous
+    assert not kernels.gram_update(torch.zeros(2, 32, 32), torch.ones(4, 60), 0)  # too few columns
+    assert torch.equal(stats, torch.zeros(2, 48, 48))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_streamed_statistics_match_with_and_without_the_kernel(monkeypatch, dtype):
+    """from_chunks with the Gram kernel (lower triangles) and with batched products (whole blocks),
+    a pruning mask and a short last block (the torch path) give the same inverse."""
+    gen = torch.Generator().manual_seed(10)
+    grads = torch.randn(70, 3 * 64 + 20, dtype=dtype, generator=gen)
+    mask = torch.rand(grads.shape[1], generator=gen) > 0.3
+    build = lambda: BlockFisherInverse.from_chunks(grads.split(16), grads.shape[1], 64, relative_damp=0.3,
+                                                   dtype=dtype, mask=mask)
+    with_kernel = build()
+    monkeypatch.setattr(kernels, "gram_update", lambda *args: False)
+    without = build()
+    x = torch.randn(grads.shape[1], dtype=dtype, generator=gen)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert rel_err(with_kernel.ihvp(x), without.ihvp(x)) <= tol
+    assert rel_err(with_kernel.diag(), without.diag()) <= tol

@@ -13,7 +13,7 @@ import torch
 
 from mfac import kernels
 from mfac.kernels import build
-from test_block_factorisation import check_inverse_factors
+from test_block_factorisation import check_gram_update, check_inverse_factors
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) on PATH")
 
@@ -220,6 +220,7 @@ def test_every_vector_width_computes_the_same_products(fresh, tmp_path, isa_flag
         assert torch.allclose(kernels.dense_combine(rows, a, x, 0.5, -2.0).double(), expected, rtol=1e-4, atol=1e-3)
     check_sparse_products(gen)
     check_inverse_factors(gen)
+    check_gram_update(gen)
 
 
 def check_sparse_products(gen):

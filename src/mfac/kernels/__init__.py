@@ -33,7 +33,7 @@ from . import triton_window
 from .build import BuildError, cache_folder, load_library
 
 __all__ = ["BlockLayout", "available", "status", "reset", "dense_dots", "dense_combine", "sparse_dots",
-           "sparse_combine", "factor_shift", "inverse_factors", "INVERSE_FACTORS_MAX_SIZE"]
+           "sparse_combine", "factor_shift", "gram_update", "inverse_factors", "INVERSE_FACTORS_MAX_SIZE"]
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -48,6 +48,8 @@ _SIGNATURES = {
     "sparse_combine": [_P, _INT, _P, _I64, _I64, _P, _I64, _I64, _I64, _P, _P, _F32, _F32, _P, _INT],
     "factor_shift": [_P, _I64, _P, ctypes.c_double, _P, _P, _P, _P],
     "row_vector_width": [],
+    "gram_update_f32": [_P, _I64, _I64, _P, _I64, _I64, _INT],
+    "gram_update_f64": [_P, _I64, _I64, _P, _I64, _I64, _INT],
     "inverse_factors_f32": [_P, _I64, _I64, _P, ctypes.c_double, _P, _P, _INT],
     "inverse_factors_f64": [_P, _I64, _I64, _P, ctypes.c_double, _P, _P, _INT],
 }
@@ -293,7 +295,33 @@ def factor_shift(upper: torch.Tensor, column: torch.Tensor, diag: float,
     return out, product
 
 
-# Many small factorisations --------------------------------------------------------------------------
+# Block-diagonal statistics and their factorisation ---------------------------------------------------
+
+
+def gram_update(stats: torch.Tensor, rows: torch.Tensor, start: int) -> bool:
+    """Add P_b^T P_b to the lower triangle of each block of ``stats`` ((count, B, B), contiguous),
+    where P_b = rows[:, start + b * B : start + (b + 1) * B] for ``rows`` (n, d) with unit column
+    stride, in the same dtype (float32 or float64), on the CPU. Entries above the diagonal are left
+    as they were, but for a few next to it, which receive their true values. Returns False, nothing
+    changed, where the compiled kernel cannot run (no library, not a CPU tensor, another dtype, or
+    B not a multiple of 32 floats / 16 doubles): the caller then uses a batched product. Cost: about
+    n B^2 flops per block (half a full product), reading and writing each block's sums once."""
+    if stats.dim() != 3 or stats.shape[1] != stats.shape[2] or stats.dtype not in (torch.float32, torch.float64):
+        return False
+    count, size, _ = stats.shape
+    if rows.dim() != 2 or rows.dtype != stats.dtype or rows.stride(1) != 1 or rows.shape[1] < start + count * size:
+        return False
+    if size % (128 // stats.element_size()) or not stats.is_contiguous():
+        return False
+    library = _usable(stats) if rows.device.type == "cpu" else None
+    if library is None:
+        return False
+    function = library.gram_update_f32 if stats.dtype == torch.float32 else library.gram_update_f64
+    pointer = rows.data_ptr() + start * rows.element_size()
+    _call(function, stats.data_ptr(), count, size, pointer, rows.shape[0], rows.stride(0))
+    return True
+
+
 
 # Largest block the compiled factorisation takes: a thread works on one block at a time in two
 # copies (2 n^2 numbers: 1 MiB in float64 at 256), which must stay in the core's cache; larger
