@@ -249,3 +249,30 @@ def test_streamed_statistics_match_with_and_without_the_kernel(monkeypatch, dtyp
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     assert rel_err(with_kernel.ihvp(x), without.ihvp(x)) <= tol
     assert rel_err(with_kernel.diag(), without.diag()) <= tol
+
+
+@needs_kernels
+@pytest.mark.parametrize("where", [0, 40, 100], ids=["first-block", "second-block", "short-last-block"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_gradient_entry_is_refused_wherever_it_is(where, bad):
+    """The kernel checks the rows as it reads them (no separate pass): NaN or Inf in a block it
+    takes, or in the short last block the batched product takes, is refused with the usual error."""
+    from mfac.fisher import NonFiniteGradientError
+
+    grads = torch.randn(10, 110, generator=torch.Generator().manual_seed(11))
+    grads[7, where] = bad
+    stats = torch.zeros(3, 32, 32)
+    if where < 96:
+        assert kernels.gram_update(stats, grads, 0) is False
+    with pytest.raises(NonFiniteGradientError, match="gradient chunk"):
+        BlockFisherInverse.from_chunks(grads.split(4), 110, 32, relative_damp=0.3)
+    assert kernels.gram_update(torch.zeros(3, 32, 32), torch.randn(4, 110), 0) is True
+
+
+def test_float64_chunks_that_overflow_float32_statistics_are_refused():
+    from mfac.fisher import NonFiniteGradientError
+
+    grads = torch.randn(4, 64, dtype=torch.float64)
+    grads[1, 3] = 1e300  # finite in float64, Inf once rounded to the float32 statistics
+    with pytest.raises(NonFiniteGradientError, match="gradient chunk"):
+        BlockFisherInverse.from_chunks([grads], 64, 32, relative_damp=0.3)

@@ -115,9 +115,15 @@ def _batch_layout(dim: int, block_size: int) -> list[tuple[int, int, int]]:
 
 def _accumulate(sums: list[torch.Tensor], layout: list[tuple[int, int, int]], rows: torch.Tensor) -> None:
     """Add each block's G_b^T G_b over ``rows`` (n, d) to its sums: the lower triangles in the
-    compiled kernel, else whole blocks by batched products."""
+    compiled kernel (which checks the rows for NaN and Inf as it reads them), else whole blocks by
+    batched products after a check. Raises NonFiniteGradientError (the sums are then spoilt)."""
     for (start, count, width), total in zip(layout, sums):
-        if kernels.gram_update(total, rows, start):
+        done = kernels.gram_update(total, rows, start)
+        if done is None:
+            check_finite("a gradient chunk", rows[:, start: start + count * width])
+        elif not done:
+            check_finite("a gradient chunk", rows)
+        else:
             continue
         # Blocks in tiles of 16 MB, copied to (blocks, rows, B) order first: the batched product then
         # runs near plain-matmul speed (strided operands run slower), and the copy stays small (a
@@ -246,7 +252,6 @@ class BlockFisherInverse(FisherInverse):
             if not isinstance(chunk, torch.Tensor) or chunk.dim() != 2 or chunk.shape[1] != dim:
                 shape = tuple(chunk.shape) if isinstance(chunk, torch.Tensor) else type(chunk).__name__
                 raise ValueError(f"every chunk must be a tensor of shape (n, {dim}), got {shape}")
-            check_finite("a gradient chunk", chunk)
             rows = chunk.to(device=device, dtype=dtype)
             if rows.shape[0] == 0:
                 continue

@@ -298,29 +298,33 @@ def factor_shift(upper: torch.Tensor, column: torch.Tensor, diag: float,
 # Block-diagonal statistics and their factorisation ---------------------------------------------------
 
 
-def gram_update(stats: torch.Tensor, rows: torch.Tensor, start: int) -> bool:
+def gram_update(stats: torch.Tensor, rows: torch.Tensor, start: int) -> bool | None:
     """Add P_b^T P_b to the lower triangle of each block of ``stats`` ((count, B, B), contiguous),
     where P_b = rows[:, start + b * B : start + (b + 1) * B] for ``rows`` (n, d) with unit column
     stride, in the same dtype (float32 or float64), on the CPU. Entries above the diagonal are left
-    as they were, but for a few next to it, which receive their true values. Returns False, nothing
-    changed, where the compiled kernel cannot run (no library, not a CPU tensor, another dtype, or
-    B not a multiple of 32 floats / 16 doubles): the caller then uses a batched product. Cost: about
-    n B^2 flops per block (half a full product), reading and writing each block's sums once."""
+    as they were, but for a few next to it, which receive their true values.
+
+    Returns True when done; False when done but some entry of those columns of ``rows`` was NaN or
+    Inf (``stats`` then holds non-finite values: discard it); None, nothing changed, where the
+    compiled kernel cannot run (no library, not a CPU tensor, another dtype, or B not a multiple of
+    32 floats / 16 doubles): the caller then uses a batched product. Cost: about n B^2 flops per
+    block (half a full product), reading ``rows`` once and each block's sums once."""
     if stats.dim() != 3 or stats.shape[1] != stats.shape[2] or stats.dtype not in (torch.float32, torch.float64):
-        return False
+        return None
     count, size, _ = stats.shape
     if rows.dim() != 2 or rows.dtype != stats.dtype or rows.stride(1) != 1 or rows.shape[1] < start + count * size:
-        return False
+        return None
     if size % (128 // stats.element_size()) or not stats.is_contiguous():
-        return False
+        return None
     library = _usable(stats) if rows.device.type == "cpu" else None
     if library is None:
-        return False
+        return None
     function = library.gram_update_f32 if stats.dtype == torch.float32 else library.gram_update_f64
     pointer = rows.data_ptr() + start * rows.element_size()
-    _call(function, stats.data_ptr(), count, size, pointer, rows.shape[0], rows.stride(0))
-    return True
-
+    code = function(stats.data_ptr(), count, size, pointer, rows.shape[0], rows.stride(0), torch.get_num_threads())
+    if code not in (0, 3):
+        raise RuntimeError(f"gram_update: unexpected return code {code}")
+    return code == 0
 
 
 # Largest block the compiled factorisation takes: a thread works on one block at a time in two

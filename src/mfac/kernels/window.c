@@ -634,11 +634,13 @@ DEFINE_INVERSE_FACTORS(inverse_factors_f64, double, sqrt)
  * lower triangle is updated (tiles on and below the diagonal, which also cover a few entries just
  * above it, with their true values); everything that reads the statistics reads that triangle.
  * Each thread takes whole blocks: a block's (size, size) sums stay in its cache while the rows'
- * slices pass, in groups of GRAM_GROUP rows, transposed once into a per-thread buffer so that
- * tiles of GRAM_ROWS x 2 vectors are updated in registers. Compared with a batched product per
- * tile of blocks this reads and writes the sums once per call, and only their lower half.
- * size must be a multiple of two vectors (32 floats / 16 doubles); returns 2 otherwise (the caller
- * then uses torch), 1 if a thread could not allocate its buffer, 0 on success.
+ * slices pass (in groups of GRAM_GROUP rows, the next block's prefetched), and tiles of
+ * GRAM_ROWS x 2 vectors are updated in registers. Compared with a batched product per tile of
+ * blocks this reads and writes the sums once per call, and only their lower half; and it checks
+ * the rows for NaN and Inf on the way, so they are read once.
+ * size must be a multiple of two vectors (32 floats / 16 doubles). Returns 0; 3 if some entry of
+ * the rows was NaN or Inf (the sums then hold non-finite values: discard them); 2 for a size it
+ * does not take (nothing done: the caller uses torch).
  * Flops: about n * size^2 * (1 + 2 * 64 / (sizeof(T) * size)) per block. */
 #define GRAM_ROWS 8
 #define GRAM_GROUP 256
@@ -650,52 +652,45 @@ int NAME(T *stats, int64_t count, int64_t size, const T *rows, int64_t n, int64_
     enum { VL = 64 / sizeof(T), W = 128 / sizeof(T) };                                                  \
     typedef NAME##_vec vec;                                                                             \
     if (size % W) return 2;                                                                             \
-    int failed = 0;                                                                                     \
-    int64_t group = n < GRAM_GROUP ? n : GRAM_GROUP;                                                    \
-    _Pragma("omp parallel num_threads(num_threads)")                                                    \
-    {                                                                                                   \
-        T *pt = group ? aligned_alloc(64, ((size_t)(group * size) * sizeof(T) + 63) / 64 * 64) : NULL;  \
-        if (group && !pt) {                                                                             \
-            _Pragma("omp atomic write")                                                                 \
-            failed = 1;                                                                                 \
-        }                                                                                               \
-        _Pragma("omp for schedule(static)")                                                             \
-        for (int64_t b = 0; b < count; b++) {                                                           \
-            if (!pt) continue;                                                                          \
-            T *c = stats + b * size * size;                                                             \
-            for (int64_t r0 = 0; r0 < n; r0 += group) {                                                 \
-                int64_t rn = n - r0 < group ? n - r0 : group;                                           \
-                const T *p = rows + r0 * stride + b * size;                                             \
+    int nonfinite = 0;                                                                                  \
+    _Pragma("omp parallel for schedule(static) num_threads(num_threads) reduction(|:nonfinite)")        \
+    for (int64_t b = 0; b < count; b++) {                                                               \
+        T *c = stats + b * size * size;                                                                 \
+        vec seen = {0};  /* stays zero unless a row entry is NaN or Inf (x * 0 is then NaN) */         \
+        for (int64_t r0 = 0; r0 < n; r0 += GRAM_GROUP) {                                                \
+            int64_t rn = n - r0 < GRAM_GROUP ? n - r0 : GRAM_GROUP;                                     \
+            const T *p = rows + r0 * stride + b * size;                                                 \
+            if (b + 1 < count)                                                                          \
                 for (int64_t r = 0; r < rn; r++)                                                        \
-                    for (int64_t i = 0; i < size; i++) pt[i * rn + r] = p[r * stride + i];              \
-                for (int64_t j0 = 0; j0 < size; j0 += W) {                                              \
-                    for (int64_t i0 = j0; i0 < size; i0 += GRAM_ROWS) {                                 \
-                        vec acc[GRAM_ROWS][2];                                                          \
+                    for (int64_t i = 0; i < size; i += VL) __builtin_prefetch(p + size + r * stride + i); \
+            for (int64_t j0 = 0; j0 < size; j0 += W) {                                                  \
+                for (int64_t i0 = j0; i0 < size; i0 += GRAM_ROWS) {                                     \
+                    vec acc[GRAM_ROWS][2];                                                              \
+                    for (int i = 0; i < GRAM_ROWS; i++) {                                               \
+                        memcpy(&acc[i][0], c + (i0 + i) * size + j0, sizeof(vec));                      \
+                        memcpy(&acc[i][1], c + (i0 + i) * size + j0 + VL, sizeof(vec));                 \
+                    }                                                                                   \
+                    for (int64_t r = 0; r < rn; r++) {                                                  \
+                        vec p0, p1;                                                                     \
+                        memcpy(&p0, p + r * stride + j0, sizeof p0);                                    \
+                        memcpy(&p1, p + r * stride + j0 + VL, sizeof p1);                               \
+                        if (i0 == j0) seen += p0 * 0 + p1 * 0;                                          \
                         for (int i = 0; i < GRAM_ROWS; i++) {                                           \
-                            memcpy(&acc[i][0], c + (i0 + i) * size + j0, sizeof(vec));                  \
-                            memcpy(&acc[i][1], c + (i0 + i) * size + j0 + VL, sizeof(vec));             \
+                            T w = p[r * stride + i0 + i];                                               \
+                            acc[i][0] += w * p0;                                                        \
+                            acc[i][1] += w * p1;                                                        \
                         }                                                                               \
-                        for (int64_t r = 0; r < rn; r++) {                                              \
-                            vec p0, p1;                                                                 \
-                            memcpy(&p0, p + r * stride + j0, sizeof p0);                                \
-                            memcpy(&p1, p + r * stride + j0 + VL, sizeof p1);                           \
-                            for (int i = 0; i < GRAM_ROWS; i++) {                                       \
-                                T w = pt[(i0 + i) * rn + r];                                            \
-                                acc[i][0] += w * p0;                                                    \
-                                acc[i][1] += w * p1;                                                    \
-                            }                                                                           \
-                        }                                                                               \
-                        for (int i = 0; i < GRAM_ROWS; i++) {                                           \
-                            memcpy(c + (i0 + i) * size + j0, &acc[i][0], sizeof(vec));                  \
-                            memcpy(c + (i0 + i) * size + j0 + VL, &acc[i][1], sizeof(vec));             \
-                        }                                                                               \
+                    }                                                                                   \
+                    for (int i = 0; i < GRAM_ROWS; i++) {                                               \
+                        memcpy(c + (i0 + i) * size + j0, &acc[i][0], sizeof(vec));                      \
+                        memcpy(c + (i0 + i) * size + j0 + VL, &acc[i][1], sizeof(vec));                 \
                     }                                                                                   \
                 }                                                                                       \
             }                                                                                           \
         }                                                                                               \
-        free(pt);                                                                                       \
+        for (int v = 0; v < VL; v++) nonfinite |= seen[v] != 0;                                         \
     }                                                                                                   \
-    return failed;                                                                                      \
+    return nonfinite ? 3 : 0;                                                                           \
 }
 
 DEFINE_GRAM_UPDATE(gram_update_f32, float)
