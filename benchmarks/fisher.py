@@ -211,14 +211,16 @@ def windows_table(sizes, reps: int, density: float) -> None:
                   f"| {nbytes / 2**20:>9.0f} |", flush=True)
 
 
-def transformer_row(d: int, m: int, density: float, reps: int) -> None:
-    """The compressed window at transformer size: fill it, then time its parts and a whole push."""
+def transformer_row(d: int, m: int, density: float, reps: int, dtypes=("bfloat16", "float32")) -> None:
+    """The compressed window at transformer size: fill it, then time its parts and a whole push, with
+    the compiled compression and with torch's top-k (the route before it), in the same run."""
     gen = torch.Generator().manual_seed(0)
     print(f"| {'values':<9} | {'d':>10} | {'m':>5} | {'density':>7} | {'fill s':>7} | {'push_ihvp s':>11} "
-          f"| {'top-k s':>7} | {'G x s':>6} | {'G^T a s':>7} | {'GB held':>7} | {'GB/s (2 reads)':>14} |")
+          f"| {'top-k s':>7} | {'G x s':>6} | {'G^T a s':>7} | {'GB held':>7} | {'GB/s (2 reads)':>14} "
+          f"| push_ihvp s, torch top-k | top-k s, torch |")
     print(f"|{'-' * 11}|{'-' * 12}|{'-' * 7}|{'-' * 9}|{'-' * 9}|{'-' * 13}|{'-' * 9}|{'-' * 8}|{'-' * 9}"
-          f"|{'-' * 9}|{'-' * 16}|")
-    for dtype in (torch.bfloat16, torch.float32):
+          f"|{'-' * 9}|{'-' * 16}|---|---|")
+    for dtype in [getattr(torch, name) for name in dtypes]:
         win = CompressedWindowFisherInverse(d, m, DAMP, density, dtype=dtype)
         start = time.perf_counter()
         fill(win, d, m, gen)
@@ -230,11 +232,17 @@ def transformer_row(d: int, m: int, density: float, reps: int) -> None:
         topk = median_time(lambda: storage.encode(x), reps)  # error feedback and the top-k per block
         dots = median_time(lambda: storage.dots(x, rows_held), reps)
         combine = median_time(lambda: storage.combine(x, a, 1.0, -1.0, rows_held), reps)
+        compiled, kernels.compress_blocks = kernels.compress_blocks, lambda *args: None
+        try:
+            push_torch = steady_push_ihvp(win, probes, reps)
+            topk_torch = median_time(lambda: storage.encode(x), reps)
+        finally:
+            kernels.compress_blocks = compiled
         entries = win.window * storage.nnz * (storage.storage_dtype.itemsize + 2)
         name = "float32" if dtype == torch.float32 else "bfloat16"
         print(f"| {name:<9} | {d:>10,} | {m:>5} | {density:>7g} | {filled:>7.0f} | {push:>11.3f} | {topk:>7.3f} "
-              f"| {dots:>6.3f} | {combine:>7.3f} | {win.nbytes / 1e9:>7.2f} | {2 * entries / 1e9 / (dots + combine):>14.1f} |",
-              flush=True)
+              f"| {dots:>6.3f} | {combine:>7.3f} | {win.nbytes / 1e9:>7.2f} | {2 * entries / 1e9 / (dots + combine):>14.1f} "
+              f"| {push_torch:.3f} | {topk_torch:.3f} |", flush=True)
         del win
         gc.collect()
 
@@ -246,6 +254,8 @@ def main() -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=None, help="only these d (default: all)")
     parser.add_argument("--part", choices=["core", "windows", "transformer"], default="core")
     parser.add_argument("--density", type=float, default=0.01, help="compressed windows' density")
+    parser.add_argument("--dtypes", nargs="+", choices=["bfloat16", "float32"], default=["bfloat16", "float32"],
+                        help="value dtypes of the transformer part")
     args = parser.parse_args()
     if args.part != "core":
         print(f"# mfac window storage forms: torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -255,7 +265,7 @@ def main() -> None:
                                                         (270_000, 1024)]
             windows_table(sizes, args.reps or 5, args.density)
         else:
-            transformer_row(2_270_000 if args.quick else 22_700_000, 1024, args.density, args.reps or 3)
+            transformer_row(2_270_000 if args.quick else 22_700_000, 1024, args.density, args.reps or 3, args.dtypes)
         return
     dims = args.dims or ([10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000])
     windows = [64, 256] if args.quick else [64, 256, 1024]

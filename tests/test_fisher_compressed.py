@@ -339,3 +339,65 @@ def test_dense_bfloat16_kernels_against_float64(m):
     assert rel_err(dots, exact_rows @ x.double()) <= 1e-5
     combined = kernels.dense_combine(rows, a, x.clone(), 0.5, -2.0)
     assert rel_err(combined, 0.5 * x.double() - 2.0 * exact_rows.T @ a.double()) <= 1e-5
+
+
+@pytest.mark.skipif(not kernels.available(), reason=f"compiled kernels unavailable: {kernels.status()}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim, block, density", [(70_001, 8192, 0.01), (1000, 300, 0.03), (257, 64, 1.0), (5, 64, 0.5)])
+def test_compression_kernel_keeps_what_torch_topk_keeps(dtype, dim, block, density, monkeypatch):
+    """The one-pass compression kernel (radix selection per block) keeps the same entries as torch's
+    top-k, rounds them the same way, and leaves the same residual, bit for bit, over a stream of
+    pushes whose residual grows (no ties in random data); a short last block included."""
+    gen = torch.Generator().manual_seed(12)
+    grads = torch.randn(7, dim, generator=gen) * torch.logspace(-3, 3, 7)[:, None]
+    windows = []
+    for compiled in (True, False):
+        if not compiled:
+            monkeypatch.setattr(kernels, "compress_blocks", lambda *args: None)
+        window = CompressedWindowFisherInverse(dim, 4, 1e-3, density, block=block, dtype=dtype)
+        for g in grads:
+            window.push(g)
+        windows.append(window)
+    assert torch.equal(held_rows(windows[0]), held_rows(windows[1]))
+    assert torch.equal(windows[0].residual, windows[1].residual)
+
+
+@pytest.mark.skipif(not kernels.available(), reason=f"compiled kernels unavailable: {kernels.status()}")
+def test_compression_kernel_breaks_ties_by_lowest_coordinate():
+    """A block with fewer non-zeros than it keeps (an all-zero gradient, a sparse one) fills up with
+    the lowest-numbered zeros: deterministic, whatever the selection order."""
+    window = CompressedWindowFisherInverse(256, 2, 1e-3, 0.05, block=64)
+    g = torch.zeros(256)
+    g[70] = 2.0
+    window.push(g)
+    state = window.state_dict()
+    offsets = state["offsets"].reshape(-1) if "offsets" in state else None
+    kept = held_rows(window)[0]
+    assert int((kept != 0).sum()) == 1 and float(kept[70]) == 2.0
+    if offsets is not None:
+        per_block = math.ceil(0.05 * 64)
+        first_row = [sorted(int(o) for o in offsets[b * 2 * per_block: b * 2 * per_block + per_block])
+                     for b in range(4)]
+        assert first_row == [[0, 1, 2, 3], [0, 1, 2, 6], [0, 1, 2, 3], [0, 1, 2, 3]]
+
+
+@pytest.mark.skipif(not kernels.available(), reason=f"compiled kernels unavailable: {kernels.status()}")
+def test_compression_kernel_names_an_overflowing_sum():
+    """The kernel tells a non-finite gradient from a finite one whose sum with the residual leaves
+    float32; a float64 g beyond float32 (finite as given) gets the overflow message from the window,
+    which is left unchanged."""
+    layout = kernels.BlockLayout.build(128, 0.01, 64, 2)
+    big = torch.full((128,), 3e38)
+    assert kernels.compress_blocks(layout, big, big, torch.float32)[0] == "sum"
+    nan = torch.zeros(128)
+    nan[100] = math.nan
+    assert kernels.compress_blocks(layout, torch.zeros(128), nan, torch.float32)[0] == "gradient"
+    problem, values, offsets, stored, residual = kernels.compress_blocks(layout, torch.zeros(128), big / 4,
+                                                                         torch.bfloat16)
+    assert problem is None and values.dtype == torch.bfloat16 and offsets.tolist() == [0, 0]
+    window = CompressedWindowFisherInverse(128, 2, 1e-3, 0.01, block=64)
+    window.push(torch.randn(128))
+    before = window.state_dict()
+    with pytest.raises(NonFiniteGradientError, match="overflows float32"):
+        window.push(torch.full((128,), 1e300, dtype=torch.float64))
+    assert state_equal(window.state_dict(), before)

@@ -134,6 +134,15 @@ class CompressedRows:
         return values, offsets.to(torch.int16), stored
 
     def encode(self, g: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        compressed = kernels.compress_blocks(self.layout, self._residual, g.to(torch.float32).contiguous(),
+                                             self.storage_dtype)
+        if compressed is not None:  # one pass over d, the finiteness checks included
+            problem, values, offsets, stored, residual = compressed
+            if problem is None:
+                return stored, (values, offsets, residual)
+            if all_finite(g):
+                raise NonFiniteGradientError("g plus the error-feedback residual overflows float32; scale the loss "
+                                             "down or clip gradients; the window was left unchanged")
         # A NaN would be kept by top-k or hidden in the residual: refuse non-finite input first.
         if not all_finite(g):
             raise NonFiniteGradientError("g contains NaN or Inf; non-finite gradients cannot enter the window, "

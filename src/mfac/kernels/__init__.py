@@ -33,7 +33,7 @@ from . import triton_window
 from .build import BuildError, cache_folder, load_library
 
 __all__ = ["BlockLayout", "available", "status", "reset", "dense_dots", "dense_combine", "sparse_dots",
-           "sparse_combine", "factor_shift", "gram_update", "inverse_factors", "INVERSE_FACTORS_MAX_SIZE"]
+           "sparse_combine", "compress_blocks", "factor_shift", "gram_update", "inverse_factors", "INVERSE_FACTORS_MAX_SIZE"]
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -48,6 +48,7 @@ _SIGNATURES = {
     "sparse_combine": [_P, _INT, _P, _I64, _I64, _P, _I64, _I64, _I64, _P, _P, _F32, _F32, _P, _INT],
     "factor_shift": [_P, _I64, _P, ctypes.c_double, _P, _P, _P, _P],
     "row_vector_width": [],
+    "compress_blocks": [_P, _P, _I64, _I64, _P, _I64, _INT, _P, _P, _P, _P, _INT],
     "gram_update_f32": [_P, _I64, _I64, _P, _I64, _I64, _INT],
     "gram_update_f64": [_P, _I64, _I64, _P, _I64, _I64, _INT],
     "inverse_factors_f32": [_P, _I64, _I64, _P, ctypes.c_double, _P, _P, _INT],
@@ -262,6 +263,37 @@ def sparse_combine(layout: BlockLayout, values: torch.Tensor, offsets: torch.Ten
           layout.starts.data_ptr(), layout.starts.numel() - 1, layout.block, x.shape[0], coeffs.data_ptr(),
           x.data_ptr(), beta, alpha, out.data_ptr())
     return out
+
+
+def compress_blocks(layout: BlockLayout, residual: torch.Tensor, g: torch.Tensor, dtype: torch.dtype):
+    """One gradient into a compressed row, in one pass: with acc = residual + g ((d,) float32 each,
+    contiguous, CPU), keep each block's entries of largest magnitude (as many as ``layout`` says;
+    ties: lowest coordinate first), rounded to ``dtype`` (float32 or bfloat16, as torch rounds).
+
+    Returns None where the compiled kernel cannot run (the caller uses torch's top-k); else
+    (problem, values, offsets, stored, new_residual): problem is None, "gradient" (g holds NaN or
+    Inf) or "sum" (g is finite, acc is not), and then the rest must be discarded; values ((nnz,)
+    ``dtype``) and int16 offsets in the layout's entry order, stored ((d,) float32: the kept values
+    as stored, zeros elsewhere) and new_residual = acc - stored. Cost: one pass over d, plus a
+    three-round radix selection per block (no sort)."""
+    tensors = (residual, g)
+    if dtype not in (torch.float32, torch.bfloat16) or any(t.dtype != torch.float32 or t.dim() != 1 for t in tensors):
+        return None
+    library = _usable(residual, g, layout.starts)
+    if library is None or residual.shape != g.shape or layout.block > 32768:
+        return None
+    d, blocks = g.shape[0], layout.starts.numel() - 1
+    values = torch.empty(layout.nnz, dtype=dtype)
+    offsets = torch.empty(layout.nnz, dtype=torch.int16)
+    stored, new_residual = torch.empty(d), torch.empty(d)
+    code = library.compress_blocks(residual.data_ptr(), g.data_ptr(), d, layout.block, layout.starts.data_ptr(),
+                                   blocks, 1 if dtype == torch.bfloat16 else 0, values.data_ptr(),
+                                   offsets.data_ptr(), new_residual.data_ptr(), stored.data_ptr(),
+                                   torch.get_num_threads())
+    if code == 1:
+        raise MemoryError("compress_blocks: the kernel could not allocate its per-thread buffers")
+    problem = {0: None, 2: "gradient", 3: "sum"}[code]
+    return problem, values, offsets, stored, new_residual
 
 
 # The window's Cholesky factor --------------------------------------------------------------------------

@@ -457,6 +457,127 @@ int factor_shift(const double *upper, int64_t m, const double *column, double di
 }
 
 
+/* compress_blocks: one gradient into a compressed window's row, in one pass over d.
+ *
+ * With acc = residual + g (d floats), each block b of `block` coordinates keeps its
+ * k_b = starts[b + 1] - starts[b] entries of largest magnitude (ties: lowest coordinate first),
+ * rounded to the storage type (value_kind 0: float32; 1: bfloat16, to nearest even, as torch
+ * rounds): values and int16 offsets (from the block's start, in increasing order) at entries
+ * starts[b] .. starts[b + 1] - 1; stored (d) receives the kept values as stored (zeros elsewhere) and
+ * new_residual (d) acc minus stored. Selection: a quickselect of the k_b-th largest |acc| in a
+ * per-thread copy of the block, then one ordered pass. Nothing is read twice from memory.
+ * Returns 0; 2 if g holds NaN or Inf; 3 if g is finite but acc is not (the outputs are then
+ * incomplete: discard them); 1 if a thread could not allocate its block buffer. */
+static inline uint16_t round_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    bits += 0x7FFFu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+/* The k-th largest of n non-negative floats given as their bit patterns (which then order as
+ * integers), 1 <= k <= n, by three rounds of radix selection (11, 10 and 10 bits): a histogram of
+ * the remaining candidates' next digit, the digit whose bucket holds the k-th largest, and the
+ * candidates in that bucket carried to the next round. Branch-free counting; n + O(candidates)
+ * work. Also returns (*ties) how many elements equal to it the k largest take. hist holds 2048
+ * counts; cand holds n keys. */
+static uint32_t kth_largest_key(const uint32_t *keys, int64_t n, int64_t k, uint32_t *hist, uint32_t *cand,
+                                int64_t *ties) {
+    static const int shift[3] = {20, 10, 0}, width[3] = {11, 10, 10};
+    const uint32_t *in = keys;
+    int64_t count = n, need = k;
+    uint32_t prefix = 0;
+    for (int round = 0; round < 3; round++) {
+        int buckets = 1 << width[round];
+        uint32_t digit_mask = (uint32_t)buckets - 1u;
+        memset(hist, 0, (size_t)buckets * sizeof(uint32_t));
+        for (int64_t i = 0; i < count; i++) hist[(in[i] >> shift[round]) & digit_mask]++;
+        int64_t above = 0;
+        int chosen = buckets - 1;
+        for (; chosen > 0; chosen--) {
+            if (above + hist[chosen] >= need) break;
+            above += hist[chosen];
+        }
+        need -= above;
+        prefix |= (uint32_t)chosen << shift[round];
+        int64_t kept = 0;
+        for (int64_t i = 0; i < count; i++) {
+            cand[kept] = in[i];
+            kept += ((in[i] >> shift[round]) & digit_mask) == (uint32_t)chosen;
+        }
+        in = cand;
+        count = kept;
+    }
+    *ties = need;
+    return prefix;
+}
+
+int compress_blocks(const float *residual, const float *g, int64_t d, int64_t block, const int64_t *starts,
+                    int64_t blocks, int value_kind, void *values, int16_t *offsets, float *new_residual,
+                    float *stored, int num_threads) {
+    int failed = 0, bad_gradient = 0, bad_sum = 0;
+#pragma omp parallel num_threads(num_threads) reduction(| : bad_gradient, bad_sum)
+    {
+        uint32_t *keys = malloc((size_t)(2 * block + 2048) * sizeof(uint32_t));
+        if (!keys) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++) {
+            if (!keys) continue;
+            int64_t base = b * block, size = d - base < block ? d - base : block;
+            int64_t first = starts[b], k = starts[b + 1] - starts[b];
+            const float *r = residual + base, *gb = g + base;
+            float *acc = new_residual + base, *out = stored + base;
+            float gcheck = 0.0f, acheck = 0.0f;
+#pragma omp simd reduction(+ : gcheck, acheck)
+            for (int64_t i = 0; i < size; i++) {
+                float a = r[i] + gb[i];
+                acc[i] = a;
+                uint32_t bits;
+                float m = fabsf(a);
+                memcpy(&bits, &m, sizeof bits);
+                keys[i] = bits;
+                gcheck += gb[i] * 0.0f;
+                acheck += a * 0.0f;
+            }
+            if (gcheck != 0.0f) { bad_gradient = 1; continue; }
+            if (acheck != 0.0f) { bad_sum = 1; continue; }
+            if (k > size) k = size;
+            int64_t ties;
+            uint32_t threshold = kth_largest_key(keys, size, k, keys + 2 * block, keys + block, &ties);
+            int64_t e = first;
+            for (int64_t i = 0; i < size; i++) {
+                uint32_t key = keys[i];
+                int keep = key > threshold || (key == threshold && ties > 0);
+                if (!keep) {
+                    out[i] = 0.0f;
+                    continue;
+                }
+                ties -= key == threshold;
+                float a = acc[i], kept;
+                if (value_kind == 1) {
+                    uint16_t h = round_to_bf16(a);
+                    ((uint16_t *)values)[e] = h;
+                    kept = bf16_to_float(h);
+                } else {
+                    ((float *)values)[e] = a;
+                    kept = a;
+                }
+                offsets[e] = (int16_t)i;
+                out[i] = kept;
+                acc[i] = a - kept;
+                e++;
+            }
+        }
+        free(keys);
+    }
+    if (failed) return 1;
+    return bad_gradient ? 2 : (bad_sum ? 3 : 0);
+}
+
+
 /* inverse_factors: many small factorisations at matrix-product speed.
  *
  * For each of `count` symmetric (n, n) row-major blocks (lower triangle read), X = L^-1 where
