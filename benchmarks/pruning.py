@@ -162,7 +162,7 @@ def phase_timer() -> dict:
     blocks, accumulated into the returned dict until its "stop" entry is called."""
     import mfac.fisher.blocks as block_module
 
-    spent = {"gradients": 0.0, "factorise": 0.0}
+    spent = {"gradients": 0.0, "factorise": 0.0, "float64_blocks": 0, "blocks": 0}
     collect, chunks, factor = oneshot.collect_gradients, oneshot.gradient_chunks, block_module.inverse_cholesky_factors
 
     def timed_collect(*args, **kwargs):
@@ -184,10 +184,13 @@ def phase_timer() -> dict:
             spent["gradients"] += time.perf_counter() - start
             yield item
 
-    def timed_factor(*args, **kwargs):
+    def timed_factor(fisher, *args, **kwargs):
         start = time.perf_counter()
         try:
-            return factor(*args, **kwargs)
+            in_float64 = factor(fisher, *args, **kwargs)
+            spent["float64_blocks"] += in_float64
+            spent["blocks"] += len(fisher)
+            return in_float64
         finally:
             spent["factorise"] += time.perf_counter() - start
 
@@ -288,8 +291,8 @@ def part_transformer(quick: bool, num_grads: int | None = None, recompute: int |
           f"({tuned_s:.0f} s); {len(encoder)} encoder Linear weights, {size:,} prunable\n")
     print(f"OBS: {num_grads or (128 if quick else 1024)} per-sample gradients, "
           f"{recompute or (2 if quick else 8)} recomputations, block 128, default damping\n")
-    print("| method | sparsity | dev accuracy % | seconds | of which gradients s | factorisation s | peak RSS GB |\n"
-          "|---|---|---|---|---|---|---|")
+    print("| method | sparsity | dev accuracy % | seconds | of which gradients s | factorisation s "
+          "| blocks factorised in float64 | peak RSS GB |\n|---|---|---|---|---|---|---|---|")
     sparsities = sparsities or ([0.7] if quick else [0.5, 0.7, 0.8, 0.9])
     settings = {"magnitude, global": dict(method="magnitude"),
                 "magnitude, per layer": dict(method="magnitude", scope="layer"),
@@ -312,8 +315,9 @@ def part_transformer(quick: bool, num_grads: int | None = None, recompute: int |
             seconds = time.perf_counter() - start
             acc = dev_accuracy(pruned)
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            blocks = f"{spent['float64_blocks']:,} of {spent['blocks']:,}" if spent["blocks"] else ""
             print(f"| {name} | {sparsity:.0%} | {acc:.2f} | {seconds:.0f} | {spent['gradients']:.0f} | "
-                  f"{spent['factorise']:.0f} | {peak:.1f} |", flush=True)
+                  f"{spent['factorise']:.0f} | {blocks} | {peak:.1f} |", flush=True)
             points.append((f"{sparsity}", masks.sparsity(), acc))
             del pruned
         results["curves"][name] = points
