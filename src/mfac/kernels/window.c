@@ -784,8 +784,8 @@ int NAME(T *stats, int64_t count, int64_t size, const T *rows, int64_t n, int64_
             if (b + 1 < count)                                                                          \
                 for (int64_t r = 0; r < rn; r++)                                                        \
                     for (int64_t i = 0; i < size; i += VL) __builtin_prefetch(p + size + r * stride + i); \
-            for (int64_t j0 = 0; j0 < size; j0 += W) {                                                  \
-                for (int64_t i0 = j0; i0 < size; i0 += GRAM_ROWS) {                                     \
+            for (int64_t i0 = 0; i0 < size; i0 += GRAM_ROWS) {  /* row bands: the sums read in order */ \
+                for (int64_t j0 = 0; j0 <= i0; j0 += W) {                                               \
                     vec acc[GRAM_ROWS][2];                                                              \
                     for (int i = 0; i < GRAM_ROWS; i++) {                                               \
                         memcpy(&acc[i][0], c + (i0 + i) * size + j0, sizeof(vec));                      \
