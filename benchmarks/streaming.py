@@ -106,7 +106,8 @@ def main() -> None:
         bmm = batched_matmul_gflops(size)
         rate = factor_flops / spent["factor"] / 1e9
         print(f"| {size} | {accumulate:.1f} | {flops / accumulate / 1e9:.0f} | {flops / matmul / 1e9:.0f} | "
-              f"{spent['factor']:.1f} | {rate:.1f} | {float64_blocks:,} of {d // size:,} | {bmm:.0f} | {rate / bmm:.2f} "
+              f"{spent['factor']:.1f} | {rate:.1f} | {float64_blocks:,} of {d // size:,} | {bmm:.0f} "
+              f"| {rate / bmm:.2f} "
               f"| {lapack} | {ihvp:.2f} | {built_peak:.1f} | {peak:.1f} |",
               flush=True)
 

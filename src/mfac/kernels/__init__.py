@@ -33,7 +33,8 @@ from . import triton_window
 from .build import BuildError, cache_folder, load_library
 
 __all__ = ["BlockLayout", "available", "status", "reset", "dense_dots", "dense_combine", "sparse_dots",
-           "sparse_combine", "compress_blocks", "factor_shift", "gram_update", "inverse_factors", "INVERSE_FACTORS_MAX_SIZE"]
+           "sparse_combine", "compress_blocks", "factor_shift", "gram_update", "inverse_factors",
+           "INVERSE_FACTORS_MAX_SIZE"]
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
