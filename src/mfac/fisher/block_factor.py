@@ -73,18 +73,19 @@ def inverse_cholesky_factors(fisher: torch.Tensor, damp: float, out: torch.Tenso
         if not in_place:
             target.copy_(source)
         target.diagonal(dim1=1, dim2=2).add_(damp)
-        redo = slice(None)
-        if out.dtype == torch.float32:
-            result = kernels.inverse_factors(target, probe, FLOAT32_RESIDUAL)
-            if result is not None:
-                redo = ~(result[1] <= FLOAT32_RESIDUAL).to(target.device)  # the kernel left these as they were
-                if not bool(redo.any()):
-                    continue
-        if in_place or source.dtype != torch.float64:
-            matrices = target[redo].to(torch.float64, copy=True)  # damped already
-        else:
-            matrices = source[redo].clone()  # the float64 statistics, not their float32 rounding
+        if out.dtype == torch.float64:  # float64 factors (of float64 statistics): in place
+            _float64_factors(target, damp, probe)
+            in_float64 += len(target)
+            continue
+        result = kernels.inverse_factors(target, probe, FLOAT32_RESIDUAL)
+        redo = slice(None) if result is None else ~(result[1] <= FLOAT32_RESIDUAL).to(target.device)
+        if result is not None and not bool(redo.any()):
+            continue
+        if source.dtype == torch.float64:  # the float64 statistics, not their float32 rounding
+            matrices = source[redo].clone()
             matrices.diagonal(dim1=1, dim2=2).add_(damp)
+        else:
+            matrices = target[redo].to(torch.float64)  # damped already; the kernel left these as they were
         target[redo] = _float64_factors(matrices, damp, probe).to(out.dtype)
         in_float64 += len(matrices)
     return in_float64

@@ -118,20 +118,20 @@ def _accumulate(sums: list[torch.Tensor], layout: list[tuple[int, int, int]], ro
     compiled kernel (which checks the rows for NaN and Inf as it reads them), else whole blocks by
     batched products after a check. Raises NonFiniteGradientError (the sums are then spoilt)."""
     for (start, count, width), total in zip(layout, sums):
+        columns = rows[:, start: start + count * width]
         done = kernels.gram_update(total, rows, start)
-        if done is None:
-            check_finite("a gradient chunk", rows[:, start: start + count * width])
-        elif not done:
-            check_finite("a gradient chunk", rows)
-        else:
+        if done is not None:
+            if not done:  # the kernel met NaN or Inf in these columns: name it
+                check_finite("a gradient chunk", columns)
             continue
+        check_finite("a gradient chunk", columns)
         # Blocks in tiles of 16 MB, copied to (blocks, rows, B) order first: the batched product then
         # runs near plain-matmul speed (strided operands run slower), and the copy stays small (a
         # whole chunk's worth would add gigabytes).
         per_tile = max(1, TILE_ELEMENTS // (4 * len(rows) * width))
         for b0 in range(0, count, per_tile):
             b1 = min(count, b0 + per_tile)
-            part = rows[:, start + b0 * width: start + b1 * width].reshape(len(rows), b1 - b0, width)
+            part = columns[:, b0 * width: b1 * width].reshape(len(rows), b1 - b0, width)
             part = part.transpose(0, 1).contiguous()
             total[b0:b1].baddbmm_(part.transpose(1, 2), part)
 

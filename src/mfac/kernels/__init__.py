@@ -281,7 +281,7 @@ def compress_blocks(layout: BlockLayout, residual: torch.Tensor, g: torch.Tensor
     if dtype not in (torch.float32, torch.bfloat16) or any(t.dtype != torch.float32 or t.dim() != 1 for t in tensors):
         return None
     library = _usable(residual, g, layout.starts)
-    if library is None or residual.shape != g.shape or layout.block > 32768:
+    if library is None or residual.shape != g.shape or layout.block > -torch.iinfo(torch.int16).min:
         return None
     d, blocks = g.shape[0], layout.starts.numel() - 1
     values = torch.empty(layout.nnz, dtype=dtype)
