@@ -596,13 +596,18 @@ int compress_blocks(const float *residual, const float *g, int64_t d, int64_t bl
  * X[P, :] = -(L[P, <i0] X[<i0, :] + triangle) / diagonal. Both are dominated by the same product,
  * acc[p] += r[p][q] * m[q][c0 : c0 + VL] over the panel's rows, held in PANEL vector registers of
  * 64 bytes (GCC/Clang vector extensions: AVX-512 where the build targets it, narrower otherwise).
- * Flops: n^3 / 3 (Cholesky) + n^3 / 3 (inverse) + 3 n^2 (residual); memory: 2 n^2 + 9 n numbers
- * per thread.
+ * The sequential parts stay in registers too: the solve of a panel's rows with each VL x VL
+ * diagonal block of L (a broadcast and a multiply-add per row and column), and the triangle of X
+ * inside the panel.
+ * Flops: n^3 / 3 (Cholesky) + n^3 / 3 (inverse) + 3 n^2 (residual); memory per thread:
+ * (2 n + PANEL + 1) ld + n VL numbers and 2 n doubles, ld = n rounded up to a multiple of VL.
  * Threads: OpenMP over blocks. */
 #define PANEL 8  /* divides 64 / sizeof(T), so a panel never straddles two column chunks */
 
 #define DEFINE_INVERSE_FACTORS(NAME, T, SQRT)                                                          \
 typedef T NAME##_vec __attribute__((vector_size(64)));                                                  \
+/* the same, for loads and stores at any address of T (one vector move, as memcpy is not always) */     \
+typedef T NAME##_mem __attribute__((vector_size(64), aligned(sizeof(T)), may_alias));                   \
 enum { NAME##_VL = 64 / sizeof(T) };                                                                    \
 /* acc[p] = sum over q in [q0, q1) of r[p][q] * m[q][c0 : c0 + VL], for the panel's np rows */         \
 static inline void NAME##_panel_product(NAME##_vec *restrict acc, const T *restrict r, int64_t ld,      \
@@ -619,10 +624,26 @@ static inline void NAME##_panel_product(NAME##_vec *restrict acc, const T *restr
         for (int p = 0; p < PANEL; p++) acc[p] += rows[p][q] * mq;                                      \
     }                                                                                                   \
 }                                                                                                       \
-/* One block. lt (n x ld): L^T, zero on and below its diagonal (pivots live in inv_d as 1 / L_ii);   \
- * x (n x ld): X; r (PANEL x ld): the panel's rows, first of the block, then of L. */                  \
-static int NAME##_one(T *restrict a, int64_t n, int64_t ld, T *restrict lt, T *restrict x,             \
-                      T *restrict r, T *restrict inv_d) {                                               \
+/* rows[p] -= rows[p][j] * below[j] for j < count, in order: the rows' solve with one chunk's           \
+ * diagonal block of L, below[j] holding column c0 + j of L over the chunk's rows, divided by its       \
+ * pivot (zero on and above the diagonal). The rows' chunks stay in registers, so step j costs a        \
+ * broadcast and a multiply-add per row. */                                                             \
+static inline void NAME##_chunk_solve(NAME##_vec *restrict rows, const NAME##_vec *restrict below,      \
+                                      int count) {                                                      \
+    if (count == NAME##_VL) {                                                                           \
+        _Pragma("GCC unroll 16")                                                                        \
+        for (int j = 0; j < NAME##_VL; j++)                                                             \
+            for (int p = 0; p < PANEL; p++) rows[p] -= rows[p][j] * below[j];                           \
+    } else {                                                                                            \
+        for (int j = 0; j < count; j++)                                                                 \
+            for (int p = 0; p < PANEL; p++) rows[p] -= rows[p][j] * below[j];                           \
+    }                                                                                                   \
+}                                                                                                       \
+/* One block. lt (n x ld): L^T, zero on and below its diagonal (pivots live in inv_d as 1 / L_ii);      \
+ * below (n vectors): for each column q, L's entries under the diagonal in q's chunk of VL rows,        \
+ * divided by L_qq; x (n x ld): X; r (PANEL x ld): the panel's rows, first of the block, then of L. */  \
+static int NAME##_one(T *restrict a, int64_t n, int64_t ld, T *restrict lt, NAME##_vec *restrict below, \
+                      T *restrict x, T *restrict r, T *restrict inv_d) {                                \
     enum { VL = NAME##_VL };                                                                            \
     typedef NAME##_vec vec;                                                                             \
     memset(lt, 0, (size_t)(n * ld) * sizeof(T));                                                        \
@@ -632,83 +653,106 @@ static int NAME##_one(T *restrict a, int64_t n, int64_t ld, T *restrict lt, T *r
             memcpy(r + p * ld, a + (i0 + p) * n, (size_t)i1 * sizeof(T));                               \
             memset(r + p * ld + i1, 0, (size_t)(ld - i1) * sizeof(T));                                  \
         }                                                                                               \
-        /* Rows i0..i1 of L, VL columns at a time: the columns before the chunk enter as one          \
-         * product, then the chunk's own triangle in order (entries right of a row's diagonal are    \
-         * scratch, multiplied only by the zeros of lt). */                                            \
+        /* Rows i0..i1 of L, VL columns at a time: the columns before the chunk enter as one            \
+         * product; the chunk's columns of earlier panels by a solve in registers; the panel's own      \
+         * columns one by one (entries right of a row's diagonal are scratch, multiplied only by        \
+         * the zeros of lt). */                                                                         \
         for (int64_t c0 = 0; c0 < i1; c0 += VL) {                                                       \
-            vec acc[PANEL];                                                                             \
+            vec acc[PANEL], rows[PANEL], scale, own;                                                    \
             NAME##_panel_product(acc, r, ld, np, lt, 0, c0, c0);                                        \
-            for (int64_t p = 0; p < np; p++) {                                                          \
-                vec rp;                                                                                 \
-                memcpy(&rp, r + p * ld + c0, sizeof rp);                                                \
-                rp -= acc[p];                                                                           \
-                memcpy(r + p * ld + c0, &rp, sizeof rp);                                                \
-            }                                                                                           \
             int64_t c1 = c0 + VL < i1 ? c0 + VL : i1;                                                   \
-            for (int64_t q = c0; q < c1; q++) {                                                         \
-                int64_t first = q < i0 ? 0 : q - i0 + 1;                                                \
-                if (q >= i0) {                                                                          \
-                    T pivot = r[(q - i0) * ld + q];                                                     \
-                    if (!(pivot > 0)) return (int)(q + 1);                                              \
-                    inv_d[q] = 1 / SQRT(pivot);                                                         \
+            int solved = i0 > c0 ? (int)((c1 < i0 ? c1 : i0) - c0) : 0;                                 \
+            for (int j = 0; j < VL; j++) {                                                              \
+                scale[j] = j < solved ? inv_d[c0 + j] : 1;                                              \
+                own[j] = j < solved ? 0 : 1;                                                            \
+            }                                                                                           \
+            for (int p = 0; p < PANEL; p++) {                                                           \
+                rows[p] = *(const NAME##_mem *)(r + (p < np ? p : 0) * ld + c0);                        \
+                rows[p] -= acc[p];                                                                      \
+            }                                                                                           \
+            NAME##_chunk_solve(rows, below + c0, solved);                                               \
+            for (int64_t p = 0; p < np; p++) {                                                          \
+                rows[p] *= scale;                                                                       \
+                *(NAME##_mem *)(r + p * ld + c0) = rows[p];                                             \
+                for (int j = 0; j < solved; j++) lt[(c0 + j) * ld + i0 + p] = rows[p][j];               \
+            }                                                                                           \
+            if (c1 <= i0) continue;                                                                     \
+            if (solved) {  /* the solved columns' share of the panel's own columns */                   \
+                NAME##_panel_product(acc, r, ld, np, lt, c0, c0 + solved, c0);                          \
+                for (int64_t p = 0; p < np; p++) {                                                      \
+                    rows[p] -= acc[p] * own;                                                            \
+                    *(NAME##_mem *)(r + p * ld + c0) = rows[p];                                         \
                 }                                                                                       \
-                T scale = inv_d[q];                                                                     \
+            }                                                                                           \
+            for (int64_t q = i0; q < c1; q++) {                                                         \
+                T pivot = r[(q - i0) * ld + q];                                                         \
+                if (!(pivot > 0)) return (int)(q + 1);                                                  \
+                T scale_q = inv_d[q] = 1 / SQRT(pivot);                                                 \
                 T *restrict ltq = lt + q * ld;                                                          \
-                for (int64_t p = first; p < np; p++) {                                                  \
+                for (int64_t p = q - i0 + 1; p < np; p++) {                                             \
                     T *restrict rp = r + p * ld;                                                        \
-                    T l = rp[q] * scale;                                                                \
+                    T l = rp[q] * scale_q;                                                              \
                     rp[q] = l;                                                                          \
                     ltq[i0 + p] = l;                                                                    \
                     for (int64_t k = q + 1; k < c1; k++) rp[k] -= l * ltq[k];                           \
                 }                                                                                       \
             }                                                                                           \
         }                                                                                               \
-        /* Rows i0..i1 of X: the product with the rows of X above the panel, then its triangle. */     \
-        for (int64_t c0 = 0; c0 < i0; c0 += VL) {                                                       \
+        for (int64_t q = i0 / VL * VL; q < i1; q++) {  /* this panel's rows complete these columns */   \
+            vec column;                                                                                 \
+            memcpy(&column, lt + q * ld + i0 / VL * VL, sizeof column);                                 \
+            below[q] = column * inv_d[q];                                                               \
+        }                                                                                               \
+        /* Rows i0..i1 of X, VL columns at a time in registers: the product with the rows of X          \
+         * above the panel, then the panel's own triangle (rows in order), each row times minus its     \
+         * pivot; X's diagonal entry is the pivot, its entries right of it come out exactly zero. */    \
+        for (int64_t c0 = 0; c0 < i1; c0 += VL) {                                                       \
             vec acc[PANEL];                                                                             \
             NAME##_panel_product(acc, r, ld, np, x, c0, i0, c0);                                        \
-            for (int64_t p = 0; p < np; p++) memcpy(x + (i0 + p) * ld + c0, &acc[p], sizeof(vec));      \
-        }                                                                                               \
-        int64_t width = (i1 + VL - 1) / VL * VL;                                                        \
-        for (int64_t p = 0; p < np; p++) {                                                              \
-            T *restrict xi = x + (i0 + p) * ld;                                                         \
-            const T *restrict lp = r + p * ld;                                                          \
-            memset(xi + i0, 0, (size_t)(ld - i0) * sizeof(T));                                          \
-            for (int64_t q = i0; q < i0 + p; q++) {                                                     \
-                const T *restrict xq = x + q * ld;                                                      \
-                T l = lp[q];                                                                            \
-                for (int64_t c = 0; c < width; c++) xi[c] += l * xq[c];                                 \
+            _Pragma("GCC unroll 8")                                                                     \
+            for (int p = 0; p < PANEL; p++) {                                                           \
+                if (p >= np) break;                                                                     \
+                const T *restrict lp = r + p * ld + i0;                                                 \
+                _Pragma("GCC unroll 8")                                                                 \
+                for (int q = 0; q < p; q++) acc[p] += lp[q] * acc[q];                                   \
+                T inv = inv_d[i0 + p];                                                                  \
+                acc[p] *= -inv;                                                                         \
+                int64_t lane = i0 + p - c0;                                                             \
+                if (lane >= 0 && lane < VL) acc[p][lane] = inv;                                         \
+                *(NAME##_mem *)(x + (i0 + p) * ld + c0) = acc[p];                                       \
             }                                                                                           \
-            T inv = inv_d[i0 + p];                                                                      \
-            for (int64_t c = 0; c < width; c++) xi[c] *= -inv;                                          \
-            xi[i0 + p] = inv;                                                                           \
         }                                                                                               \
     }                                                                                                   \
     return 0;                                                                                           \
 }                                                                                                       \
-/* |X A X^T z - z| for the unit probe z, in double: A from a's lower triangle (still the input), X    \
+/* sum of u[j] * v[j] for j < len, in double, in 8 independent partial sums (a single running sum       \
+ * is one long chain of dependent additions, which compilers keep scalar) */                            \
+static inline double NAME##_dot(const T *restrict u, const double *restrict v, int64_t len) {           \
+    double part[8] = {0}, total = 0.0;                                                                  \
+    int64_t j = 0;                                                                                      \
+    for (; j + 8 <= len; j += 8)                                                                        \
+        for (int t = 0; t < 8; t++) part[t] += (double)u[j + t] * v[j + t];                             \
+    for (; j < len; j++) total += (double)u[j] * v[j];                                                  \
+    for (int t = 0; t < 8; t++) total += part[t];                                                       \
+    return total;                                                                                       \
+}                                                                                                       \
+/* |X A X^T z - z| for the unit probe z, in double: A from a's lower triangle (still the input), X      \
  * from x; y and w hold n doubles each. */                                                              \
 static double NAME##_residual(const T *restrict a, int64_t n, int64_t ld, const T *restrict x,          \
                               const double *restrict z, double *restrict y, double *restrict w) {       \
     memset(y, 0, (size_t)n * sizeof(double));                                                           \
     memset(w, 0, (size_t)n * sizeof(double));                                                           \
-    for (int64_t i = 0; i < n; i++)                                                                     \
+    for (int64_t i = 0; i < n; i++)  /* y = X^T z */                                                    \
         for (int64_t j = 0; j <= i; j++) y[j] += (double)x[i * ld + j] * z[i];                          \
-    for (int64_t i = 0; i < n; i++) {                                                                   \
-        double wi = (double)a[i * n + i] * y[i];                                                        \
-        _Pragma("omp simd reduction(+:wi)")                                                             \
-        for (int64_t j = 0; j < i; j++) {                                                               \
-            double aij = a[i * n + j];                                                                  \
-            wi += aij * y[j];                                                                           \
-            w[j] += aij * y[i];                                                                         \
-        }                                                                                               \
-        w[i] += wi;                                                                                     \
+    for (int64_t i = 0; i < n; i++) {  /* w = A y, a row of the lower triangle at a time */             \
+        const T *restrict ai = a + i * n;                                                               \
+        double yi = y[i];                                                                               \
+        w[i] += NAME##_dot(ai, y, i + 1);                                                               \
+        for (int64_t j = 0; j < i; j++) w[j] += (double)ai[j] * yi;                                     \
     }                                                                                                   \
     double squares = 0.0;                                                                               \
     for (int64_t i = 0; i < n; i++) {                                                                   \
-        double v = -z[i];                                                                               \
-        _Pragma("omp simd reduction(+:v)")                                                              \
-        for (int64_t j = 0; j <= i; j++) v += (double)x[i * ld + j] * w[j];                             \
+        double v = NAME##_dot(x + i * ld, w, i + 1) - z[i];                                             \
         squares += v * v;                                                                               \
     }                                                                                                   \
     return sqrt(squares);                                                                               \
@@ -717,21 +761,30 @@ int NAME(T *a, int64_t count, int64_t n, const double *probe, double limit, int3
          double *residual, int num_threads) {                                                           \
     int failed = 0;                                                                                     \
     int64_t ld = (n + NAME##_VL - 1) / NAME##_VL * NAME##_VL;                                           \
-    size_t bytes = (size_t)((2 * n + PANEL + 1) * ld) * sizeof(T) + (size_t)(2 * n) * sizeof(double);  \
+    /* per thread: lt, x (n x ld each), below (n x VL), r (PANEL x ld), inv_d (ld); y, w (n doubles) */ \
+    int64_t numbers = (2 * n + PANEL + 1) * ld + n * NAME##_VL;                                         \
+    size_t bytes = (size_t)numbers * sizeof(T) + (size_t)(2 * n) * sizeof(double);                      \
     bytes = (bytes + 63) / 64 * 64;                                                                     \
     _Pragma("omp parallel num_threads(num_threads)")                                                    \
     {                                                                                                   \
-        T *work = aligned_alloc(64, bytes);                                                             \
-        if (!work) {                                                                                    \
+        T *work = aligned_alloc(64, bytes), *x = NULL, *r = NULL, *inv_d = NULL;                        \
+        NAME##_vec *below = NULL;                                                                       \
+        double *y = NULL;                                                                               \
+        if (work) {                                                                                     \
+            below = (NAME##_vec *)(work + n * ld);                                                      \
+            x = work + n * ld + n * NAME##_VL;                                                          \
+            r = x + n * ld;                                                                             \
+            inv_d = r + PANEL * ld;                                                                     \
+            y = (double *)(work + numbers);                                                             \
+        } else {                                                                                        \
             _Pragma("omp atomic write")                                                                 \
             failed = 1;                                                                                 \
         }                                                                                               \
-        double *y = work ? (double *)(work + (2 * n + PANEL + 1) * ld) : NULL;                          \
         _Pragma("omp for schedule(dynamic, 16)")                                                        \
         for (int64_t b = 0; b < count; b++) {                                                           \
             if (!work) continue;                                                                        \
-            T *block = a + b * n * n, *x = work + n * ld;                                               \
-            info[b] = NAME##_one(block, n, ld, work, x, work + 2 * n * ld, work + (2 * n + PANEL) * ld);  \
+            T *block = a + b * n * n;                                                                   \
+            info[b] = NAME##_one(block, n, ld, work, below, x, r, inv_d);                               \
             residual[b] = info[b] ? INFINITY : NAME##_residual(block, n, ld, x, probe, y, y + n);       \
             if (info[b] || !(residual[b] <= limit)) continue;  /* the block is left as it was */        \
             for (int64_t i = 0; i < n; i++) {                                                           \
