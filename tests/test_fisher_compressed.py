@@ -401,3 +401,28 @@ def test_compression_kernel_names_an_overflowing_sum():
     with pytest.raises(NonFiniteGradientError, match="overflows float32"):
         window.push(torch.full((128,), 1e300, dtype=torch.float64))
     assert state_equal(window.state_dict(), before)
+
+
+@pytest.mark.skipif(not kernels.available(), reason=f"compiled kernels unavailable: {kernels.status()}")
+def test_reused_buffers_never_change_a_live_push():
+    """A push's dense buffers are reused by later pushes only once it is written: two pushes staged
+    at once, the first committed, give the window that pushing the first alone gives; and the dense
+    row of a spent push passed back as a gradient gives what a copy of it gives."""
+    gen = torch.Generator().manual_seed(5)
+    grads = torch.randn(6, 3000, generator=gen) * torch.logspace(0, 2, 6)[:, None]
+    window, reference = (CompressedWindowFisherInverse(3000, 3, 1e-3, 0.02, block=512) for _ in range(2))
+    for g in grads[:3]:
+        window.push(g)
+        reference.push(g)
+    first, second = window.stage(grads[3]), window.stage(grads[4])
+    window.commit(first)
+    expected = reference.push_ihvp(grads[3])
+    assert torch.equal(first.direction, expected)
+    assert torch.equal(held_rows(window), held_rows(reference)) and torch.equal(window.residual, reference.residual)
+    with pytest.raises(ValueError, match="stage it again"):
+        window.commit(second)
+    row = first.stored.clone()
+    window.push(first.stored)  # its memory is a spare of the window's now
+    reference.push(row)
+    assert torch.equal(held_rows(window), held_rows(reference)) and torch.equal(window.residual, reference.residual)
+    assert torch.equal(window.push_ihvp(grads[5]), reference.push_ihvp(grads[5]))

@@ -77,6 +77,10 @@ class CompressedRows:
         self._values = torch.zeros(size, dtype=dtype, device=device)
         self._offsets = torch.zeros(size, dtype=torch.int16, device=device)
         self._residual = torch.zeros(dim, dtype=torch.float32, device=device)
+        # (d,) float32 buffers a push no longer needs (the residual it replaced, its dense row),
+        # reused by the next encode: a fresh one costs a page fault per 4 KB on first touch, as
+        # much as the compression itself at transformer size.
+        self._spare: list[torch.Tensor] = []
 
     @staticmethod
     def nbytes_for(dim: int, capacity: int, density: float, dtype: torch.dtype, block: int) -> int:
@@ -133,13 +137,26 @@ class CompressedRows:
         stored[offsets + self.layout.bases] = values.float()
         return values, offsets.to(torch.int16), stored
 
+    def _buffers(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Two spare (d,) float32 buffers for encode's outputs, neither sharing g's memory (a caller
+        may pass back the dense row of a spent push); None if there are not two."""
+        memory = g.untyped_storage().data_ptr()
+        if len(self._spare) < 2 or any(t.untyped_storage().data_ptr() == memory for t in self._spare):
+            return None
+        stored, residual = self._spare
+        self._spare = []
+        return stored, residual
+
     def encode(self, g: torch.Tensor) -> tuple[torch.Tensor, tuple]:
-        compressed = kernels.compress_blocks(self.layout, self._residual, g.to(torch.float32).contiguous(),
-                                             self.storage_dtype)
-        if compressed is not None:  # one pass over d, the finiteness checks included
-            problem, values, offsets, stored, residual = compressed
-            if problem is None:
-                return stored, (values, offsets, residual)
+        g32 = g.to(torch.float32).contiguous()
+        out = self._buffers(g32)
+        compressed = kernels.compress_blocks(self.layout, self._residual, g32, self.storage_dtype, out)
+        if compressed is not None and compressed[0] is None:  # one pass over d, the finiteness checks included
+            _, values, offsets, stored, residual = compressed
+            return stored, (values, offsets, residual, stored)
+        if out is not None:
+            self._spare.extend(out)
+        if compressed is not None:
             if all_finite(g):
                 raise NonFiniteGradientError("g plus the error-feedback residual overflows float32; scale the loss "
                                              "down or clip gradients; the window was left unchanged")
@@ -152,13 +169,16 @@ class CompressedRows:
             raise NonFiniteGradientError("g plus the error-feedback residual overflows float32; scale the loss down "
                                          "or clip gradients; the window was left unchanged")
         values, offsets, stored = self._compress(accumulated)
-        return stored, (values, offsets, accumulated.sub_(stored))
+        return stored, (values, offsets, accumulated.sub_(stored), stored)
 
     def write(self, slot: int, payload: tuple) -> None:
-        values, offsets, residual = payload
+        """Store a staged row; its dense copy and the residual it replaces become spares (a push
+        that was staged is spent once written)."""
+        values, offsets, residual, stored = payload
         positions = self.layout.positions(torch.tensor([slot], device=self.device))[0]
         self._values[positions] = values
         self._offsets[positions] = offsets
+        self._spare = [self._residual, stored]
         self._residual = residual
 
     # Products ---------------------------------------------------------------------------------------

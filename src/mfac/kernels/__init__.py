@@ -266,7 +266,8 @@ def sparse_combine(layout: BlockLayout, values: torch.Tensor, offsets: torch.Ten
     return out
 
 
-def compress_blocks(layout: BlockLayout, residual: torch.Tensor, g: torch.Tensor, dtype: torch.dtype):
+def compress_blocks(layout: BlockLayout, residual: torch.Tensor, g: torch.Tensor, dtype: torch.dtype,
+                    out: tuple[torch.Tensor, torch.Tensor] | None = None):
     """One gradient into a compressed row, in one pass: with acc = residual + g ((d,) float32 each,
     contiguous, CPU), keep each block's entries of largest magnitude (as many as ``layout`` says;
     ties: lowest coordinate first), rounded to ``dtype`` (float32 or bfloat16, as torch rounds).
@@ -275,7 +276,9 @@ def compress_blocks(layout: BlockLayout, residual: torch.Tensor, g: torch.Tensor
     (problem, values, offsets, stored, new_residual): problem is None, "gradient" (g holds NaN or
     Inf) or "sum" (g is finite, acc is not), and then the rest must be discarded; values ((nnz,)
     ``dtype``) and int16 offsets in the layout's entry order, stored ((d,) float32: the kept values
-    as stored, zeros elsewhere) and new_residual = acc - stored. Cost: one pass over d, plus a
+    as stored, zeros elsewhere) and new_residual = acc - stored. ``out``: two (d,) float32
+    contiguous tensors to write stored and new_residual into (every entry is written), sharing no
+    memory with ``residual`` or ``g``; fresh ones otherwise. Cost: one pass over d, plus a
     three-round radix selection per block (no sort)."""
     tensors = (residual, g)
     if dtype not in (torch.float32, torch.bfloat16) or any(t.dtype != torch.float32 or t.dim() != 1 for t in tensors):
@@ -286,7 +289,10 @@ def compress_blocks(layout: BlockLayout, residual: torch.Tensor, g: torch.Tensor
     d, blocks = g.shape[0], layout.starts.numel() - 1
     values = torch.empty(layout.nnz, dtype=dtype)
     offsets = torch.empty(layout.nnz, dtype=torch.int16)
-    stored, new_residual = torch.empty(d), torch.empty(d)
+    stored, new_residual = out if out is not None else (torch.empty(d), torch.empty(d))
+    if any(t.shape != g.shape or t.dtype != torch.float32 or not t.is_contiguous() or t.device != g.device
+           for t in (stored, new_residual)):
+        raise ValueError("compress_blocks: out must be two contiguous (d,) float32 tensors on g's device")
     code = library.compress_blocks(residual.data_ptr(), g.data_ptr(), d, layout.block, layout.starts.data_ptr(),
                                    blocks, 1 if dtype == torch.bfloat16 else 0, values.data_ptr(),
                                    offsets.data_ptr(), new_residual.data_ptr(), stored.data_ptr(),
