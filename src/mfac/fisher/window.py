@@ -48,6 +48,7 @@ from .woodbury import Factor
 __all__ = ["SlidingWindowFisherInverse", "StagedPush", "window_nbytes", "GRAM_COPIES"]
 
 GRAM_COPIES = 5  # m x m float64 matrices held at the peak of a push: S, its staged copy, the shifted matrix, factors
+PROBE_REFRESH = 64  # pushes a window carries S z through in O(m) before computing it in full again
 
 
 def window_nbytes(dim: int, window: int, dtype: torch.dtype) -> int:
@@ -66,6 +67,7 @@ class StagedPush:
     dots: torch.Tensor  # (k,) float64: the new row and column of S
     factor: Factor  # the Cholesky factor of K after the push
     direction: torch.Tensor | None = None  # F^-1 g with g in the window, when asked for
+    gram_probe: torch.Tensor | None = None  # S z after the push, for the probe z (full windows)
 
 
 def _unreduced(tensor: torch.Tensor) -> torch.Tensor:
@@ -118,7 +120,9 @@ class SlidingWindowFisherInverse(FisherInverse):
         self._rows = storage if storage is not None else DenseRows(dim, window, dtype, self._device)
         self._gram = torch.zeros(window, window, dtype=torch.float64, device=self._device)
         self._factor = Factor(torch.zeros(0, 0, dtype=torch.float64, device=self._device))
-        self._probe: torch.Tensor | None = None
+        self._probe: torch.Tensor | None = None  # z, fixed in slot order, for the update's check
+        self._gram_probe: torch.Tensor | None = None  # S z for the Gram matrix held, when known
+        self._probe_updates = 0  # how many pushes S z has been carried through since computed in full
         self._pushed = 0
 
     dim = property(lambda self: self._dim)
@@ -163,26 +167,32 @@ class SlidingWindowFisherInverse(FisherInverse):
         """The factor from scratch for the window holding ``gram`` after ``pushed`` pushes."""
         return woodbury.factor(gram, rows, self._damp, self.route == "primal", pushed % self.window)
 
-    def _updated_factor(self, slot: int, dots: torch.Tensor) -> Factor | None:
+    def _updated_factor(self, slot: int, dots: torch.Tensor) -> tuple[Factor | None, torch.Tensor]:
         """The factor after g (its dot products ``dots``, slot order) replaces the oldest gradient of
-        a full window, by an O(m^2) update; None where the update cannot run or the probe says it
-        has drifted from K, and the caller refactorises. Nothing of the window is changed."""
+        a full window, by an O(m^2) update, or None where the update cannot run or the probe says it
+        has drifted from K, and the caller refactorises; and S' z for the new Gram matrix S' and the
+        probe z (fixed in slot order), which the window keeps: S' differs from S in one row and one
+        column, so S' z is S z plus O(m) work, and the check costs no pass over S (S z is recomputed
+        in full every PROBE_REFRESH pushes, so round-off cannot accumulate). Nothing of the window
+        is changed but that cache of S z."""
         m, offset = self.window, (self._pushed + 1) % self.window
         if self._probe is None or self._probe.shape[0] != m:
-            self._probe = window_state.probe_vector(m, self.device)
+            self._probe, self._gram_probe = window_state.probe_vector(m, self.device), None
+        z = self._probe
+        if self._gram_probe is None or self._probe_updates >= PROBE_REFRESH:
+            self._gram_probe, self._probe_updates = self._gram @ z, 0
+        gram_z = self._gram_probe + (dots - self._gram[:, slot]) * float(z[slot])
+        gram_z[slot] = dots @ z
         ages = torch.roll(dots, -offset)
-        result = woodbury.shifted(self._factor, ages[:-1], float(ages[-1]) + m * self._damp, offset, self._probe)
+        result = woodbury.shifted(self._factor, ages[:-1], float(ages[-1]) + m * self._damp, offset,
+                                  torch.roll(z, -offset))
         if result is None:
-            return None
+            return None, gram_z
         candidate, product = result
-        z = candidate.to_slots(self._probe)  # K_new z, from the old S with row and column `slot` replaced
-        k_times_z = self._gram @ z
-        k_times_z.add_(dots - self._gram[:, slot], alpha=float(z[slot]))
-        k_times_z[slot] = dots @ z
-        k_times_z.add_(z, alpha=m * self._damp)
-        if woodbury.drift(product, candidate.to_age(k_times_z)) > woodbury.drift_tolerance(m):
-            return None
-        return candidate
+        k_times_z = candidate.to_age(gram_z + z * (m * self._damp))
+        if woodbury.drift(product, k_times_z) > woodbury.drift_tolerance(m):
+            return None, gram_z
+        return candidate, gram_z
 
     # Pushing: stage (no change), then commit ------------------------------------------------------
 
@@ -202,9 +212,9 @@ class SlidingWindowFisherInverse(FisherInverse):
         # only then is g scanned, to tell a non-finite gradient from one too large for the dtype.
         if not all_finite(dots):
             self._refuse_dots(g, stored)
-        factor = None
+        factor = gram_probe = None
         if self.route == "dual" and self._pushed >= self.window >= woodbury.SMALLEST_UPDATED:
-            factor = self._updated_factor(slot, dots)
+            factor, gram_probe = self._updated_factor(slot, dots)
         if factor is None:
             gram = self._gram[:k, :k].clone()
             gram[slot, :] = dots
@@ -214,7 +224,7 @@ class SlidingWindowFisherInverse(FisherInverse):
                 rows = self._rows.held(k).clone()
                 rows[slot] = stored.to(self.storage_dtype)
             factor = self._refactor(gram, rows, self._pushed + 1)
-        staged = StagedPush(slot, stored, payload, dots, factor)
+        staged = StagedPush(slot, stored, payload, dots, factor, gram_probe=gram_probe)
         if direction and self.route == "primal":
             staged.direction = woodbury.primal_apply(stored, staged.factor, k, self._damp, self.dtype)
         elif direction:
@@ -278,6 +288,7 @@ class SlidingWindowFisherInverse(FisherInverse):
         self._gram[staged.slot, :k] = staged.dots
         self._gram[:k, staged.slot] = staged.dots
         self._factor = staged.factor
+        self._gram_probe, self._probe_updates = staged.gram_probe, self._probe_updates + 1
         self._pushed += 1
 
     def _check_gradient(self, g) -> torch.Tensor:
@@ -339,6 +350,7 @@ class SlidingWindowFisherInverse(FisherInverse):
         k = batch.gram.shape[0]
         batch.commit()
         self._gram[:k, :k] = batch.gram
+        self._gram_probe = None
         self._factor = factor
         self._pushed += grads.shape[0]
 
@@ -436,6 +448,7 @@ class SlidingWindowFisherInverse(FisherInverse):
             factor = self._refactor(gram[:k, :k], rows, state["pushed"])
         self._rows.load(tensors)
         self._gram.copy_(gram)
+        self._gram_probe = None
         self._factor = factor
         self._pushed = state["pushed"]
 

@@ -325,7 +325,7 @@ def factor_shift(upper: torch.Tensor, column: torch.Tensor, diag: float,
     if library is None:
         return None
     out = torch.empty_like(upper)
-    work = torch.empty(2 * m, dtype=torch.float64)
+    work = torch.empty(3 * m, dtype=torch.float64)
     product = None if probe is None else torch.empty(m, dtype=torch.float64)
     if library.factor_shift(upper.data_ptr(), m, column.data_ptr(), float(diag),
                             None if probe is None else probe.data_ptr(), out.data_ptr(), work.data_ptr(),

