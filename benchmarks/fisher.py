@@ -151,10 +151,14 @@ def measure(d: int, m: int, reps: int, warmup: int = 1, setup_reps: int = 1) -> 
     return row
 
 
-def steady_push_ihvp(window, probes, reps: int) -> float:
-    """Median seconds of push_ihvp on a full window (probes generated before timing)."""
-    counter = iter(range(10**9))
-    return median_time(lambda: window.push_ihvp(probes[next(counter) % len(probes)]), reps)
+def steady_push_ihvp(window, gen, reps: int) -> float:
+    """Median seconds of push_ihvp on a full window, each push a different random gradient
+    (generated before timing). A gradient pushed again while its first copy is still held makes
+    the window exactly rank-deficient and the update fall back to a refactorisation, which is not
+    the steady state of training: earlier versions of this script cycled 3 or 4 probes and timed
+    some of those."""
+    grads = iter(torch.randn(reps + 1, window.dim, generator=gen).unbind())
+    return median_time(lambda: window.push_ihvp(next(grads)), reps)
 
 
 def fill(window, d: int, m: int, gen) -> None:
@@ -165,26 +169,25 @@ def fill(window, d: int, m: int, gen) -> None:
 def measure_windows(d: int, m: int, reps: int, density: float) -> list[tuple[str, float, float]]:
     """(storage form, push_ihvp seconds, MB held) for each form; the first row is the floor."""
     gen = torch.Generator().manual_seed(0)
-    probes = torch.randn(4, d, generator=gen)
-    x, a = probes[0], torch.randn(m, generator=gen)
+    x, a = torch.randn(d, generator=gen), torch.randn(m, generator=gen)
     rows = []
     win = SlidingWindowFisherInverse(d, m, DAMP)
     fill(win, d, m, gen)
     window = win.storage.held(m)
     rows.append(("float32 floor (G x + G^T a)", median_time(
         lambda: (torch.mv(window, x), torch.addmv(x, window.T, a, beta=2.0, alpha=-1.0)), reps), win.nbytes))
-    rows.append(("float32 rows", steady_push_ihvp(win, probes, reps), win.nbytes))
+    rows.append(("float32 rows", steady_push_ihvp(win, gen, reps), win.nbytes))
     del win, window
     gc.collect()
     win = SlidingWindowFisherInverse(d, m, DAMP, dtype=torch.bfloat16)
     fill(win, d, m, gen)
     rows.append(("bfloat16 rows, compiled kernel" if kernels.available() else "bfloat16 rows, torch (no kernel)",
-                 steady_push_ihvp(win, probes, reps), win.nbytes))
+                 steady_push_ihvp(win, gen, reps), win.nbytes))
     setting = os.environ.get("MFAC_KERNELS")
     os.environ["MFAC_KERNELS"] = "0"  # the torch fallback, for reference
     kernels.reset()
     try:
-        rows.append(("bfloat16 rows, torch upcast in chunks", steady_push_ihvp(win, probes, reps), win.nbytes))
+        rows.append(("bfloat16 rows, torch upcast in chunks", steady_push_ihvp(win, gen, reps), win.nbytes))
     finally:
         if setting is None:
             os.environ.pop("MFAC_KERNELS")
@@ -197,7 +200,7 @@ def measure_windows(d: int, m: int, reps: int, density: float) -> list[tuple[str
         win = CompressedWindowFisherInverse(d, m, DAMP, density, dtype=dtype)
         fill(win, d, m, gen)
         name = "float32" if dtype == torch.float32 else "bfloat16"
-        rows.append((f"compressed {density:g}, {name} values", steady_push_ihvp(win, probes, reps), win.nbytes))
+        rows.append((f"compressed {density:g}, {name} values", steady_push_ihvp(win, gen, reps), win.nbytes))
         del win
         gc.collect()
     return rows
@@ -229,16 +232,15 @@ def transformer_row(d: int, m: int, density: float, reps: int, dtypes=("bfloat16
         start = time.perf_counter()
         fill(win, d, m, gen)
         filled = time.perf_counter() - start
-        probes = torch.randn(3, d, generator=gen)
-        push = steady_push_ihvp(win, probes, reps)
-        x, a = probes[0], torch.randn(m, dtype=torch.float64, generator=gen)
+        push = steady_push_ihvp(win, gen, reps)
+        x, a = torch.randn(d, generator=gen), torch.randn(m, dtype=torch.float64, generator=gen)
         rows_held, storage = win.num_grads, win.storage
         topk = median_time(lambda: storage.encode(x), reps)  # error feedback and the top-k per block
         dots = median_time(lambda: storage.dots(x, rows_held), reps)
         combine = median_time(lambda: storage.combine(x, a, 1.0, -1.0, rows_held), reps)
         compiled, kernels.compress_blocks = kernels.compress_blocks, lambda *args: None
         try:
-            push_torch = steady_push_ihvp(win, probes, reps)
+            push_torch = steady_push_ihvp(win, gen, reps)
             topk_torch = median_time(lambda: storage.encode(x), reps)
         finally:
             kernels.compress_blocks = compiled

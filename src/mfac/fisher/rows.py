@@ -78,8 +78,8 @@ class DenseRows:
     diag_chunk = property(lambda self: None, doc="Columns per chunk of ``diag`` (None: the window decides).")
 
     def encode(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        stored = g.to(self.storage_dtype).to(self.dtype)
-        return stored, stored
+        rounded = g.to(self.storage_dtype)  # the payload, as the rows hold it: written without a conversion
+        return rounded.to(self.dtype), rounded
 
     def write(self, slot: int, payload: torch.Tensor) -> None:
         self._grads[slot] = payload
