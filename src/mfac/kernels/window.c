@@ -649,14 +649,19 @@ static inline void NAME##_chunk_solve(NAME##_vec *restrict rows, const NAME##_ve
 }                                                                                                       \
 /* One block. lt (n x ld): L^T, zero on and below its diagonal (pivots live in inv_d as 1 / L_ii);      \
  * below (n vectors): for each column q, L's entries under the diagonal in q's chunk of VL rows,        \
- * divided by L_qq; x (n x ld): X; r (PANEL x ld): the panel's rows, first of the block, then of L. */  \
+ * divided by L_qq; x (n x ld): X; r (PANEL x ld): the panel's rows, first of the block, then of L;     \
+ * ahead: the next block (or NULL), prefetched a panel's rows at a time so that its first reads do      \
+ * not wait on memory (each 4 KB page of it would otherwise start cold). */                             \
 static int NAME##_one(T *restrict a, int64_t n, int64_t ld, T *restrict lt, NAME##_vec *restrict below, \
-                      T *restrict x, T *restrict r, T *restrict inv_d) {                                \
+                      T *restrict x, T *restrict r, T *restrict inv_d, const T *ahead) {                \
     enum { VL = NAME##_VL };                                                                            \
     typedef NAME##_vec vec;                                                                             \
     memset(lt, 0, (size_t)(n * ld) * sizeof(T));                                                        \
     for (int64_t i0 = 0; i0 < n; i0 += PANEL) {                                                         \
         int64_t np = n - i0 < PANEL ? n - i0 : PANEL, i1 = i0 + np;                                     \
+        if (ahead)  /* the next block's rows of this panel, into cache while this one computes */       \
+            for (int64_t i = i0 * n; i < i1 * n; i += 64 / (int64_t)sizeof(T))                          \
+                __builtin_prefetch(ahead + i, 0, 2);                                                    \
         for (int64_t p = 0; p < np; p++) {                                                              \
             memcpy(r + p * ld, a + (i0 + p) * n, (size_t)i1 * sizeof(T));                               \
             memset(r + p * ld + i1, 0, (size_t)(ld - i1) * sizeof(T));                                  \
@@ -792,7 +797,8 @@ int NAME(T *a, int64_t count, int64_t n, const double *probe, double limit, int3
         for (int64_t b = 0; b < count; b++) {                                                           \
             if (!work) continue;                                                                        \
             T *block = a + b * n * n;                                                                   \
-            info[b] = NAME##_one(block, n, ld, work, below, x, r, inv_d);                               \
+            const T *ahead = b + 1 < count ? block + n * n : NULL;                                      \
+            info[b] = NAME##_one(block, n, ld, work, below, x, r, inv_d, ahead);                        \
             residual[b] = info[b] ? INFINITY : NAME##_residual(block, n, ld, x, probe, y, y + n);       \
             if (info[b] || !(residual[b] <= limit)) continue;  /* the block is left as it was */        \
             for (int64_t i = 0; i < n; i++) {                                                           \
