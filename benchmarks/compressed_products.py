@@ -1,14 +1,15 @@
 """The compressed window's two products at MiniLM-L6's size, kernel against kernel.
 
 Builds a compressed window layout for d = 22.7M, m = 1024 at density 1% (blocks of 8192) with
-random bfloat16 values and, in every row's block, distinct random offsets (what top-k leaves), then
+random bfloat16 values and, in every row's block, distinct random offsets in ascending order (as
+the compression kernel writes them; ``--order random`` keeps top-k's order), then
 times ``sparse_dots`` (G x) and ``sparse_combine`` (beta x + alpha G^T a) of two builds of
 ``mfac/kernels/window.c``: the one at git revision ``--old`` (default HEAD~1) and the working
 tree's, both compiled here with ``cc -O3 -march=native -fopenmp``, medians of 3, 2 threads.
 GB/s counts the entries read (value and offset, 4 bytes each). About 2 min (most of it drawing the
 offsets) and 3 GB.
 
-    python benchmarks/compressed_products.py [--old REV]
+    python benchmarks/compressed_products.py [--old REV] [--order ascending|random]
 """
 import argparse
 import ctypes
@@ -23,7 +24,10 @@ from mfac.kernels import BlockLayout
 SOURCE = Path(__file__).resolve().parents[1] / "src" / "mfac" / "kernels" / "window.c"
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--old", default="HEAD~1", help="git revision of the kernel to compare with")
+parser.add_argument("--order", choices=["ascending", "random"], default="ascending",
+                    help="order of the offsets within a row's block: ascending (what the compression writes) or random")
 args = parser.parse_args()
+ORDER = args.order
 folder = Path(tempfile.mkdtemp())
 (folder / "old.c").write_bytes(subprocess.run(["git", "show", f"{args.old}:src/mfac/kernels/window.c"],
                                                cwd=SOURCE.parent, check=True, capture_output=True).stdout)
@@ -42,7 +46,9 @@ values = torch.randn(m * nnz, generator=gen).bfloat16()
 offsets = torch.empty(m * nnz, dtype=torch.int16)
 for bi in range(lay.starts.numel() - 1):
     kept = int(lay.starts[bi + 1] - lay.starts[bi]); size = min(block, d - bi * block)
+    # ascending within each row, as the compression kernel leaves them (ORDER=random: top-k's order)
     idx = torch.rand(m, size, generator=gen).topk(kept, dim=1).indices
+    idx = idx if ORDER == "random" else idx.sort(dim=1).values
     start = int(lay.first[int(lay.starts[bi])])
     offsets[start: start + m * kept] = idx.reshape(-1).to(torch.int16)
 x = torch.randn(d, generator=gen); a = torch.randn(m, generator=gen)
