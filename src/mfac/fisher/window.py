@@ -121,8 +121,7 @@ class SlidingWindowFisherInverse(FisherInverse):
         self._gram = torch.zeros(window, window, dtype=torch.float64, device=self._device)
         self._factor = Factor(torch.zeros(0, 0, dtype=torch.float64, device=self._device))
         self._probe: torch.Tensor | None = None  # z, fixed in slot order, for the update's check
-        self._gram_probe: torch.Tensor | None = None  # S z for the Gram matrix held, when known
-        self._probe_updates = 0  # how many pushes S z has been carried through since computed in full
+        self._gram_probe, self._probe_updates = None, 0  # S z when known; pushes it was carried through
         self._pushed = 0
 
     dim = property(lambda self: self._dim)
@@ -169,12 +168,10 @@ class SlidingWindowFisherInverse(FisherInverse):
 
     def _updated_factor(self, slot: int, dots: torch.Tensor) -> tuple[Factor | None, torch.Tensor]:
         """The factor after g (its dot products ``dots``, slot order) replaces the oldest gradient of
-        a full window, by an O(m^2) update, or None where the update cannot run or the probe says it
-        has drifted from K, and the caller refactorises; and S' z for the new Gram matrix S' and the
-        probe z (fixed in slot order), which the window keeps: S' differs from S in one row and one
-        column, so S' z is S z plus O(m) work, and the check costs no pass over S (S z is recomputed
-        in full every PROBE_REFRESH pushes, so round-off cannot accumulate). Nothing of the window
-        is changed but that cache of S z."""
+        a full window, by an O(m^2) update (None where it cannot run or the probe finds it drifted:
+        the caller refactorises); and S' z for the new Gram matrix and the probe z (fixed in slot
+        order): S' differs from S in one row and column, so the window carries S z in O(m), in full
+        every PROBE_REFRESH pushes. Nothing of the window changes but that cache of S z."""
         m, offset = self.window, (self._pushed + 1) % self.window
         if self._probe is None or self._probe.shape[0] != m:
             self._probe, self._gram_probe = window_state.probe_vector(m, self.device), None
@@ -183,16 +180,11 @@ class SlidingWindowFisherInverse(FisherInverse):
             self._gram_probe, self._probe_updates = self._gram @ z, 0
         gram_z = self._gram_probe + (dots - self._gram[:, slot]) * float(z[slot])
         gram_z[slot] = dots @ z
-        ages = torch.roll(dots, -offset)
-        result = woodbury.shifted(self._factor, ages[:-1], float(ages[-1]) + m * self._damp, offset,
-                                  torch.roll(z, -offset))
-        if result is None:
-            return None, gram_z
-        candidate, product = result
-        k_times_z = candidate.to_age(gram_z + z * (m * self._damp))
-        if woodbury.drift(product, k_times_z) > woodbury.drift_tolerance(m):
-            return None, gram_z
-        return candidate, gram_z
+        ages, z_ages = torch.roll(dots, -offset), torch.roll(z, -offset)
+        result = woodbury.shifted(self._factor, ages[:-1], float(ages[-1]) + m * self._damp, offset, z_ages)
+        k_times_z = torch.roll(gram_z, -offset) + z_ages * (m * self._damp)  # K' z in age order
+        drifted = result is None or woodbury.drift(result[1], k_times_z) > woodbury.drift_tolerance(m)
+        return (None if drifted else result[0]), gram_z
 
     # Pushing: stage (no change), then commit ------------------------------------------------------
 
