@@ -89,20 +89,16 @@ def factor_small(gram: torch.Tensor):
 
 def factor_update(gram: torch.Tensor):
     """A call doing what push_ihvp on a full window spends besides the window passes: the O(m^2)
-    update of the Cholesky factor (oldest gradient out, newest in) with the probe that checks it,
-    K z for the check (carried from the last push in O(m), as the window does), and the triangular
-    solve for the new gradient's coefficients."""
+    update of the Cholesky factor (oldest gradient out, newest in), the probe that checks it, and
+    the triangular solve for the new gradient's coefficients."""
     m = gram.shape[0]
     base = woodbury.factor(gram, None, DAMP, False)
     column, diag = gram[0, 1:].contiguous(), float(gram[0, 0]) + m * DAMP  # the oldest comes back as the newest
     z = torch.ones(m, dtype=torch.float64)
-    gram_z = gram @ z
 
     def call():
         updated, product = woodbury.shifted(base, column, diag, 1, z)
-        k_times_z = gram_z + (gram[0] - gram[:, 0]) * float(z[0])
-        k_times_z[0] = gram[0] @ z
-        return woodbury.drift(product, updated.to_age(k_times_z + z * (m * DAMP))), updated.solve_newest()
+        return woodbury.drift(product, gram @ z), updated.solve_newest()
     return call
 
 

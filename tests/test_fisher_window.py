@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import ALL_DEVICES, dense_fisher, rel_err, solve, tolerance
-from mfac.fisher import NonFiniteGradientError, SlidingWindowFisherInverse
+from mfac.fisher import CompressedWindowFisherInverse, NonFiniteGradientError, SlidingWindowFisherInverse
 from test_fisher_static import check_against
 
 
@@ -243,3 +243,39 @@ def test_robust_cholesky_repairs_only_failed_matrices():
     assert float(eigenvalues.min()) >= 1e-6 * (1 - 1e-6)
     assert torch.allclose(rebuilt, bad, atol=2e-6)
     assert torch.equal(robust_cholesky(good, 1e-6), torch.linalg.cholesky(good))
+
+
+def same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(a[key], b[key]) if isinstance(a[key], torch.Tensor) else a[key] == b[key] for key in a)
+
+
+@pytest.mark.parametrize("make", [lambda: SlidingWindowFisherInverse(50, 1, 1e-3),
+                                  lambda: CompressedWindowFisherInverse(500, 1, 1e-3, 0.1, block=100)],
+                         ids=["dense", "compressed"])
+def test_a_staged_push_commits_once(make):
+    """A window of one gradient: the push lands in the same slot with the same size every time, so only
+    the staged count tells a spent push from a fresh one; committing it again is refused and changes
+    nothing (a compressed window would otherwise hand its live residual out as a spare buffer)."""
+    window = make()
+    staged = window.stage(torch.randn(window.dim, generator=torch.Generator().manual_seed(3)))
+    window.commit(staged)
+    before = window.state_dict()
+    with pytest.raises(ValueError, match="committed already"):
+        window.commit(staged)
+    assert same_state(window.state_dict(), before)
+
+
+def test_a_push_staged_a_whole_window_ago_is_refused():
+    """m pushes later the slot and the size match again, but the push's dots and factor are stale."""
+    grads = stream(7, 20)
+    window = SlidingWindowFisherInverse(20, 3, 1e-3, dtype=torch.float64)
+    for g in grads[:3]:
+        window.push(g)
+    stale = window.stage(grads[3])
+    for g in grads[4:7]:
+        window.push(g)
+    before = window.state_dict()
+    with pytest.raises(ValueError, match="stage it again"):
+        window.commit(stale)
+    assert same_state(window.state_dict(), before)

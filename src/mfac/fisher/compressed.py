@@ -62,7 +62,7 @@ class CompressedRows:
     ``dtype`` (float32 or bfloat16) and int16 offsets, laid out block-major; and the (d,) float32
     error-feedback residual.
 
-    Memory: capacity * nnz * (value bytes + 2) + 3 d float32 + 3 nnz int64 (:meth:`nbytes_for`).
+    Memory: capacity * nnz * (value bytes + 2) + 3 d float32 + (3 nnz + blocks + 1) int64 (:meth:`nbytes_for`).
     """
 
     def __init__(self, dim: int, capacity: int, density: float, dtype: torch.dtype, device: torch.device,
@@ -84,15 +84,17 @@ class CompressedRows:
 
     @staticmethod
     def nbytes_for(dim: int, capacity: int, density: float, dtype: torch.dtype, block: int) -> int:
-        """Bytes of the rows' values and offsets, the residual and two dense staging vectors
-        (float32), and the layout's three index tables, from the layout's own entry count."""
+        """Bytes of the rows' values and offsets, the residual and two spare dense vectors (float32),
+        and the layout's index tables, from the layout's own entry count."""
         nnz = kernels.BlockLayout.entries(dim, density, block)
-        return capacity * nnz * (dtype.itemsize + 2) + 3 * dim * 4 + 3 * nnz * 8
+        blocks = -(-dim // block)
+        return capacity * nnz * (dtype.itemsize + 2) + 3 * dim * 4 + 3 * nnz * 8 + (blocks + 1) * 8
 
     @property
     def nbytes(self) -> int:
         layout = self.layout
-        tensors = (self._values, self._offsets, self._residual, layout.starts, layout.bases, layout.first, layout.kept)
+        tensors = (self._values, self._offsets, self._residual, layout.starts, layout.bases, layout.first, layout.kept,
+                   *self._spare)
         return sum(t.numel() * t.element_size() for t in tensors)
 
     nnz = property(lambda self: self.layout.nnz, doc="Entries kept of every gradient.")
@@ -172,8 +174,7 @@ class CompressedRows:
         return stored, (values, offsets, accumulated.sub_(stored), stored)
 
     def write(self, slot: int, payload: tuple) -> None:
-        """Store a staged row; its dense copy and the residual it replaces become spares (a push
-        that was staged is spent once written)."""
+        """Store a staged row, once; its dense copy and the residual it replaces become spares."""
         values, offsets, residual, stored = payload
         positions = self.layout.positions(torch.tensor([slot], device=self.device))[0]
         self._values[positions] = values

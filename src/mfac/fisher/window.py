@@ -48,7 +48,6 @@ from .woodbury import Factor
 __all__ = ["SlidingWindowFisherInverse", "StagedPush", "window_nbytes", "GRAM_COPIES"]
 
 GRAM_COPIES = 5  # m x m float64 matrices held at the peak of a push: S, its staged copy, the shifted matrix, factors
-PROBE_REFRESH = 64  # pushes a window carries S z through in O(m) before computing it in full again
 
 
 def window_nbytes(dim: int, window: int, dtype: torch.dtype) -> int:
@@ -59,15 +58,17 @@ def window_nbytes(dim: int, window: int, dtype: torch.dtype) -> int:
 @dataclass
 class StagedPush:
     """A push computed by :meth:`SlidingWindowFisherInverse.stage` but not yet applied: everything
-    :meth:`~SlidingWindowFisherInverse.commit` needs, and F^-1 g when it was asked for."""
+    :meth:`~SlidingWindowFisherInverse.commit` needs, and F^-1 g when it was asked for. It applies
+    only to the window state it was staged on, once: after the commit it is spent, and the window
+    may reuse the memory of ``stored``."""
 
     slot: int  # the ring-buffer slot g replaces
     stored: torch.Tensor  # g as the window will hold it (rounded, or compressed), dense, compute dtype
     payload: object  # what the storage form writes for it
     dots: torch.Tensor  # (k,) float64: the new row and column of S
     factor: Factor  # the Cholesky factor of K after the push
+    pushed: int  # the window's count of pushes when this was staged
     direction: torch.Tensor | None = None  # F^-1 g with g in the window, when asked for
-    gram_probe: torch.Tensor | None = None  # S z after the push, for the probe z (full windows)
 
 
 def _unreduced(tensor: torch.Tensor) -> torch.Tensor:
@@ -120,8 +121,7 @@ class SlidingWindowFisherInverse(FisherInverse):
         self._rows = storage if storage is not None else DenseRows(dim, window, dtype, self._device)
         self._gram = torch.zeros(window, window, dtype=torch.float64, device=self._device)
         self._factor = Factor(torch.zeros(0, 0, dtype=torch.float64, device=self._device))
-        self._probe: torch.Tensor | None = None  # z, fixed in slot order, for the update's check
-        self._gram_probe, self._probe_updates = None, 0  # S z when known; pushes it was carried through
+        self._probe: torch.Tensor | None = None
         self._pushed = 0
 
     dim = property(lambda self: self._dim)
@@ -166,25 +166,26 @@ class SlidingWindowFisherInverse(FisherInverse):
         """The factor from scratch for the window holding ``gram`` after ``pushed`` pushes."""
         return woodbury.factor(gram, rows, self._damp, self.route == "primal", pushed % self.window)
 
-    def _updated_factor(self, slot: int, dots: torch.Tensor) -> tuple[Factor | None, torch.Tensor]:
+    def _updated_factor(self, slot: int, dots: torch.Tensor) -> Factor | None:
         """The factor after g (its dot products ``dots``, slot order) replaces the oldest gradient of
-        a full window, by an O(m^2) update (None where it cannot run or the probe finds it drifted:
-        the caller refactorises); and S' z for the new Gram matrix and the probe z (fixed in slot
-        order): S' differs from S in one row and column, so the window carries S z in O(m), in full
-        every PROBE_REFRESH pushes. Nothing of the window changes but that cache of S z."""
+        a full window, by an O(m^2) update; None where the update cannot run or the probe says it
+        has drifted from K, and the caller refactorises. Nothing of the window is changed."""
         m, offset = self.window, (self._pushed + 1) % self.window
         if self._probe is None or self._probe.shape[0] != m:
-            self._probe, self._gram_probe = window_state.probe_vector(m, self.device), None
-        z = self._probe
-        if self._gram_probe is None or self._probe_updates >= PROBE_REFRESH:
-            self._gram_probe, self._probe_updates = self._gram @ z, 0
-        gram_z = self._gram_probe + (dots - self._gram[:, slot]) * float(z[slot])
-        gram_z[slot] = dots @ z
-        ages, z_ages = torch.roll(dots, -offset), torch.roll(z, -offset)
-        result = woodbury.shifted(self._factor, ages[:-1], float(ages[-1]) + m * self._damp, offset, z_ages)
-        k_times_z = torch.roll(gram_z, -offset) + z_ages * (m * self._damp)  # K' z in age order
-        drifted = result is None or woodbury.drift(result[1], k_times_z) > woodbury.drift_tolerance(m)
-        return (None if drifted else result[0]), gram_z
+            self._probe = window_state.probe_vector(m, self.device)
+        ages = torch.roll(dots, -offset)
+        result = woodbury.shifted(self._factor, ages[:-1], float(ages[-1]) + m * self._damp, offset, self._probe)
+        if result is None:
+            return None
+        candidate, product = result
+        z = candidate.to_slots(self._probe)  # K_new z, from the old S with row and column `slot` replaced
+        k_times_z = self._gram @ z
+        k_times_z.add_(dots - self._gram[:, slot], alpha=float(z[slot]))
+        k_times_z[slot] = dots @ z
+        k_times_z.add_(z, alpha=m * self._damp)
+        if woodbury.drift(product, candidate.to_age(k_times_z)) > woodbury.drift_tolerance(m):
+            return None
+        return candidate
 
     # Pushing: stage (no change), then commit ------------------------------------------------------
 
@@ -204,9 +205,9 @@ class SlidingWindowFisherInverse(FisherInverse):
         # only then is g scanned, to tell a non-finite gradient from one too large for the dtype.
         if not all_finite(dots):
             self._refuse_dots(g, stored)
-        factor = gram_probe = None
+        factor = None
         if self.route == "dual" and self._pushed >= self.window >= woodbury.SMALLEST_UPDATED:
-            factor, gram_probe = self._updated_factor(slot, dots)
+            factor = self._updated_factor(slot, dots)
         if factor is None:
             gram = self._gram[:k, :k].clone()
             gram[slot, :] = dots
@@ -216,7 +217,7 @@ class SlidingWindowFisherInverse(FisherInverse):
                 rows = self._rows.held(k).clone()
                 rows[slot] = stored.to(self.storage_dtype)
             factor = self._refactor(gram, rows, self._pushed + 1)
-        staged = StagedPush(slot, stored, payload, dots, factor, gram_probe=gram_probe)
+        staged = StagedPush(slot, stored, payload, dots, factor, self._pushed)
         if direction and self.route == "primal":
             staged.direction = woodbury.primal_apply(stored, staged.factor, k, self._damp, self.dtype)
         elif direction:
@@ -273,14 +274,14 @@ class SlidingWindowFisherInverse(FisherInverse):
 
     def commit(self, staged: StagedPush) -> None:
         """Apply a push staged by :meth:`stage` on this window, with no push in between."""
-        if staged.slot != self._pushed % self.window or staged.dots.shape[0] != min(self._pushed + 1, self.window):
-            raise ValueError("this push was staged before another push was committed; stage it again")
+        if staged.pushed != self._pushed:
+            raise ValueError("this push was committed already, or staged before another push was committed; "
+                             "stage it again")
         k = staged.dots.shape[0]
         self._rows.write(staged.slot, staged.payload)
         self._gram[staged.slot, :k] = staged.dots
         self._gram[:k, staged.slot] = staged.dots
         self._factor = staged.factor
-        self._gram_probe, self._probe_updates = staged.gram_probe, self._probe_updates + 1
         self._pushed += 1
 
     def _check_gradient(self, g) -> torch.Tensor:
@@ -342,7 +343,6 @@ class SlidingWindowFisherInverse(FisherInverse):
         k = batch.gram.shape[0]
         batch.commit()
         self._gram[:k, :k] = batch.gram
-        self._gram_probe = None
         self._factor = factor
         self._pushed += grads.shape[0]
 
@@ -440,7 +440,6 @@ class SlidingWindowFisherInverse(FisherInverse):
             factor = self._refactor(gram[:k, :k], rows, state["pushed"])
         self._rows.load(tensors)
         self._gram.copy_(gram)
-        self._gram_probe = None
         self._factor = factor
         self._pushed = state["pushed"]
 
