@@ -77,15 +77,16 @@ def window_steps(device: torch.device, quick: bool, bandwidth: float) -> None:
     for name, settings in forms.items():
         param = torch.nn.Parameter(torch.zeros(d, device=device))
         opt = MFAC([param], lr=1e-6, window=m, damp=1e-3, **settings)
-        grads = [torch.randn(d, device=device) for _ in range(2)]
-        param.grad = grads[0]
-        opt.step()
-        noise = [torch.randn(d, device=device) * 1e-2 for _ in range(3)]
-        for i in range(m - 1):  # fill the window one row at a time: a batch would need a second copy of it
-            opt.fisher.push(noise[i % 3] * (1 + i / m))
-        del noise
+        # Every row a different random gradient: a gradient pushed while an earlier copy (or a
+        # multiple) of it is held makes the window rank-deficient, and each push would then pay a
+        # refactorisation with an eigenvalue repair that training never pays.
+        param.grad = torch.randn(d, device=device)
+        opt.step()  # builds the window
+        for _ in range(m - 1):  # fill the window one row at a time: a batch would need a second copy of it
+            opt.fisher.push(torch.randn(d, device=device) * 1e-2)
+        grads = iter([torch.randn(d, device=device) for _ in range(6)])  # the warm-up and 5 timed steps
         state = opt.fisher.storage.nbytes
-        step = timed(lambda: (setattr(param, "grad", grads[opt.steps % 2]), opt.step()), device)
+        step = timed(lambda: (setattr(param, "grad", next(grads)), opt.step()), device)
         floor = 2 * state / bandwidth  # G g and G^T a: two reads of the stored rows
         print(f"| {name} | {2 * state / 1e9:.2f} GB | {step * 1e3:.1f} | {step / floor:.2f} |")
         del opt, param, grads
