@@ -355,12 +355,33 @@ struct sparse_combine_ctx { const void *values; int value_kind; const int16_t *o
 
 static void sparse_block_combine(const void *ctx, int64_t b, float *acc, int64_t n) {
     const struct sparse_combine_ctx *c = ctx;
-    int64_t kept = c->starts[b + 1] - c->starts[b];
+    int64_t kept = c->starts[b + 1] - c->starts[b], i = 0;
     (void)n;
-    for (int64_t i = 0; i < c->m; i++) {
+    /* Two rows at a time, their entries interleaved: two independent streams of scattered additions
+     * in flight, 1.2x the speed of one row at a time (an AVX-512 gather-add-scatter measured no
+     * faster: benchmarks/compressed_products.py). A coordinate held by both rows may then receive
+     * the second row's term first: the same sum, rounded in another order. */
+    for (; i + 2 <= c->m; i += 2) {
+        int64_t first = c->capacity * c->starts[b] + i * kept;
+        const int16_t *off = c->offsets + first, *off1 = off + kept;
+        float a0 = c->a[i], a1 = c->a[i + 1];
+        if (c->value_kind) {
+            const uint16_t *v = (const uint16_t *)c->values + first, *v1 = v + kept;
+            for (int64_t e = 0; e < kept; e++) {
+                acc[(uint16_t)off[e]] += a0 * bf16_to_float(v[e]);
+                acc[(uint16_t)off1[e]] += a1 * bf16_to_float(v1[e]);
+            }
+        } else {
+            const float *v = (const float *)c->values + first, *v1 = v + kept;
+            for (int64_t e = 0; e < kept; e++) {
+                acc[(uint16_t)off[e]] += a0 * v[e];
+                acc[(uint16_t)off1[e]] += a1 * v1[e];
+            }
+        }
+    }
+    for (; i < c->m; i++) {
         int64_t first = c->capacity * c->starts[b] + i * kept;
         const int16_t *off = c->offsets + first;
-        /* scalar: an AVX-512 gather-add-scatter measured no faster (benchmarks/compressed_products.py) */
         float ai = c->a[i];
         if (c->value_kind) {
             const uint16_t *v = (const uint16_t *)c->values + first;
