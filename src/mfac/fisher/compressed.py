@@ -158,10 +158,9 @@ class CompressedRows:
             return stored, (values, offsets, residual, stored)
         if out is not None:
             self._spare.extend(out)
-        if compressed is not None:
-            if all_finite(g):
-                raise NonFiniteGradientError("g plus the error-feedback residual overflows float32; scale the loss "
-                                             "down or clip gradients; the window was left unchanged")
+        if compressed is not None and all_finite(g):  # the kernel found the sum non-finite, not g
+            raise NonFiniteGradientError("g plus the error-feedback residual overflows float32; scale the loss "
+                                         "down or clip gradients; the window was left unchanged")
         # A NaN would be kept by top-k or hidden in the residual: refuse non-finite input first.
         if not all_finite(g):
             raise NonFiniteGradientError("g contains NaN or Inf; non-finite gradients cannot enter the window, "

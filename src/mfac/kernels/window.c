@@ -401,17 +401,21 @@ int sparse_combine(const void *values, int value_kind, const int16_t *offsets, i
     return combine_over_blocks(blocks, block, d, num_threads, sparse_block_combine, &ctx, x, beta, alpha, out);
 }
 
-/* sum of u[j] * v[j] for j < len in 8 independent partial sums (one running sum is a chain of
- * dependent additions that compilers keep scalar) */
-static inline double dot_f64(const double *restrict u, const double *restrict v, int64_t len) {
-    double part[8] = {0}, total = 0.0;
-    int64_t j = 0;
-    for (; j + 8 <= len; j += 8)
-        for (int t = 0; t < 8; t++) part[t] += u[j + t] * v[j + t];
-    for (; j < len; j++) total += u[j] * v[j];
-    for (int t = 0; t < 8; t++) total += part[t];
-    return total;
+/* NAME(u, v, len): the sum of u[j] * v[j] for j < len, u of type T, v double, summed in double in 8
+ * independent partial sums (one running sum is a chain of dependent additions that compilers keep
+ * scalar) */
+#define DEFINE_DOT(NAME, T)                                                                             \
+static inline double NAME(const T *restrict u, const double *restrict v, int64_t len) {                 \
+    double part[8] = {0}, total = 0.0;                                                                  \
+    int64_t j = 0;                                                                                      \
+    for (; j + 8 <= len; j += 8)                                                                        \
+        for (int t = 0; t < 8; t++) part[t] += (double)u[j + t] * v[j + t];                             \
+    for (; j < len; j++) total += (double)u[j] * v[j];                                                  \
+    for (int t = 0; t < 8; t++) total += part[t];                                                       \
+    return total;                                                                                       \
 }
+DEFINE_DOT(dot_f32, float)
+DEFINE_DOT(dot_f64, double)
 
 /* The Cholesky factor of a full sliding window after its oldest gradient leaves and a new one
  * arrives, in O(m^2) instead of the O(m^3 / 3) of a refactorisation, in one pass over the factor.
@@ -621,7 +625,7 @@ int compress_blocks(const float *residual, const float *g, int64_t d, int64_t bl
  * Threads: OpenMP over blocks. */
 #define PANEL 8  /* divides 64 / sizeof(T), so a panel never straddles two column chunks */
 
-#define DEFINE_INVERSE_FACTORS(NAME, T, SQRT)                                                          \
+#define DEFINE_INVERSE_FACTORS(NAME, T, SQRT, DOT)                                                     \
 typedef T NAME##_vec __attribute__((vector_size(64)));                                                  \
 /* the same, for loads and stores at any address of T (one vector move, as memcpy is not always) */     \
 typedef T NAME##_mem __attribute__((vector_size(64), aligned(sizeof(T)), may_alias));                   \
@@ -747,17 +751,6 @@ static int NAME##_one(T *restrict a, int64_t n, int64_t ld, T *restrict lt, NAME
     }                                                                                                   \
     return 0;                                                                                           \
 }                                                                                                       \
-/* sum of u[j] * v[j] for j < len, in double, in 8 independent partial sums (a single running sum       \
- * is one long chain of dependent additions, which compilers keep scalar) */                            \
-static inline double NAME##_dot(const T *restrict u, const double *restrict v, int64_t len) {           \
-    double part[8] = {0}, total = 0.0;                                                                  \
-    int64_t j = 0;                                                                                      \
-    for (; j + 8 <= len; j += 8)                                                                        \
-        for (int t = 0; t < 8; t++) part[t] += (double)u[j + t] * v[j + t];                             \
-    for (; j < len; j++) total += (double)u[j] * v[j];                                                  \
-    for (int t = 0; t < 8; t++) total += part[t];                                                       \
-    return total;                                                                                       \
-}                                                                                                       \
 /* |X A X^T z - z| for the unit probe z, in double: A from a's lower triangle (still the input), X      \
  * from x; y and w hold n doubles each. */                                                              \
 static double NAME##_residual(const T *restrict a, int64_t n, int64_t ld, const T *restrict x,          \
@@ -769,12 +762,12 @@ static double NAME##_residual(const T *restrict a, int64_t n, int64_t ld, const 
     for (int64_t i = 0; i < n; i++) {  /* w = A y, a row of the lower triangle at a time */             \
         const T *restrict ai = a + i * n;                                                               \
         double yi = y[i];                                                                               \
-        w[i] += NAME##_dot(ai, y, i + 1);                                                               \
+        w[i] += DOT(ai, y, i + 1);                                                                      \
         for (int64_t j = 0; j < i; j++) w[j] += (double)ai[j] * yi;                                     \
     }                                                                                                   \
     double squares = 0.0;                                                                               \
     for (int64_t i = 0; i < n; i++) {                                                                   \
-        double v = NAME##_dot(x + i * ld, w, i + 1) - z[i];                                             \
+        double v = DOT(x + i * ld, w, i + 1) - z[i];                                                    \
         squares += v * v;                                                                               \
     }                                                                                                   \
     return sqrt(squares);                                                                               \
@@ -820,8 +813,8 @@ int NAME(T *a, int64_t count, int64_t n, const double *probe, double limit, int3
     return failed;                                                                                      \
 }
 
-DEFINE_INVERSE_FACTORS(inverse_factors_f32, float, sqrtf)
-DEFINE_INVERSE_FACTORS(inverse_factors_f64, double, sqrt)
+DEFINE_INVERSE_FACTORS(inverse_factors_f32, float, sqrtf, dot_f32)
+DEFINE_INVERSE_FACTORS(inverse_factors_f64, double, sqrt, dot_f64)
 
 
 /* gram_update: the streamed statistics of a block-diagonal inverse, at matrix-product speed.
