@@ -159,7 +159,7 @@ def test_precision_follows_the_measured_conditioning(monkeypatch, kernel):
     if kernel and not kernels.available():
         pytest.skip(kernels.status())
     if not kernel:
-        monkeypatch.setattr(kernels, "inverse_factors", lambda *args: None)
+        monkeypatch.setattr(kernels, "inverse_factors", lambda *args, **kwargs: None)
     grads = ill_conditioned_gradients(torch.Generator().manual_seed(2))
     damp = 1e-7
     fisher = BlockFisherInverse(grads, damp=damp, block_size=32)
@@ -243,7 +243,7 @@ def test_streamed_statistics_match_with_and_without_the_kernel(monkeypatch, dtyp
     build = lambda: BlockFisherInverse.from_chunks(grads.split(16), grads.shape[1], 64, relative_damp=0.3,
                                                    dtype=dtype, mask=mask)
     with_kernel = build()
-    monkeypatch.setattr(kernels, "gram_update", lambda *args: None)  # cannot run: batched products
+    monkeypatch.setattr(kernels, "gram_update", lambda *args, **kwargs: None)  # cannot run: batched products
     without = build()
     x = torch.randn(grads.shape[1], dtype=dtype, generator=gen)
     tol = 1e-5 if dtype == torch.float32 else 1e-12
@@ -276,3 +276,85 @@ def test_float64_chunks_that_overflow_float32_statistics_are_refused():
     grads[1, 3] = 1e300  # finite in float64, Inf once rounded to the float32 statistics
     with pytest.raises(NonFiniteGradientError, match="gradient chunk"):
         BlockFisherInverse.from_chunks([grads], 64, 32, relative_damp=0.3)
+
+
+# Streamed statistics and factors are stored as packed lower triangles ----------------------------
+
+
+def test_row_layouts_store_what_they_say():
+    """The packed lower triangle keeps each row's first i + 1 entries rounded up to 32 (62.5% of a
+    block of 128); unpack(pack(x)) keeps exactly those entries; columns() gathers what unpack holds."""
+    from mfac.fisher.block_factor import RowLayout
+
+    assert RowLayout.lower(128).length == 10_240 and RowLayout.lower(32).is_dense
+    assert RowLayout.lower(100).length == 32 * 32 + 32 * 64 + 32 * 96 + 4 * 100
+    gen = torch.Generator().manual_seed(12)
+    for layout in (RowLayout.lower(70), RowLayout.lower(5), RowLayout.dense(3, 40)):
+        blocks = torch.randn(4, layout.rows, layout.size, generator=gen)
+        stored = layout.pack(blocks)
+        assert stored.shape == (4, layout.length)
+        unpacked = layout.unpack(stored)
+        lengths = layout.starts.diff()
+        kept = torch.arange(layout.size)[None, :] < lengths[:, None]
+        assert torch.equal(unpacked, blocks * kept)
+        assert bool((lengths >= torch.clamp(torch.arange(layout.rows) + 1, max=layout.size)).all())  # the triangle
+        block = torch.tensor([3, 0, 3])
+        columns = torch.randint(0, layout.size, (3, 6), generator=gen)
+        expected = unpacked[block[:, None, None], torch.arange(layout.rows)[None, :, None], columns[:, None, :]]
+        assert torch.equal(layout.columns(stored, block, columns), expected)
+        diagonal = layout.diagonal()
+        assert torch.equal(stored[:, diagonal], blocks.diagonal(dim1=1, dim2=2)[:, :len(diagonal)])
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernels_on_packed_blocks_match_full_blocks(dtype):
+    """gram_update and inverse_factors on packed lower triangles write the same lower triangles as on
+    full (B, B) blocks (B = 64, and 96 where a row's padding ends inside the block), stored entries
+    above the diagonal of the factors are zero; rows shorter than the kernels need are declined."""
+    if not kernels.available():
+        pytest.fail(f"a C compiler is on PATH but the kernels are not in use: {kernels.status()}")
+    from mfac.fisher.block_factor import RowLayout
+
+    gen = torch.Generator().manual_seed(13)
+    for size in (64, 96):
+        layout = RowLayout.lower(size)
+        rows = torch.randn(37, 3 * size + 5, dtype=dtype, generator=gen)
+        full = torch.zeros(3, size, size, dtype=dtype)
+        packed = torch.zeros(3, layout.length, dtype=dtype)
+        assert kernels.gram_update(full, rows, 5) and kernels.gram_update(packed, rows, 5, starts=layout.starts)
+        lower = torch.ones(size, size, dtype=torch.bool).tril()
+        assert torch.equal(layout.unpack(packed)[:, lower], full[:, lower])
+        packed /= 37
+        packed[:, layout.diagonal()] += 0.1
+        matrices = layout.unpack(packed).tril()
+        info, probed, _ = factorise(matrices)
+        result = kernels.inverse_factors(packed, unit_probe(size), starts=layout.starts)
+        assert result is not None and result[0].tolist() == info.tolist() == [0, 0, 0]
+        assert torch.equal(result[1], probed) and torch.equal(layout.unpack(packed), matrices)
+    short = RowLayout.dense(64, 64).starts.clone()
+    short[1:] = torch.arange(1, 65) * 8  # rows of 8: fewer than the kernels read
+    stats = torch.zeros(2, 512, dtype=dtype)
+    assert kernels.gram_update(stats, torch.ones(4, 128, dtype=dtype), 0, starts=short) is None
+    assert kernels.inverse_factors(stats, unit_probe(64), starts=short) is None
+    assert not bool(stats.any())
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("block_size", [48, 64, 100])
+def test_packed_streamed_inverse_conforms(monkeypatch, kernel, dtype, block_size):
+    """Every protocol query of a streamed inverse over blocks wider than one packed row tile,
+    against the dense float64 reference (the conformance harness), with a mask and a short last
+    block, with the compiled kernels and with torch alone; nbytes counts the packed triangles."""
+    from test_fisher_conformance import build_chunks, check_conformance
+
+    if kernel and not kernels.available():
+        pytest.skip(kernels.status())
+    if not kernel:
+        monkeypatch.setattr(kernels, "gram_update", lambda *args, **kwargs: None)
+        monkeypatch.setattr(kernels, "inverse_factors", lambda *args, **kwargs: None)
+    grads = torch.randn(30, 2 * block_size + 21, dtype=torch.float64, generator=torch.Generator().manual_seed(14))
+    subject = build_chunks(grads, 1e-2, torch.device("cpu"), block_size, dtype=dtype, masked=True)
+    check_conformance(subject)
+    assert subject.obj.nbytes < grads.shape[1] * block_size * dtype.itemsize

@@ -92,6 +92,12 @@ def block_widths(d: int, size: int) -> list[int]:
     return [size] * full + ([last] if last else [])
 
 
+def packed_lower_numbers(width: int) -> int:
+    """Numbers a streamed block of ``width`` keeps: its lower triangle by rows, each row's i + 1
+    entries rounded up to 32 (never past the width)."""
+    return sum(min(width, -(-(i + 1) // 32) * 32) for i in range(width))
+
+
 def resolved_damp(rows: torch.Tensor, relative: float) -> float:
     """relative * mean(diag(G^T G / m)); relative itself when every gradient is zero; at least the
     smallest normal float32 (the rule documented in mfac/fisher/blocks.py)."""
@@ -136,7 +142,7 @@ def build_chunks(grads, damp, device, block_size, dtype=torch.float64, masked=Fa
     rows = grads.to(dtype).double().cpu() * mask
     size = min(block_size, d)
     expected = resolved_damp(rows, damp) if relative else damp
-    nbytes = sum(w * w for w in block_widths(d, size)) * dtype.itemsize
+    nbytes = sum(packed_lower_numbers(w) for w in block_widths(d, size)) * dtype.itemsize
     return Subject(obj, block_dense_fisher(rows, obj.damp, size), rows, m, expected, dtype, (nbytes, nbytes),
                    damp_rtol=(1e-12 if dtype == torch.float64 else 1e-5) if relative else 0.0, block=size)
 

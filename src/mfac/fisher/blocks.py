@@ -43,7 +43,7 @@ import torch
 from .. import kernels, resources
 from .base import (FisherInverse, check_damping, check_finite, check_gradients, check_index, compute_dtype,
                    robust_cholesky)
-from .block_factor import TILE_ELEMENTS, inverse_cholesky_factors
+from .block_factor import TILE_ELEMENTS, RowLayout, inverse_cholesky_factors
 
 __all__ = ["BlockFisherInverse", "StaticFisherInverse"]
 
@@ -57,7 +57,8 @@ class _BlockBatch:
     start: int
     count: int
     size: int
-    factor: torch.Tensor  # U, (count, r, size)
+    factor: torch.Tensor  # U, (count, layout.length): each block's (r, size) rows as layout says
+    layout: RowLayout
     route: str  # "primal" (B x B factor: alpha 0, scale 1) or "dual" (m x B factor: alpha 1/damp, scale -1/damp)
     alpha: float
     scale: float
@@ -65,6 +66,13 @@ class _BlockBatch:
     @property
     def stop(self) -> int:
         return self.start + self.count * self.size
+
+    def bands(self):
+        """(first row, end row, columns, U[:, first:end, :columns] as a (count, rows, columns) view)
+        for each band of equally long stored rows (:meth:`RowLayout.bands`): the columns past a
+        row's stored ones are zero, so products with U need only these views, read in place."""
+        for first, end, length, entry in self.layout.bands():
+            yield first, end, length, self.factor[:, entry: entry + (end - first) * length].unflatten(1, (end - first, length))
 
 
 def _resolve_damp(mean_diagonal: float, damp: float | None, relative: float | None) -> float:
@@ -91,7 +99,9 @@ def _factor_blocks(blocks: torch.Tensor, damp: float, out_dtype: torch.dtype) ->
             fisher.baddbmm_(tile.transpose(1, 2), tile)
         fisher.div_(m)
         factor = torch.empty((nb, size, size), dtype=out_dtype, device=blocks.device)
-        return factor, "primal", inverse_cholesky_factors(fisher, damp, factor)
+        in_float64 = inverse_cholesky_factors(fisher.reshape(nb, -1), RowLayout.dense(size, size), damp,
+                                              factor.reshape(nb, -1))
+        return factor, "primal", in_float64
     cols = max(1, TILE_ELEMENTS // (nb * m))
     gram = blocks.new_zeros((nb, m, m), dtype=f64)
     for c0 in range(0, size, cols):
@@ -113,27 +123,39 @@ def _batch_layout(dim: int, block_size: int) -> list[tuple[int, int, int]]:
     return [(start, count, size) for start, count, size in layout if count and size]
 
 
-def _accumulate(sums: list[torch.Tensor], layout: list[tuple[int, int, int]], rows: torch.Tensor) -> None:
-    """Add each block's G_b^T G_b over ``rows`` (n, d) to its sums: the lower triangles in the
-    compiled kernel (which checks the rows for NaN and Inf as it reads them), else whole blocks by
-    batched products after a check. Raises NonFiniteGradientError (the sums are then spoilt)."""
-    for (start, count, width), total in zip(layout, sums):
+def _accumulate(sums: list[torch.Tensor], layout: list[tuple[int, int, int]], stored: list[RowLayout],
+                rows: torch.Tensor) -> None:
+    """Add each block's G_b^T G_b over ``rows`` (n, d) to its sums ((count, length), lower triangles
+    stored as ``stored`` says): in the compiled kernel (which checks the rows for NaN and Inf as it
+    reads them), else by batched products after a check. Raises NonFiniteGradientError (the sums
+    are then spoilt)."""
+    for (start, count, width), shape, total in zip(layout, stored, sums):
         columns = rows[:, start: start + count * width]
-        done = kernels.gram_update(total, rows, start)
+        done = kernels.gram_update(total, rows, start, starts=shape.starts)
         if done is not None:
             if not done:  # the kernel met NaN or Inf in these columns: name it
                 check_finite("a gradient chunk", columns)
             continue
         check_finite("a gradient chunk", columns)
         # Blocks in tiles of 16 MB, copied to (blocks, rows, B) order first: the batched product then
-        # runs near plain-matmul speed (strided operands run slower), and the copy stays small (a
-        # whole chunk's worth would add gigabytes).
-        per_tile = max(1, TILE_ELEMENTS // (4 * len(rows) * width))
+        # runs near plain-matmul speed (strided operands run slower), and the copy and the products
+        # stay small (a whole chunk's worth would add gigabytes).
+        per_tile = max(1, min(TILE_ELEMENTS // (4 * len(rows) * width), TILE_ELEMENTS // (4 * width * width)))
         for b0 in range(0, count, per_tile):
             b1 = min(count, b0 + per_tile)
             part = columns[:, b0 * width: b1 * width].reshape(len(rows), b1 - b0, width)
             part = part.transpose(0, 1).contiguous()
-            total[b0:b1].baddbmm_(part.transpose(1, 2), part)
+            total[b0:b1] += shape.pack(torch.bmm(part.transpose(1, 2), part))
+
+
+def _zero_pruned(sums: list[torch.Tensor], layout: list[tuple[int, int, int]], stored: list[RowLayout],
+                 mask: torch.Tensor) -> None:
+    """Zero the rows and columns of the statistics where ``mask`` (d,) is False, a band of rows at a time."""
+    for (start, count, width), shape, total in zip(layout, stored, sums):
+        keep = mask[start: start + count * width].to(device=total.device, dtype=total.dtype).reshape(count, width)
+        for first, end, length, entry in shape.bands():
+            band = total[:, entry: entry + (end - first) * length].unflatten(1, (end - first, length))
+            band.mul_(keep[:, first:end, None]).mul_(keep[:, None, :length])
 
 
 def _peak_bytes(m: int, d: int, block_size: int, element: int) -> int:
@@ -196,9 +218,13 @@ class BlockFisherInverse(FisherInverse):
             self._add_batch(start, count, width, factor, route)
             self._float64_blocks += in_float64
 
-    def _add_batch(self, start, count, width, factor, route) -> None:
+    def _add_batch(self, start, count, width, factor, route, layout=None) -> None:
+        """One batch of blocks: ``factor`` (count, r, width), or (count, layout.length) stored as ``layout`` says."""
+        if layout is None:
+            layout = RowLayout.dense(factor.shape[1], width)
+            factor = factor.reshape(count, -1)
         alpha, scale = (0.0, 1.0) if route == "primal" else (1.0 / self._damp, -1.0 / self._damp)
-        self._batches.append(_BlockBatch(start, count, width, factor, route, alpha, scale))
+        self._batches.append(_BlockBatch(start, count, width, factor, layout, route, alpha, scale))
 
     @classmethod
     def from_chunks(cls, chunks: Iterable[torch.Tensor], dim: int, block_size: int, damp: float | None = None,
@@ -222,8 +248,10 @@ class BlockFisherInverse(FisherInverse):
                 place (``mfac.distributed.sum_over``); the statistics and the row count are summed
                 before factorising, so every process builds the same inverse.
 
-        Memory: d * B numbers in ``dtype`` (checked against the memory available before anything is
-        allocated), plus one chunk, plus float64 tiles of at most 128 MB while factorising.
+        Memory: the lower triangle of each block's statistics, packed (:class:`RowLayout`: 10,240
+        numbers per block of 128, 0.625 d B in all; about d (B + 32) / 2 in general) in ``dtype``,
+        checked against the memory available before anything is allocated; the factors overwrite
+        them. Plus one chunk, plus float64 tiles of at most 128 MB while factorising.
         Cost: d B m flops to accumulate in the compiled kernel (the lower triangle of each block's
         sums, which is all the factorisation reads; 2 d B m in batched products where it cannot
         run), 2 d B^2 / 3 to factorise (:mod:`mfac.fisher.block_factor`).
@@ -237,15 +265,18 @@ class BlockFisherInverse(FisherInverse):
         device = torch.device(device) if device is not None else torch.empty(0).device
         size = min(block_size, dim)
         element = torch.empty(0, dtype=dtype).element_size()
-        resources.check_fits(dim * size * element + 3 * 8 * TILE_ELEMENTS, device,
+        layout = _batch_layout(dim, size)
+        stored = [RowLayout.lower(width) for _, _, width in layout]
+        numbers = sum(count * shape.length for (_, count, _), shape in zip(layout, stored))
+        resources.check_fits(numbers * element + 3 * 8 * TILE_ELEMENTS, device,
                              f"streamed block Fisher statistics for {dim:,} coordinates in blocks of {size} "
-                             f"({dim:,} x {size} {dtype} numbers)", "lower block_size")
+                             f"({numbers:,} {dtype} numbers)", "lower block_size")
         if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool
                                  or mask.shape != (dim,)):
             raise ValueError(f"mask must be a bool tensor of shape ({dim},), got "
                              f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
-        layout = _batch_layout(dim, size)
-        sums = [torch.zeros((count, width, width), dtype=dtype, device=device) for _, count, width in layout]
+        sums = [torch.zeros((count, shape.length), dtype=dtype, device=device)
+                for (_, count, _), shape in zip(layout, stored)]
         m = 0
         iterator = iter(chunks)
         while (chunk := next(iterator, None)) is not None:
@@ -255,7 +286,7 @@ class BlockFisherInverse(FisherInverse):
             rows = chunk.to(device=device, dtype=dtype)
             if rows.shape[0] == 0:
                 continue
-            _accumulate(sums, layout, rows)
+            _accumulate(sums, layout, stored, rows)
             m += len(rows)
             if on_rows is not None:
                 on_rows(len(rows))
@@ -266,20 +297,19 @@ class BlockFisherInverse(FisherInverse):
                 reduce(total)
             m = int(reduce(torch.tensor([float(m)], dtype=torch.float64, device=device))[0])
         if mask is not None:
-            for (start, count, width), total in zip(layout, sums):
-                keep = mask[start: start + count * width].to(device=device, dtype=dtype).reshape(count, width)
-                total.mul_(keep[:, :, None]).mul_(keep[:, None, :])
+            _zero_pruned(sums, layout, stored, mask)
         self = cls.__new__(cls)
         self._num_grads, self._dim, self._dtype, self._block_size = m, dim, dtype, size
         self._batches, self._float64_blocks = [], 0
         divisor = max(m, 1)
-        trace = sum(float(total.diagonal(dim1=1, dim2=2).to(torch.float64).sum()) for total in sums)
+        trace = sum(float(total[:, shape.diagonal(device)].to(torch.float64).sum())
+                    for shape, total in zip(stored, sums))
         self._damp = _resolve_damp(trace / (divisor * dim), absolute, relative)
-        for (start, count, width), total in zip(layout, sums):
+        for (start, count, width), shape, total in zip(layout, stored, sums):
             total.div_(divisor)
             # the factor overwrites the sums, tile by tile
-            self._float64_blocks += inverse_cholesky_factors(total, self._damp, total)
-            self._add_batch(start, count, width, total, "primal")
+            self._float64_blocks += inverse_cholesky_factors(total, shape, self._damp, total)
+            self._add_batch(start, count, width, total, "primal", shape)
         return self
 
     dim = property(lambda self: self._dim)
@@ -313,14 +343,23 @@ class BlockFisherInverse(FisherInverse):
             # (k, count*size) -> (count, k, size): vectors as rows, which batched kernels handle
             # markedly faster than batched matrix-vector products.
             xb = rows[:, b.start: b.stop].reshape(-1, b.count, b.size).transpose(0, 1)
-            coeffs = torch.bmm(xb, b.factor.transpose(1, 2))
-            yb = torch.baddbmm(xb, coeffs, b.factor, beta=b.alpha, alpha=b.scale)
+            # One product per band of U's rows, read in place (products written into views of one
+            # tensor, or accumulated into them in place, measured 2x slower).
+            bands = list(b.bands())
+            coeffs = [torch.bmm(xb[:, :, :length], band.transpose(1, 2)).mul_(b.scale) for _, _, length, band in bands]
+            yb = xb * b.alpha if b.alpha else torch.zeros_like(xb)
+            for (_, _, length, band), part in zip(bands, coeffs):
+                yb[:, :, :length] += torch.bmm(part, band)
             out[:, b.start: b.stop] = yb.transpose(0, 1).reshape(-1, b.count * b.size)
         return out.reshape(x.shape)
 
     def diag(self) -> torch.Tensor:
-        parts = [b.alpha + b.scale * torch.linalg.vector_norm(b.factor, dim=1).square()
-                 for b in self._batches]
+        parts = []
+        for b in self._batches:
+            squares = torch.zeros(b.count, b.size, dtype=self._dtype, device=self.device)
+            for _, _, length, band in b.bands():
+                squares[:, :length] += torch.linalg.vector_norm(band, dim=1).square()
+            parts.append(b.alpha + b.scale * squares)
         return torch.cat([p.reshape(-1) for p in parts])
 
     def element(self, i, j) -> torch.Tensor:
@@ -332,9 +371,8 @@ class BlockFisherInverse(FisherInverse):
             same = inside & (li.div(b.size, rounding_mode="floor") == lj.div(b.size, rounding_mode="floor"))
             li, lj = li[same], lj[same]
             block = li // b.size
-            ui = b.factor[block, :, li % b.size]  # (n, r)
-            uj = b.factor[block, :, lj % b.size]
-            out[same] = b.alpha * (li == lj).to(self._dtype) + b.scale * (ui * uj).sum(-1)
+            pair = b.layout.columns(b.factor, block, torch.stack([li % b.size, lj % b.size], 1))  # (n, r, 2)
+            out[same] = b.alpha * (li == lj).to(self._dtype) + b.scale * (pair[:, :, 0] * pair[:, :, 1]).sum(-1)
         return out
 
     def submatrices(self, index) -> torch.Tensor:
@@ -346,7 +384,7 @@ class BlockFisherInverse(FisherInverse):
         index = check_index("index", index, self._dim).to(self.device)
         if index.dim() != 2:
             raise ValueError(f"index must have shape (n, s), got {tuple(index.shape)}")
-        widest = max((b.factor.shape[1] for b in self._batches), default=1)
+        widest = max((b.layout.rows for b in self._batches), default=1)
         step = max(1, _SUBMATRIX_BYTES // (max(widest, 1) * index.shape[1] * self._dtype.itemsize))
         if index.shape[0] > step:
             return torch.cat([self._submatrices(index[i: i + step]) for i in range(0, index.shape[0], step)])
@@ -362,9 +400,7 @@ class BlockFisherInverse(FisherInverse):
             if not bool(inside.any()):
                 continue
             rows = inside.nonzero()[:, 0]
-            r = b.factor.shape[1]
-            columns = b.factor[block[rows, 0][:, None, None], torch.arange(r, device=self.device)[None, :, None],
-                               (local[rows] % b.size)[:, None, :]]  # (k, r, s): only the columns needed
+            columns = b.layout.columns(b.factor, block[rows, 0], local[rows] % b.size)  # (k, r, s): only those needed
             sub = b.scale * columns.transpose(1, 2) @ columns
             sub.diagonal(dim1=1, dim2=2).add_(b.alpha)
             same = (index[rows][:, :, None] == index[rows][:, None, :]).to(sub.dtype)  # repeated coordinates
@@ -387,7 +423,7 @@ class BlockFisherInverse(FisherInverse):
         out = torch.zeros(self._dim, dtype=self._dtype, device=self.device)
         b = next(b for b in self._batches if b.start <= j < b.stop)
         block, offset = divmod(j - b.start, b.size)
-        factor = b.factor[block]  # (r, size)
+        factor = b.layout.unpack(b.factor[block: block + 1])[0]  # (r, size)
         values = b.scale * (factor.T @ factor[:, offset])
         values[offset] += b.alpha
         first = b.start + block * b.size

@@ -50,10 +50,10 @@ _SIGNATURES = {
     "factor_shift": [_P, _I64, _P, ctypes.c_double, _P, _P, _P, _P],
     "row_vector_width": [],
     "compress_blocks": [_P, _P, _I64, _I64, _P, _I64, _INT, _P, _P, _P, _P, _INT],
-    "gram_update_f32": [_P, _I64, _I64, _P, _I64, _I64, _INT],
-    "gram_update_f64": [_P, _I64, _I64, _P, _I64, _I64, _INT],
-    "inverse_factors_f32": [_P, _I64, _I64, _P, ctypes.c_double, _P, _P, _INT],
-    "inverse_factors_f64": [_P, _I64, _I64, _P, ctypes.c_double, _P, _P, _INT],
+    "gram_update_f32": [_P, _I64, _I64, _I64, _P, _P, _I64, _I64, _INT],
+    "gram_update_f64": [_P, _I64, _I64, _I64, _P, _P, _I64, _I64, _INT],
+    "inverse_factors_f32": [_P, _I64, _I64, _I64, _P, _P, ctypes.c_double, _P, _P, _INT],
+    "inverse_factors_f64": [_P, _I64, _I64, _I64, _P, _P, ctypes.c_double, _P, _P, _INT],
 }
 
 
@@ -337,30 +337,60 @@ def factor_shift(upper: torch.Tensor, column: torch.Tensor, diag: float,
 # Block-diagonal statistics and their factorisation ---------------------------------------------------
 
 
-def gram_update(stats: torch.Tensor, rows: torch.Tensor, start: int) -> bool | None:
-    """Add P_b^T P_b to the lower triangle of each block of ``stats`` ((count, B, B), contiguous),
-    where P_b = rows[:, start + b * B : start + (b + 1) * B] for ``rows`` (n, d) with unit column
-    stride, in the same dtype (float32 or float64), on the CPU. Entries above the diagonal are left
-    as they were, but for a few next to it, which receive their true values.
+def _block_rows(blocks: torch.Tensor, starts: torch.Tensor | None, cover) -> tuple[int, torch.Tensor] | None:
+    """(n, starts) for blocks stored as full (count, n, n) matrices (``starts`` None: row i at i * n)
+    or as (count, P) rows, row i of each block at entries ``starts[i]`` .. ``starts[i + 1]`` ((n + 1,)
+    int64); None where that layout is not one the kernels take: rows out of order or past the
+    block, or some row i holding fewer than ``cover(i)`` of its first columns."""
+    if starts is None:
+        if blocks.dim() != 3 or blocks.shape[1] != blocks.shape[2]:
+            return None
+        n = blocks.shape[1]
+        return n, torch.arange(n + 1, dtype=torch.int64) * n
+    if (blocks.dim() != 2 or not isinstance(starts, torch.Tensor) or starts.dim() != 1 or len(starts) < 2
+            or starts.dtype != torch.int64 or starts.device.type != "cpu"):
+        return None
+    n = len(starts) - 1
+    starts = starts.contiguous()
+    if int(starts[0]) < 0 or int(starts[-1]) > blocks.shape[1] or bool((starts.diff() < cover(torch.arange(n))).any()):
+        return None
+    return n, starts
+
+
+def gram_update(stats: torch.Tensor, rows: torch.Tensor, start: int,
+                starts: torch.Tensor | None = None) -> bool | None:
+    """Add P_b^T P_b to the lower triangle of each block of ``stats``, where P_b = rows[:, start + b * B :
+    start + (b + 1) * B] for ``rows`` (n, d) with unit column stride, in the same dtype (float32 or
+    float64), on the CPU. ``stats``: contiguous (count, B, B) blocks, or (count, P) blocks whose row i
+    lies at entries ``starts[i]`` .. ``starts[i + 1]`` ((B + 1,) int64) and holds at least the row's
+    first i + 1 columns rounded up to 32 floats / 16 doubles (the packed lower triangle of
+    :class:`mfac.fisher.block_factor.RowLayout`). Stored entries above the diagonal are left as they
+    were, but for a few next to it, which receive their true values.
 
     Returns True when done; False when done but some entry of those columns of ``rows`` was NaN or
     Inf (``stats`` then holds non-finite values: discard it); None, nothing changed, where the
-    compiled kernel cannot run (no library, not a CPU tensor, another dtype, or B not a multiple of
-    32 floats / 16 doubles): the caller then uses a batched product. Cost: about n B^2 flops per
-    block (half a full product), reading ``rows`` once and each block's sums once."""
-    if stats.dim() != 3 or stats.shape[1] != stats.shape[2] or stats.dtype not in (torch.float32, torch.float64):
+    compiled kernel cannot run (no library, not a CPU tensor, another dtype or layout, or B not a
+    multiple of 32 floats / 16 doubles): the caller then uses a batched product. Cost: about n B^2
+    flops per block (half a full product), reading ``rows`` once and each block's sums once."""
+    if stats.dtype not in (torch.float32, torch.float64):
         return None
-    count, size, _ = stats.shape
+    width = 128 // stats.element_size()
+    layout = _block_rows(stats, starts, lambda i: (i // width + 1) * width)
+    if layout is None:
+        return None
+    size, starts = layout
+    count = stats.shape[0]
     if rows.dim() != 2 or rows.dtype != stats.dtype or rows.stride(1) != 1 or rows.shape[1] < start + count * size:
         return None
-    if size % (128 // stats.element_size()) or not stats.is_contiguous():
+    if size % width or not stats.is_contiguous():
         return None
     library = _usable(stats) if rows.device.type == "cpu" else None
     if library is None:
         return None
     function = library.gram_update_f32 if stats.dtype == torch.float32 else library.gram_update_f64
     pointer = rows.data_ptr() + start * rows.element_size()
-    code = function(stats.data_ptr(), count, size, pointer, rows.shape[0], rows.stride(0), torch.get_num_threads())
+    code = function(stats.data_ptr(), count, size, stats[0].numel() if count else 0, starts.data_ptr(), pointer,
+                    rows.shape[0], rows.stride(0), torch.get_num_threads())
     if code not in (0, 3):
         raise RuntimeError(f"gram_update: unexpected return code {code}")
     return code == 0
@@ -370,24 +400,32 @@ def gram_update(stats: torch.Tensor, rows: torch.Tensor, start: int) -> bool | N
 # copies (2 n^2 numbers: 1 MiB in float64 at 256), which must stay in the core's cache; larger
 # matrices are few and LAPACK's blocked, multi-threaded factorisation serves them well.
 INVERSE_FACTORS_MAX_SIZE = 256
+_PANEL = 8  # rows factorised together (PANEL in window.c): a row is read up to its panel's end
 
 
-def inverse_factors(blocks: torch.Tensor, probe: torch.Tensor,
-                    limit: float = math.inf) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Factorise each symmetric block of ``blocks`` ((count, n, n), float32 or float64, contiguous,
-    CPU, n <= INVERSE_FACTORS_MAX_SIZE; lower triangle read), in the blocks' dtype: X = L^-1 where
-    block = L L^T, and the residual |X A X^T z - z| for the unit ``probe`` z ((n,) float64), computed
-    in float64 (about eps * cond(A)). Each block is overwritten with X (lower triangular, zeros
-    above) where its residual is at most ``limit``, and left exactly as it was otherwise.
+def inverse_factors(blocks: torch.Tensor, probe: torch.Tensor, limit: float = math.inf,
+                    starts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Factorise each symmetric block of ``blocks`` (float32 or float64, contiguous, CPU, n <=
+    INVERSE_FACTORS_MAX_SIZE; lower triangle read), in the blocks' dtype: X = L^-1 where block =
+    L L^T, and the residual |X A X^T z - z| for the unit ``probe`` z ((n,) float64), computed in
+    float64 (about eps * cond(A)). ``blocks``: (count, n, n), or (count, P) with row i of each block
+    at entries ``starts[i]`` .. ``starts[i + 1]`` ((n + 1,) int64), holding at least the row's first
+    min(n, i rounded up to a multiple of 8) columns. Each block is overwritten with X (lower
+    triangular, every stored entry above the diagonal zero) where its residual is at most ``limit``,
+    and left exactly as it was otherwise.
 
     Returns (info, residual): info (count,) int32, 0 where the factorisation ran to the end, i + 1
     where the i-th pivot was not positive (residual inf); residual (count,) float64. Returns None,
     with nothing changed, where the compiled kernel cannot run (no library, not a CPU tensor,
-    another dtype or size). Cost: 2 n^3 / 3 + 3 n^2 flops per block, in panels of
+    another dtype, size or layout). Cost: 2 n^3 / 3 + 3 n^2 flops per block, in panels of
     register-blocked products (BENCHMARKS.md#streamed-block-statistics)."""
-    if blocks.dim() != 3 or blocks.shape[1] != blocks.shape[2] or blocks.dtype not in (torch.float32, torch.float64):
+    if blocks.dtype not in (torch.float32, torch.float64):
         return None
-    count, size, _ = blocks.shape
+    layout = _block_rows(blocks, starts, lambda i: torch.clamp((i // _PANEL + 1) * _PANEL, max=len(i)))
+    if layout is None:
+        return None
+    size, starts = layout
+    count = blocks.shape[0]
     if not 1 <= size <= INVERSE_FACTORS_MAX_SIZE or probe.shape != (size,) or probe.dtype != torch.float64:
         return None
     library = _usable(blocks, probe)
@@ -396,6 +434,6 @@ def inverse_factors(blocks: torch.Tensor, probe: torch.Tensor,
     info = torch.zeros(count, dtype=torch.int32)
     residual = torch.empty(count, dtype=torch.float64)
     function = library.inverse_factors_f32 if blocks.dtype == torch.float32 else library.inverse_factors_f64
-    _call(function, blocks.data_ptr(), count, size, probe.data_ptr(), float(limit), info.data_ptr(),
-          residual.data_ptr())
+    _call(function, blocks.data_ptr(), count, size, blocks[0].numel() if count else 0, starts.data_ptr(),
+          probe.data_ptr(), float(limit), info.data_ptr(), residual.data_ptr())
     return info, residual

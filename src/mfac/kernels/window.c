@@ -601,11 +601,15 @@ int compress_blocks(const float *residual, const float *g, int64_t d, int64_t bl
 
 /* inverse_factors: many small factorisations at matrix-product speed.
  *
- * For each of `count` symmetric (n, n) row-major blocks (lower triangle read), X = L^-1 where
+ * For each of `count` symmetric (n, n) blocks, `stride` numbers apart, whose row i starts at
+ * entry starts[i] of the block and holds its first starts[i + 1] - starts[i] columns (at least i + 1
+ * and at least min(n, i rounded up to a multiple of PANEL); only those up to the diagonal are
+ * read: full rows, or a lower triangle stored packed with padded rows), X = L^-1 where
  * block = L L^T, L lower, and its residual |X A X^T z - z| (double) for the unit probe z (n
  * doubles): about eps * cond(A) for a Cholesky-based inverse, a measure of how much precision the
  * block's conditioning left. The block is overwritten with X (lower triangular, zeros above) only
- * where residual[b] <= limit; otherwise it is left exactly as it was, for the caller to redo in a
+ * where residual[b] <= limit (the stored entries right of the diagonal written as zeros);
+ * otherwise it is left exactly as it was, for the caller to redo in a
  * higher precision. info[b] is 0, or i + 1 when the i-th pivot was not positive (round-off made
  * the block look indefinite; residual[b] is then infinite). Returns 0, or 1 if a thread could not
  * allocate its workspace.
@@ -630,7 +634,7 @@ typedef T NAME##_vec __attribute__((vector_size(64)));                          
 /* the same, for loads and stores at any address of T (one vector move, as memcpy is not always) */     \
 typedef T NAME##_mem __attribute__((vector_size(64), aligned(sizeof(T)), may_alias));                   \
 enum { NAME##_VL = 64 / sizeof(T) };                                                                    \
-/* acc[p] = sum over q in [q0, q1) of r[p][q] * m[q][c0 : c0 + VL], for the panel's np rows */         \
+/* acc[p] = sum over q in [q0, q1) of r[p][q] * m[q][c0 : c0 + VL], for the panel's np rows */          \
 static inline void NAME##_panel_product(NAME##_vec *restrict acc, const T *restrict r, int64_t ld,      \
                                         int64_t np, const T *restrict m, int64_t q0, int64_t q1,        \
                                         int64_t c0) {                                                   \
@@ -665,18 +669,19 @@ static inline void NAME##_chunk_solve(NAME##_vec *restrict rows, const NAME##_ve
  * divided by L_qq; x (n x ld): X; r (PANEL x ld): the panel's rows, first of the block, then of L;     \
  * ahead: the next block (or NULL), prefetched a panel's rows at a time so that its first reads do      \
  * not wait on memory (each 4 KB page of it would otherwise start cold). */                             \
-static int NAME##_one(T *restrict a, int64_t n, int64_t ld, T *restrict lt, NAME##_vec *restrict below, \
-                      T *restrict x, T *restrict r, T *restrict inv_d, const T *ahead) {                \
+static int NAME##_one(const T *restrict a, const int64_t *starts, int64_t n, int64_t ld, T *restrict lt,\
+                      NAME##_vec *restrict below, T *restrict x, T *restrict r,                         \
+                      T *restrict inv_d, const T *ahead) {                                              \
     enum { VL = NAME##_VL };                                                                            \
     typedef NAME##_vec vec;                                                                             \
     memset(lt, 0, (size_t)(n * ld) * sizeof(T));                                                        \
     for (int64_t i0 = 0; i0 < n; i0 += PANEL) {                                                         \
         int64_t np = n - i0 < PANEL ? n - i0 : PANEL, i1 = i0 + np;                                     \
         if (ahead)  /* the next block's rows of this panel, into cache while this one computes */       \
-            for (int64_t i = i0 * n; i < i1 * n; i += 64 / (int64_t)sizeof(T))                          \
+            for (int64_t i = starts[i0]; i < starts[i1]; i += 64 / (int64_t)sizeof(T))                  \
                 __builtin_prefetch(ahead + i, 0, 2);                                                    \
         for (int64_t p = 0; p < np; p++) {                                                              \
-            memcpy(r + p * ld, a + (i0 + p) * n, (size_t)i1 * sizeof(T));                               \
+            memcpy(r + p * ld, a + starts[i0 + p], (size_t)i1 * sizeof(T));                             \
             memset(r + p * ld + i1, 0, (size_t)(ld - i1) * sizeof(T));                                  \
         }                                                                                               \
         /* Rows i0..i1 of L, VL columns at a time: the columns before the chunk enter as one            \
@@ -753,14 +758,15 @@ static int NAME##_one(T *restrict a, int64_t n, int64_t ld, T *restrict lt, NAME
 }                                                                                                       \
 /* |X A X^T z - z| for the unit probe z, in double: A from a's lower triangle (still the input), X      \
  * from x; y and w hold n doubles each. */                                                              \
-static double NAME##_residual(const T *restrict a, int64_t n, int64_t ld, const T *restrict x,          \
+static double NAME##_residual(const T *restrict a, const int64_t *starts, int64_t n, int64_t ld,        \
+                              const T *restrict x,                                                      \
                               const double *restrict z, double *restrict y, double *restrict w) {       \
     memset(y, 0, (size_t)n * sizeof(double));                                                           \
     memset(w, 0, (size_t)n * sizeof(double));                                                           \
     for (int64_t i = 0; i < n; i++)  /* y = X^T z */                                                    \
         for (int64_t j = 0; j <= i; j++) y[j] += (double)x[i * ld + j] * z[i];                          \
     for (int64_t i = 0; i < n; i++) {  /* w = A y, a row of the lower triangle at a time */             \
-        const T *restrict ai = a + i * n;                                                               \
+        const T *restrict ai = a + starts[i];                                                           \
         double yi = y[i];                                                                               \
         w[i] += DOT(ai, y, i + 1);                                                                      \
         for (int64_t j = 0; j < i; j++) w[j] += (double)ai[j] * yi;                                     \
@@ -772,8 +778,8 @@ static double NAME##_residual(const T *restrict a, int64_t n, int64_t ld, const 
     }                                                                                                   \
     return sqrt(squares);                                                                               \
 }                                                                                                       \
-int NAME(T *a, int64_t count, int64_t n, const double *probe, double limit, int32_t *info,              \
-         double *residual, int num_threads) {                                                           \
+int NAME(T *a, int64_t count, int64_t n, int64_t stride, const int64_t *starts, const double *probe,    \
+         double limit, int32_t *info, double *residual, int num_threads) {                              \
     int failed = 0;                                                                                     \
     int64_t ld = (n + NAME##_VL - 1) / NAME##_VL * NAME##_VL;                                           \
     /* per thread: lt, x (n x ld each), below (n x VL), r (PANEL x ld), inv_d (ld); y, w (n doubles) */ \
@@ -798,14 +804,16 @@ int NAME(T *a, int64_t count, int64_t n, const double *probe, double limit, int3
         _Pragma("omp for schedule(dynamic, 16)")                                                        \
         for (int64_t b = 0; b < count; b++) {                                                           \
             if (!work) continue;                                                                        \
-            T *block = a + b * n * n;                                                                   \
-            const T *ahead = b + 1 < count ? block + n * n : NULL;                                      \
-            info[b] = NAME##_one(block, n, ld, work, below, x, r, inv_d, ahead);                        \
-            residual[b] = info[b] ? INFINITY : NAME##_residual(block, n, ld, x, probe, y, y + n);       \
+            T *block = a + b * stride;                                                                  \
+            const T *ahead = b + 1 < count ? block + stride : NULL;                                     \
+            info[b] = NAME##_one(block, starts, n, ld, work, below, x, r, inv_d, ahead);                \
+            residual[b] = info[b] ? INFINITY                                                            \
+                                  : NAME##_residual(block, starts, n, ld, x, probe, y, y + n);          \
             if (info[b] || !(residual[b] <= limit)) continue;  /* the block is left as it was */        \
             for (int64_t i = 0; i < n; i++) {                                                           \
-                memcpy(block + i * n, x + i * ld, (size_t)(i + 1) * sizeof(T));                         \
-                memset(block + i * n + i + 1, 0, (size_t)(n - i - 1) * sizeof(T));                      \
+                T *row = block + starts[i];                                                             \
+                memcpy(row, x + i * ld, (size_t)(i + 1) * sizeof(T));                                   \
+                memset(row + i + 1, 0, (size_t)(starts[i + 1] - starts[i] - i - 1) * sizeof(T));        \
             }                                                                                           \
         }                                                                                               \
         free(work);                                                                                     \
@@ -819,8 +827,10 @@ DEFINE_INVERSE_FACTORS(inverse_factors_f64, double, sqrt, dot_f64)
 
 /* gram_update: the streamed statistics of a block-diagonal inverse, at matrix-product speed.
  *
- * For each of `count` blocks b: stats[b] ((size, size) row-major) += P_b^T P_b, where P_b is the
- * (n, size) slice rows[:, b * size : (b + 1) * size] of n rows `stride` numbers apart. Only the
+ * For each of `count` blocks b: stats[b] += P_b^T P_b, where P_b is the (n, size) slice
+ * rows[:, b * size : (b + 1) * size] of n rows `stride` numbers apart, and block b's row i starts
+ * at stats + b * block_stride + starts[i]: full rows (starts[i] = i * size), or packed rows of the
+ * lower triangle, each holding at least its first W-rounded i + 1 columns (W = 2 vectors). Only the
  * lower triangle is updated (tiles on and below the diagonal, which also cover a few entries just
  * above it, with their true values); everything that reads the statistics reads that triangle.
  * Each thread takes whole blocks: a block's (size, size) sums stay in its cache while the rows'
@@ -837,28 +847,29 @@ DEFINE_INVERSE_FACTORS(inverse_factors_f64, double, sqrt, dot_f64)
 
 #define DEFINE_GRAM_UPDATE(NAME, T)                                                                     \
 typedef T NAME##_vec __attribute__((vector_size(64)));                                                  \
-int NAME(T *stats, int64_t count, int64_t size, const T *rows, int64_t n, int64_t stride,               \
-         int num_threads) {                                                                             \
+int NAME(T *stats, int64_t count, int64_t size, int64_t block_stride, const int64_t *starts,            \
+         const T *rows, int64_t n, int64_t stride, int num_threads) {                                   \
     enum { VL = 64 / sizeof(T), W = 128 / sizeof(T) };                                                  \
     typedef NAME##_vec vec;                                                                             \
     if (size % W) return 2;                                                                             \
     int nonfinite = 0;                                                                                  \
     _Pragma("omp parallel for schedule(static) num_threads(num_threads) reduction(|:nonfinite)")        \
     for (int64_t b = 0; b < count; b++) {                                                               \
-        T *c = stats + b * size * size;                                                                 \
-        vec seen = {0};  /* stays zero unless a row entry is NaN or Inf (x * 0 is then NaN) */         \
+        T *c = stats + b * block_stride;                                                                \
+        vec seen = {0};  /* stays zero unless a row entry is NaN or Inf (x * 0 is then NaN) */          \
         for (int64_t r0 = 0; r0 < n; r0 += GRAM_GROUP) {                                                \
             int64_t rn = n - r0 < GRAM_GROUP ? n - r0 : GRAM_GROUP;                                     \
             const T *p = rows + r0 * stride + b * size;                                                 \
             if (b + 1 < count)                                                                          \
                 for (int64_t r = 0; r < rn; r++)                                                        \
-                    for (int64_t i = 0; i < size; i += VL) __builtin_prefetch(p + size + r * stride + i); \
+                    for (int64_t i = 0; i < size; i += VL)                                              \
+                        __builtin_prefetch(p + size + r * stride + i);                                  \
             for (int64_t i0 = 0; i0 < size; i0 += GRAM_ROWS) {  /* row bands: the sums read in order */ \
                 for (int64_t j0 = 0; j0 <= i0; j0 += W) {                                               \
                     vec acc[GRAM_ROWS][2];                                                              \
                     for (int i = 0; i < GRAM_ROWS; i++) {                                               \
-                        memcpy(&acc[i][0], c + (i0 + i) * size + j0, sizeof(vec));                      \
-                        memcpy(&acc[i][1], c + (i0 + i) * size + j0 + VL, sizeof(vec));                 \
+                        memcpy(&acc[i][0], c + starts[i0 + i] + j0, sizeof(vec));                       \
+                        memcpy(&acc[i][1], c + starts[i0 + i] + j0 + VL, sizeof(vec));                  \
                     }                                                                                   \
                     for (int64_t r = 0; r < rn; r++) {                                                  \
                         vec p0, p1;                                                                     \
@@ -872,8 +883,8 @@ int NAME(T *stats, int64_t count, int64_t size, const T *rows, int64_t n, int64_
                         }                                                                               \
                     }                                                                                   \
                     for (int i = 0; i < GRAM_ROWS; i++) {                                               \
-                        memcpy(c + (i0 + i) * size + j0, &acc[i][0], sizeof(vec));                      \
-                        memcpy(c + (i0 + i) * size + j0 + VL, &acc[i][1], sizeof(vec));                 \
+                        memcpy(c + starts[i0 + i] + j0, &acc[i][0], sizeof(vec));                       \
+                        memcpy(c + starts[i0 + i] + j0 + VL, &acc[i][1], sizeof(vec));                  \
                     }                                                                                   \
                 }                                                                                       \
             }                                                                                           \
