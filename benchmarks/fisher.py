@@ -97,8 +97,8 @@ def factor_update(gram: torch.Tensor):
     z = torch.ones(m, dtype=torch.float64)
 
     def call():
-        updated, product = woodbury.shifted(base, column, diag, 1, z)
-        return woodbury.drift(product, gram @ z), updated.solve_newest()
+        updated, product, k_times_z = woodbury.shifted(base, column, diag, 1, z, check=(gram, z))
+        return woodbury.drift(product, k_times_z), updated.solve_newest()
     return call
 
 

@@ -121,9 +121,12 @@ def test_factor_shift_kernel_matches_a_fresh_cholesky(m):
     upper = torch.linalg.cholesky(old, upper=True).contiguous()
     before = upper.clone()
     z = torch.randn(m, generator=gen, dtype=torch.float64)
-    got, product = kernels.factor_shift(upper, new[-1, :-1].contiguous(), float(new[-1, -1]), z)
+    v = torch.randn(m, generator=gen, dtype=torch.float64)
+    got, product, old_times_v = kernels.factor_shift(upper, new[-1, :-1].contiguous(), float(new[-1, -1]), z, old, v)
     assert torch.allclose(product, got.T @ (got @ z), rtol=1e-12, atol=0)
-    assert kernels.factor_shift(upper, new[-1, :-1].contiguous(), float(new[-1, -1]))[1] is None
+    assert torch.allclose(old_times_v, old @ v, rtol=1e-12, atol=1e-12 * float(old.abs().max() * v.abs().max()))
+    alone = kernels.factor_shift(upper, new[-1, :-1].contiguous(), float(new[-1, -1]))
+    assert alone[1] is None and alone[2] is None and torch.equal(alone[0], got)  # the same factor either way
     assert torch.equal(upper, before)  # the old factor is left as it was (a staged push may be dropped)
     assert torch.equal(got, got.triu()) and bool((got.diagonal() > 0).all())  # zero below the diagonal
     assert float((got.T @ got - new).norm() / new.norm()) <= 50 * m * torch.finfo(torch.float64).eps
@@ -138,6 +141,8 @@ def test_factor_shift_declines_what_it_cannot_run():
     strided.diagonal().fill_(1.0)
     assert kernels.factor_shift(strided, torch.zeros(3, dtype=torch.float64), 1.0) is None
     assert kernels.factor_shift(torch.ones(1, 1, dtype=torch.float64), torch.zeros(0, dtype=torch.float64), 1.0) is None
+    column = torch.zeros(3, dtype=torch.float64)
+    assert kernels.factor_shift(upper, column, 1.0, None, torch.eye(3, dtype=torch.float64), column) is None  # S of another size
 
 
 def filled(d=12, window=4, pushes=11, dtype=torch.float64):

@@ -17,7 +17,8 @@ choosing the cheaper of two exact routes for the block size:
 
 The primal route can also be built without ever holding G: :meth:`BlockFisherInverse.from_chunks`
 accumulates each block's G_b^T G_b from chunks of gradient rows as they arrive (one batched rank-n
-update per chunk) and factorises in place, so memory is d*B numbers whatever m is.
+update per chunk) and factorises in place, so memory is about d (B + 32) / 2 numbers whatever m is:
+each block's lower triangle, packed by rows (:class:`mfac.fisher.block_factor.RowLayout`).
 
 Damping is absolute (``damp``) or relative (``relative_damp``: lambda = relative_damp * the mean
 diagonal of G^T G / m over all d coordinates, as SparseGPT's percdamp does per layer), which
@@ -192,7 +193,7 @@ class BlockFisherInverse(FisherInverse):
     ``element`` O(min(B, m)); ``column`` O(B min(B, m)); ``diag`` O(d min(B, m)).
     Memory: d * min(B, m) numbers in float32 (float64 for float64 gradients), plus float64 work of
     the same size while factorising; refused up front if that cannot fit. To accumulate from chunks
-    without holding G (memory d * B whatever m is), use :meth:`from_chunks`.
+    without holding G (memory about d (B + 32) / 2 numbers whatever m is), use :meth:`from_chunks`.
     """
 
     def __init__(self, grads: torch.Tensor, damp: float | None = None, block_size: int = 128,
@@ -238,7 +239,7 @@ class BlockFisherInverse(FisherInverse):
                 :func:`mfac.grads.gradient_chunks`); m = sum of n_i.
             dim, block_size: d and B.
             damp / relative_damp: as for the constructor (exactly one).
-            dtype: accumulation and storage dtype of the d * B numbers: float32 (default) or float64.
+            dtype: accumulation and storage dtype of the statistics: float32 (default) or float64.
             on_rows: optional ``on_rows(n)`` after each chunk (progress).
             mask: optional (dim,) bool tensor; coordinates where it is False count as having zero
                 gradient in every row (pruned weights): their rows and columns of the statistics are

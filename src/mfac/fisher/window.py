@@ -174,13 +174,13 @@ class SlidingWindowFisherInverse(FisherInverse):
         if self._probe is None or self._probe.shape[0] != m:
             self._probe = window_state.probe_vector(m, self.device)
         ages = torch.roll(dots, -offset)
-        result = woodbury.shifted(self._factor, ages[:-1], float(ages[-1]) + m * self._damp, offset, self._probe)
+        z = torch.roll(self._probe, offset)  # the probe in slot order
+        result = woodbury.shifted(self._factor, ages[:-1], float(ages[-1]) + m * self._damp, offset, self._probe,
+                                  check=(self._gram, z))
         if result is None:
             return None
-        candidate, product = result
-        z = candidate.to_slots(self._probe)  # K_new z, from the old S with row and column `slot` replaced
-        k_times_z = self._gram @ z
-        k_times_z.add_(dots - self._gram[:, slot], alpha=float(z[slot]))
+        candidate, product, k_times_z = result  # K_new z, from the old S z with row and column `slot` replaced:
+        k_times_z.add_(dots - self._gram[slot], alpha=float(z[slot]))  # S's row: its column, read in order
         k_times_z[slot] = dots @ z
         k_times_z.add_(z, alpha=m * self._damp)
         if woodbury.drift(product, candidate.to_age(k_times_z)) > woodbury.drift_tolerance(m):

@@ -127,19 +127,22 @@ def factor(gram: torch.Tensor, rows: torch.Tensor | None, damp: float, primal: b
     return Factor(robust_cholesky(matrix, k * damp).mT.contiguous(), offset)
 
 
-def shifted(old: Factor, column: torch.Tensor, diag: float, offset: int,
-            probe: torch.Tensor | None = None) -> tuple[Factor, torch.Tensor | None] | None:
+def shifted(old: Factor, column: torch.Tensor, diag: float, offset: int, probe: torch.Tensor | None = None,
+            check: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[Factor, torch.Tensor | None,
+                                                                          torch.Tensor | None] | None:
     """The dual factor after the oldest of a full window's r gradients leaves and a new one arrives
     (as index r - 1 of the age order, which then starts at slot ``offset``): ``column`` (r - 1,)
     float64 holds its entries of K with the others in the new age order, ``diag`` its diagonal
-    entry. Returns the factor and, for a ``probe`` z (r,) in age order, U^T U z to check it with
-    (:func:`drift`). O(r^2) (:func:`mfac.kernels.factor_shift`); None where that kernel cannot run
-    or the new pivot is not positive, and the caller refactorises."""
-    result = kernels.factor_shift(old.upper, column.contiguous(), diag, probe)
+    entry. Returns the factor; for a ``probe`` z (r,) in age order, U^T U z to check it with
+    (:func:`drift`); and for ``check`` = (S, v), (r, r) and (r,) float64, S v, computed on a second
+    core meanwhile (else None). O(r^2) (:func:`mfac.kernels.factor_shift`); None where that kernel
+    cannot run or the new pivot is not positive, and the caller refactorises."""
+    gram, gram_probe = check if check is not None else (None, None)
+    result = kernels.factor_shift(old.upper, column.contiguous(), diag, probe, gram, gram_probe)
     if result is None:
         return None
-    upper, product = result
-    return Factor(upper, offset % upper.shape[0]), product
+    upper, product, gram_times = result
+    return Factor(upper, offset % upper.shape[0]), product, gram_times
 
 
 def drift(product: torch.Tensor, k_times_z: torch.Tensor) -> float:

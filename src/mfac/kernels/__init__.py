@@ -47,7 +47,7 @@ _SIGNATURES = {
     "dense_combine": [_P, _I64, _I64, _P, _P, _F32, _F32, _P, _INT],
     "sparse_dots": [_P, _INT, _P, _I64, _I64, _P, _I64, _I64, _P, _P, _INT],
     "sparse_combine": [_P, _INT, _P, _I64, _I64, _P, _I64, _I64, _I64, _P, _P, _F32, _F32, _P, _INT],
-    "factor_shift": [_P, _I64, _P, ctypes.c_double, _P, _P, _P, _P],
+    "factor_shift": [_P, _I64, _P, ctypes.c_double, _P, _P, _P, _P, _P, _P, _P],
     "row_vector_width": [],
     "compress_blocks": [_P, _P, _I64, _I64, _P, _I64, _INT, _P, _P, _P, _P, _INT],
     "gram_update_f32": [_P, _I64, _I64, _I64, _P, _P, _I64, _I64, _INT],
@@ -306,32 +306,38 @@ def compress_blocks(layout: BlockLayout, residual: torch.Tensor, g: torch.Tensor
 # The window's Cholesky factor --------------------------------------------------------------------------
 
 
-def factor_shift(upper: torch.Tensor, column: torch.Tensor, diag: float,
-                 probe: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+def factor_shift(upper: torch.Tensor, column: torch.Tensor, diag: float, probe: torch.Tensor | None = None,
+                 gram: torch.Tensor | None = None, gram_probe: torch.Tensor | None = None):
     """The factor of a full window after its oldest gradient leaves and a new one arrives, in O(m^2).
 
     ``upper`` (m, m) float64 is U with K = U^T U, rows in age order (0 = oldest); the new K drops
     row and column 0 and appends ``column`` ((m - 1,) float64, age order) and ``diag`` at the end.
-    Returns the new (m, m) factor U' (a new tensor; ``upper`` is not changed) and, for a ``probe``
-    z ((m,) float64, age order), U'^T U' z (else None); or None where the compiled kernel cannot run
-    (no library, data not on the CPU) or round-off made the new matrix look indefinite: the caller
-    then refactorises. The drop is a rank-one update by Givens rotations (orthogonal, no
+    Returns (U', product, gram_times): the new (m, m) factor U' (a new tensor; ``upper`` is not
+    changed); for a ``probe`` z ((m,) float64, age order), U'^T U' z (else None); and with ``gram``
+    ((m, m) float64) and ``gram_probe`` ((m,) float64), gram @ gram_probe, computed by a second
+    thread while the first updates the factor (else None). Returns None where the compiled kernel
+    cannot run (no library, data not on the CPU) or round-off made the new matrix look indefinite:
+    the caller then refactorises. The drop is a rank-one update by Givens rotations (orthogonal, no
     cancellation), the append one triangular solve and one square root; about 3 m^2 flops and two
-    more m^2 for the probe, single-threaded."""
+    more m^2 for the probe, in one pass over the rows of U."""
     m = upper.shape[0]
-    tensors = (upper, column) if probe is None else (upper, column, probe)
-    usable = all(t.dtype == torch.float64 for t in tensors) and m >= 2
+    tensors = [t for t in (upper, column, probe, gram, gram_probe) if t is not None]
+    usable = all(t.dtype == torch.float64 for t in tensors) and m >= 2 and (gram is None) == (gram_probe is None)
+    if gram is not None and (gram.shape != (m, m) or gram_probe.shape != (m,)):
+        usable = False
     library = _usable(*tensors) if usable else None
     if library is None:
         return None
     out = torch.empty_like(upper)
     work = torch.empty(3 * m, dtype=torch.float64)
     product = None if probe is None else torch.empty(m, dtype=torch.float64)
-    if library.factor_shift(upper.data_ptr(), m, column.data_ptr(), float(diag),
-                            None if probe is None else probe.data_ptr(), out.data_ptr(), work.data_ptr(),
-                            None if product is None else product.data_ptr()):
+    gram_times = None if gram is None else torch.empty(m, dtype=torch.float64)
+    pointer = lambda t: None if t is None else t.data_ptr()
+    if library.factor_shift(upper.data_ptr(), m, column.data_ptr(), float(diag), pointer(probe), out.data_ptr(),
+                            work.data_ptr(), pointer(product), pointer(gram), pointer(gram_probe),
+                            pointer(gram_times)):
         return None
-    return out, product
+    return out, product, gram_times
 
 
 # Block-diagonal statistics and their factorisation ---------------------------------------------------

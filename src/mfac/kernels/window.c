@@ -428,14 +428,33 @@ DEFINE_DOT(dot_f64, double)
  *   Appending: solve U11'^T y = column, then U'[m-1, m-1] = sqrt(diag - |y|^2), the last step of
  *   an ordinary Cholesky factorisation.
  * Row k of U11' is final once rotated, and it is all that step k of the forward substitution (and
- * of the probe) reads, so each row of U is read once and its rotated row written once, and the
- * substitution runs on it while it is in cache.
+ * of the probe) reads, so each row of U is read once and its rotated row written once: the
+ * rotation, the substitution and the probe's dot product are one loop over the row.
  * With z (m numbers, age order) given, probe (m) receives U'^T (U' z), for the caller to compare
  * with K' z. out (m, m) receives U' (zero below the diagonal) and must not alias upper; work holds
  * 3 m doubles of scratch. Returns 0, or 1 when diag - |y|^2 <= 0 (round-off made K' look
  * indefinite: the caller refactorises). */
-int factor_shift(const double *upper, int64_t m, const double *column, double diag, const double *z,
-                 double *restrict out, double *restrict work, double *restrict probe) {
+/* Row k of U11': rotate row k of U11 (src) against x with (c, s), and in the same pass take step
+ * k of the forward substitution (y[j] -= yk * row[j]) and, with_probe, (U' z)_k's dot product,
+ * returned (the caller adds the last column's part). Columns j > k; row[k] is set by the caller. */
+static inline double factor_shift_row(const double *restrict src, double *restrict row, double *restrict x,
+                                      double *restrict y, const double *restrict z, int64_t k, int64_t n,
+                                      double c, double s, double yk, int rotate, int with_probe) {
+    double dot = 0.0;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t j = k + 1; j < n; j++) {
+        double rj = src[j], xj = x[j], v = rotate ? c * rj + s * xj : rj;
+        row[j] = v;
+        if (rotate) x[j] = c * xj - s * rj;
+        y[j] -= yk * v;
+        if (with_probe) dot += v * z[j];
+    }
+    return dot;
+}
+
+static int factor_shift_update(const double *upper, int64_t m, const double *column, double diag,
+                               const double *z, double *restrict out, double *restrict work,
+                               double *restrict probe) {
     int64_t n = m - 1;
     double *restrict x = work, *restrict y = work + m, *restrict w = work + 2 * m;
     memcpy(x, upper + 1, (size_t)n * sizeof(double));
@@ -445,25 +464,26 @@ int factor_shift(const double *upper, int64_t m, const double *column, double di
         const double *src = upper + (k + 1) * m + 1;  /* row k of U11 */
         double *restrict row = out + k * m;
         memset(row, 0, (size_t)k * sizeof(double));
-        double a = src[k], b = x[k];
-        if (b == 0.0) {
-            memcpy(row + k, src + k, (size_t)(n - k) * sizeof(double));
-        } else {
-            double r = hypot(a, b), c = a / r, s = b / r;
-            row[k] = r;
-            for (int64_t j = k + 1; j < n; j++) {
-                double rj = src[j], xj = x[j];
-                row[j] = c * rj + s * xj;
-                x[j] = c * xj - s * rj;
-            }
+        double a = src[k], b = x[k], c = 1.0, s = 0.0, r = a;
+        if (b != 0.0) {
+            r = hypot(a, b);
+            c = a / r;
+            s = b / r;
         }
-        double yk = y[k] / row[k];  /* step k of the substitution with U11'^T */
+        row[k] = r;
+        double yk = y[k] / r;  /* step k of the substitution with U11'^T */
         y[k] = yk;
-        for (int64_t i = k + 1; i < n; i++) y[i] -= yk * row[i];
+        int rotate = b != 0.0;
         if (z) {  /* (U' z)_k, then its part of U'^T (U' z) */
-            double wk = dot_f64(row + k, z + k, n - k) + yk * z[n];
+            double wk = r * z[k] + yk * z[n] + (rotate ? factor_shift_row(src, row, x, y, z, k, n, c, s, yk, 1, 1)
+                                                       : factor_shift_row(src, row, x, y, z, k, n, c, s, yk, 0, 1));
             w[k] = wk;
+#pragma omp simd
             for (int64_t i = k; i < n; i++) probe[i] += wk * row[i];
+        } else if (rotate) {
+            factor_shift_row(src, row, x, y, z, k, n, c, s, yk, 1, 0);
+        } else {
+            factor_shift_row(src, row, x, y, z, k, n, c, s, yk, 0, 0);
         }
     }
     double squares = dot_f64(y, y, n), last = z ? dot_f64(y, w, n) : 0.0;
@@ -475,6 +495,24 @@ int factor_shift(const double *upper, int64_t m, const double *column, double di
     out[n * m + n] = corner;
     if (z) probe[n] = last + corner * (corner * z[n]);
     return 0;
+}
+
+/* With gram (m, m) and gram_probe (m) given, a second thread computes gram_times = gram @
+ * gram_probe meanwhile (the window's check of the new factor needs its Gram matrix times the probe:
+ * a read of m^2 numbers that then costs no time on two cores). */
+int factor_shift(const double *upper, int64_t m, const double *column, double diag, const double *z,
+                 double *restrict out, double *restrict work, double *restrict probe, const double *gram,
+                 const double *gram_probe, double *restrict gram_times) {
+    if (!gram) return factor_shift_update(upper, m, column, diag, z, out, work, probe);
+    int status = 0;
+#pragma omp parallel sections num_threads(2)
+    {
+#pragma omp section
+        status = factor_shift_update(upper, m, column, diag, z, out, work, probe);
+#pragma omp section
+        for (int64_t i = 0; i < m; i++) gram_times[i] = dot_f64(gram + i * m, gram_probe, m);
+    }
+    return status;
 }
 
 

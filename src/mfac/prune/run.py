@@ -278,8 +278,8 @@ class PruningRun:
         named = {s.name: s.param for s in self.segments}
         first, dim = self.segments[0].param, self.segments[-1].stop
         if settings.streamed:
-            # Rows in each streamed update: a rank-n product, not rank-1, in at most a quarter of the
-            # float32 statistics' own d * B * 4 bytes (and at least 64 MB).
+            # Rows in each streamed update: a rank-n product, not rank-1, in d * B bytes (at least
+            # 64 MB): 32 float32 rows at B = 128, 0.4 of the packed statistics.
             buffer_bytes = max(_MIN_CHUNK_BYTES, dim * min(settings.block_size, dim))
             rows = max(1, min(settings.num_grads, buffer_bytes // (dim * first.element_size())))
             sharing = source.sharing  # with one, this process computes its share and the statistics are summed
