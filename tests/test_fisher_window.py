@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import ALL_DEVICES, dense_fisher, rel_err, solve, tolerance
+from mfac import kernels
 from mfac.fisher import CompressedWindowFisherInverse, NonFiniteGradientError, SlidingWindowFisherInverse
 from test_fisher_static import check_against
 
@@ -279,3 +280,52 @@ def test_a_push_staged_a_whole_window_ago_is_refused():
     with pytest.raises(ValueError, match="stage it again"):
         window.commit(stale)
     assert same_state(window.state_dict(), before)
+
+
+def test_a_spent_or_stale_push_answers_no_products():
+    """staged_ihvp is for a push not yet committed: a spent push's factor storage may already hold
+    a later factor (the window reuses it), so the product is refused, not answered from it."""
+    grads = stream(4, 20)
+    window = SlidingWindowFisherInverse(20, 3, 1e-3, dtype=torch.float64)
+    staged = window.stage(grads[0])
+    window.commit(staged)
+    with pytest.raises(ValueError, match="stage it again"):
+        window.staged_ihvp(staged, grads[1])
+
+
+@pytest.mark.skipif(not kernels.available(), reason=f"compiled kernels: {kernels.status()}")
+def test_reused_factor_storage_gives_bitwise_the_same_pushes(monkeypatch):
+    """A full window writes each updated factor into the storage of the factor it replaced: results
+    and states equal, bit for bit, those of a window that allocates every factor afresh; a dropped
+    stage, a refused push, and a load whose state is then overwritten change nothing of that."""
+    m, d = 130, 300  # at least woodbury.SMALLEST_UPDATED: pushes update the factor
+    grads = torch.randn(m + 40, d, dtype=torch.float64, generator=torch.Generator().manual_seed(21))
+    shift = kernels.factor_shift
+    reused = []
+
+    def run(reuse: bool):
+        monkeypatch.setattr(kernels, "factor_shift", lambda *args, out=None: (
+            reused.append(out is not None), shift(*args, out=out if reuse else None))[1])
+        window = SlidingWindowFisherInverse(d, m, 1e-2, dtype=torch.float64)
+        window.extend(grads[:m])
+        results = []
+        for n, g in enumerate(grads[m:]):
+            if n == 10:
+                window.stage(grads[0])  # dropped: its factor's storage is never handed out again
+            if n == 20:
+                bad = g.clone()
+                bad[3] = float("nan")
+                with pytest.raises(NonFiniteGradientError):
+                    window.push_ihvp(bad)
+            if n == 30:
+                state = window.state_dict()
+                window.load_state_dict(state)
+                state["factor"].fill_(float("nan"))  # the window must not hold the caller's tensor
+            results.append(window.push_ihvp(g))
+        return results, window.state_dict()
+
+    expected, expected_state = run(reuse=False)
+    reused.clear()
+    got, state = run(reuse=True)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected)) and same_state(state, expected_state)
+    assert sum(reused) >= 35  # all but the first update, and the first after the dropped stage and the load

@@ -109,6 +109,29 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
         raise NonFiniteGradientError(f"{name} contains NaN or Inf; non-finite gradients cannot enter a Fisher estimate")
 
 
+def push_refusal(g: torch.Tensor, stored: torch.Tensor, storage_dtype: torch.dtype,
+                 g_finite: bool) -> NonFiniteGradientError:
+    """The error for a window push whose dot products are not finite, saying why: g itself holds
+    NaN or Inf (``g_finite`` False, on any shard), its copy ``stored`` in the storage dtype
+    overflows, or its products overflow the compute dtype."""
+    if not g_finite:
+        return NonFiniteGradientError("g contains NaN or Inf; non-finite gradients cannot enter the window, "
+                                      "which was left unchanged")
+    if not all_finite(stored):
+        largest = float(torch.linalg.vector_norm(g.to(torch.float64), ord=math.inf))
+        return NonFiniteGradientError(
+            f"g is finite but its largest entry {largest:.3g} exceeds the largest {storage_dtype} number "
+            f"{torch.finfo(storage_dtype).max:.3g}, the window's storage dtype. Scale the loss down, clip "
+            f"gradients, or use a bfloat16 or float32 window; the window was left unchanged")
+    dtype = compute_dtype(storage_dtype)
+    norm = float(torch.linalg.vector_norm(stored.to(torch.float64)))
+    return NonFiniteGradientError(
+        f"g is finite but too large for {dtype} products: its norm {norm:.3g} (or its dot product "
+        f"with a gradient in the window) overflows {dtype}, whose largest value is "
+        f"{torch.finfo(dtype).max:.3g}. Scale the loss down, clip gradients, or use a float64 window; "
+        f"the window was left unchanged")
+
+
 def check_gradients(grads) -> torch.Tensor:
     """Validate a gradient matrix G of shape (m, d): a floating, finite, 2-D tensor."""
     if not isinstance(grads, torch.Tensor):

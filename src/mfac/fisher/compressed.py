@@ -52,7 +52,7 @@ def check_density(density) -> float:
 def compressed_nbytes(dim: int, window: int, density: float, dtype: torch.dtype = torch.float32,
                       block: int = DEFAULT_BLOCK) -> int:
     """Bytes a CompressedWindowFisherInverse holds at its peak: its rows
-    (:meth:`CompressedRows.nbytes_for`) plus 5 m x m float64 matrices."""
+    (:meth:`CompressedRows.nbytes_for`) plus 6 m x m float64 matrices."""
     return CompressedRows.nbytes_for(dim, window, density, dtype, block) + GRAM_COPIES * window * window * 8
 
 

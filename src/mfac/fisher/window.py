@@ -9,12 +9,11 @@ It keeps the float64 Gram matrix S = G G^T, whatever the window's storage dtype 
 dot product, so S is exact up to the rounding of that product), and the Cholesky factor K = U^T U
 in the age order of the gradients. Once the window is full, a push updates U in O(k^2): the oldest
 gradient's row and column leave (a rank-one update of the rest, by Givens rotations) and the new
-one's arrive (one triangular solve), with a probe product checking the result against K and a
-refactorisation from S, O(k^3 / 3), when it has drifted or the compiled kernel is not available
-(:mod:`mfac.fisher.woodbury`; measured costs: BENCHMARKS.md#sliding-static-and-block-inverses). Every
-product with K^-1 is a pair of triangular solves with U. This is what makes the window backward
-stable, like the static inverse: an explicit K^-1, updated by low-rank corrections, is accurate only
-to eps * cond(K), and the Woodbury subtraction then multiplies that error by cond(F) again.
+one's arrive (one triangular solve), checked by a probe product against K and refactorised from S,
+O(k^3 / 3), when it has drifted or the compiled kernel is not available (:mod:`mfac.fisher.woodbury`;
+BENCHMARKS.md#sliding-static-and-block-inverses). Every product with K^-1 is a pair of triangular
+solves with U: backward stable, like the static inverse (an explicit K^-1 updated by low-rank
+corrections is accurate only to eps * cond(K), an error the Woodbury subtraction multiplies by cond(F)).
 
 For the gradient just pushed, g = G^T e_j, the product needs no subtraction at all:
 
@@ -27,9 +26,8 @@ products and the result are finite: a refused push leaves the window bitwise unc
 product G x goes through one method, the single place where a sharded window all-reduces an
 m-vector.
 
-How the rows are stored is a storage form (:mod:`mfac.fisher.rows`): dense in float32, float64 or
-a half precision, or compressed (:class:`mfac.fisher.CompressedWindowFisherInverse`); the algebra
-here is the same for all.
+How the rows are stored is a storage form (:mod:`mfac.fisher.rows`: dense in float32, float64 or a
+half precision, or compressed); the algebra here is the same for all.
 """
 
 from __future__ import annotations
@@ -40,18 +38,18 @@ from dataclasses import dataclass
 import torch
 
 from .base import (FisherInverse, NonFiniteGradientError, all_finite, check_damp, check_finite, check_floating,
-                   check_positive_int, compute_dtype)
+                   check_positive_int, compute_dtype, push_refusal)
 from .rows import DenseRows
 from . import window_state, woodbury
 from .woodbury import Factor
 
 __all__ = ["SlidingWindowFisherInverse", "StagedPush", "window_nbytes", "GRAM_COPIES"]
 
-GRAM_COPIES = 5  # m x m float64 matrices held at the peak of a push: S, its staged copy, the shifted matrix, factors
+GRAM_COPIES = 6  # m x m float64 matrices held at the peak of a push: S, its staged copy, the shifted matrix, factors
 
 
 def window_nbytes(dim: int, window: int, dtype: torch.dtype) -> int:
-    """Bytes a dense SlidingWindowFisherInverse holds at its peak: its rows plus 5 m x m float64."""
+    """Bytes a dense SlidingWindowFisherInverse holds at its peak: its rows plus 6 m x m float64."""
     return DenseRows.nbytes_for(dim, window, dtype) + GRAM_COPIES * window * window * 8
 
 
@@ -60,7 +58,7 @@ class StagedPush:
     """A push computed by :meth:`SlidingWindowFisherInverse.stage` but not yet applied: everything
     :meth:`~SlidingWindowFisherInverse.commit` needs, and F^-1 g when it was asked for. It applies
     only to the window state it was staged on, once: after the commit it is spent, and the window
-    may reuse the memory of ``stored``."""
+    may reuse the memory of ``stored`` and, once another push is committed, of ``factor``."""
 
     slot: int  # the ring-buffer slot g replaces
     stored: torch.Tensor  # g as the window will hold it (rounded, or compressed), dense, compute dtype
@@ -95,10 +93,9 @@ class SlidingWindowFisherInverse(FisherInverse):
             group. Default None: the window is whole.
         storage: for subclasses, a storage form other than dense rows (see :mod:`mfac.fisher.rows`).
 
-    Memory: window*d numbers in ``dtype`` plus 2*window^2 float64 numbers (S and its factor), up to
-    5*window^2 while a push is staged (copies of S, the shifted matrix, the new factor). The
-    constructor refuses, before allocating, a window that does not fit in the memory available on
-    ``device``.
+    Memory: window*d numbers in ``dtype`` plus 3*window^2 float64 numbers (S, its factor, the storage
+    of the factor it replaced, reused by the next push), up to 6*window^2 while a push is staged;
+    refused before allocating where that does not fit in the memory available on ``device``.
     Until ``window`` gradients have arrived, F is normalised by the number held, never by ``window``.
     Accuracy: backward stable, relative error within a small multiple of eps * cond(F) for every
     input (eps of the compute dtype), as the static inverse.
@@ -121,6 +118,7 @@ class SlidingWindowFisherInverse(FisherInverse):
         self._rows = storage if storage is not None else DenseRows(dim, window, dtype, self._device)
         self._gram = torch.zeros(window, window, dtype=torch.float64, device=self._device)
         self._factor = Factor(torch.zeros(0, 0, dtype=torch.float64, device=self._device))
+        self._spare: torch.Tensor | None = None  # a replaced reusable factor's storage, for the next update
         self._probe: torch.Tensor | None = None
         self._pushed = 0
 
@@ -140,7 +138,8 @@ class SlidingWindowFisherInverse(FisherInverse):
 
     @property
     def nbytes(self) -> int:
-        return self._rows.nbytes + sum(t.numel() * t.element_size() for t in (self._gram, self._factor.upper))
+        held = (self._gram, self._factor.upper) + ((self._spare,) if self._spare is not None else ())
+        return self._rows.nbytes + sum(t.numel() * t.element_size() for t in held)
 
     # Window products: the only passes over G ------------------------------------------------------
 
@@ -175,15 +174,18 @@ class SlidingWindowFisherInverse(FisherInverse):
             self._probe = window_state.probe_vector(m, self.device)
         ages = torch.roll(dots, -offset)
         z = torch.roll(self._probe, offset)  # the probe in slot order
+        spare, self._spare = self._spare, None  # the staged factor owns it now
         result = woodbury.shifted(self._factor, ages[:-1], float(ages[-1]) + m * self._damp, offset, self._probe,
-                                  check=(self._gram, z))
+                                  check=(self._gram, z), out=spare)
         if result is None:
+            self._spare = spare  # still zero below its diagonal
             return None
         candidate, product, k_times_z = result  # K_new z, from the old S z with row and column `slot` replaced:
         k_times_z.add_(dots - self._gram[slot], alpha=float(z[slot]))  # S's row: its column, read in order
         k_times_z[slot] = dots @ z
         k_times_z.add_(z, alpha=m * self._damp)
-        if woodbury.drift(product, candidate.to_age(k_times_z)) > woodbury.drift_tolerance(m):
+        if not woodbury.drift(product, candidate.to_age(k_times_z)) <= woodbury.drift_tolerance(m):  # NaN too
+            self._spare = candidate.upper
             return None
         return candidate
 
@@ -204,7 +206,7 @@ class SlidingWindowFisherInverse(FisherInverse):
         # NaN or Inf in g makes its dot products non-finite, so the window pass doubles as the check;
         # only then is g scanned, to tell a non-finite gradient from one too large for the dtype.
         if not all_finite(dots):
-            self._refuse_dots(g, stored)
+            raise push_refusal(g, stored, self.storage_dtype, self._all_finite(g))
         factor = None
         if self.route == "dual" and self._pushed >= self.window >= woodbury.SMALLEST_UPDATED:
             factor = self._updated_factor(slot, dots)
@@ -234,29 +236,11 @@ class SlidingWindowFisherInverse(FisherInverse):
                 f"{largest:.3g}); the window was left unchanged")
         return staged
 
-    def _refuse_dots(self, g: torch.Tensor, stored: torch.Tensor) -> None:
-        """Say why g's dot products are not finite: g itself holds NaN or Inf (on any shard), its copy
-        in the storage dtype overflows, or its products overflow the compute dtype."""
-        if not self._all_finite(g):
-            raise NonFiniteGradientError("g contains NaN or Inf; non-finite gradients cannot enter the window, "
-                                         "which was left unchanged")
-        if not all_finite(stored):
-            largest = float(torch.linalg.vector_norm(g.to(torch.float64), ord=math.inf))
-            raise NonFiniteGradientError(
-                f"g is finite but its largest entry {largest:.3g} exceeds the largest {self.storage_dtype} number "
-                f"{torch.finfo(self.storage_dtype).max:.3g}, the window's storage dtype. Scale the loss down, clip "
-                f"gradients, or use a bfloat16 or float32 window; the window was left unchanged")
-        norm = float(torch.linalg.vector_norm(stored.to(torch.float64)))
-        raise NonFiniteGradientError(
-            f"g is finite but too large for {self.dtype} products: its norm {norm:.3g} (or its dot product "
-            f"with a gradient in the window) overflows {self.dtype}, whose largest value is "
-            f"{torch.finfo(self.dtype).max:.3g}. Scale the loss down, clip gradients, or use a float64 window; "
-            f"the window was left unchanged")
-
     def staged_ihvp(self, staged: StagedPush, x: torch.Tensor) -> torch.Tensor:
         """F^-1 x for x (d,) as it will be once ``staged`` is committed, without changing anything:
         the staged row stands in for the one it replaces. Two reads of the window. Raises
         NonFiniteGradientError if the result is not finite."""
+        self._check_current(staged)
         x = self._check_vectors(x)
         k = staged.dots.shape[0]
         if self.route == "primal":
@@ -274,15 +258,20 @@ class SlidingWindowFisherInverse(FisherInverse):
 
     def commit(self, staged: StagedPush) -> None:
         """Apply a push staged by :meth:`stage` on this window, with no push in between."""
-        if staged.pushed != self._pushed:
-            raise ValueError("this push was committed already, or staged before another push was committed; "
-                             "stage it again")
+        self._check_current(staged)
         k = staged.dots.shape[0]
         self._rows.write(staged.slot, staged.payload)
         self._gram[staged.slot, :k] = staged.dots
         self._gram[:k, staged.slot] = staged.dots
-        self._factor = staged.factor
+        old, self._factor = self._factor, staged.factor
+        if old.reusable and old.size == self.window:  # nothing may use it now: stale pushes are refused
+            self._spare = old.upper
         self._pushed += 1
+
+    def _check_current(self, staged: StagedPush) -> None:
+        if staged.pushed != self._pushed:
+            raise ValueError("this push was committed already, or staged before another push was committed; "
+                             "stage it again")
 
     def _check_gradient(self, g) -> torch.Tensor:
         if not isinstance(g, torch.Tensor):
@@ -343,7 +332,7 @@ class SlidingWindowFisherInverse(FisherInverse):
         k = batch.gram.shape[0]
         batch.commit()
         self._gram[:k, :k] = batch.gram
-        self._factor = factor
+        self._factor, self._spare = factor, None
         self._pushed += grads.shape[0]
 
     def ihvp(self, x: torch.Tensor) -> torch.Tensor:
@@ -434,12 +423,13 @@ class SlidingWindowFisherInverse(FisherInverse):
         tensors = {name: state[name].to(self.device) for name in self._rows.tensor_spec()}
         gram = state["gram"].to(self.device)
         if window_state.holds_factor(state, self):
-            factor = Factor(state["factor"][:k, :k].to(self.device).contiguous(), state["pushed"] % self.window % k)
+            upper = state["factor"][:k, :k].to(self.device).clone(memory_format=torch.contiguous_format)
+            factor = Factor(upper, state["pushed"] % self.window % k, reusable=True)  # zero below: validated
         else:
             rows = tensors["grads"][:k] if self.route == "primal" else None  # the primal route: dense rows only
             factor = self._refactor(gram[:k, :k], rows, state["pushed"])
         self._rows.load(tensors)
         self._gram.copy_(gram)
-        self._factor = factor
+        self._factor, self._spare = factor, None
         self._pushed = state["pushed"]
 

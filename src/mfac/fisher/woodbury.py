@@ -62,6 +62,9 @@ class Factor:
 
     upper: torch.Tensor
     offset: int = 0
+    # U's storage was made for this factor alone (never a caller's tensor) and is zero below the
+    # diagonal: once the factor is replaced, an update may write the next factor into it.
+    reusable: bool = False
 
     @property
     def size(self) -> int:
@@ -124,25 +127,28 @@ def factor(gram: torch.Tensor, rows: torch.Tensor | None, damp: float, primal: b
     else:
         offset = offset % k if k else 0
         matrix = dual_matrix(gram, damp, offset)
-    return Factor(robust_cholesky(matrix, k * damp).mT.contiguous(), offset)
+    return Factor(robust_cholesky(matrix, k * damp).mT.contiguous(), offset, reusable=True)
 
 
 def shifted(old: Factor, column: torch.Tensor, diag: float, offset: int, probe: torch.Tensor | None = None,
-            check: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[Factor, torch.Tensor | None,
-                                                                          torch.Tensor | None] | None:
+            check: tuple[torch.Tensor, torch.Tensor] | None = None,
+            out: torch.Tensor | None = None) -> tuple[Factor, torch.Tensor | None, torch.Tensor | None] | None:
     """The dual factor after the oldest of a full window's r gradients leaves and a new one arrives
     (as index r - 1 of the age order, which then starts at slot ``offset``): ``column`` (r - 1,)
     float64 holds its entries of K with the others in the new age order, ``diag`` its diagonal
     entry. Returns the factor; for a ``probe`` z (r,) in age order, U^T U z to check it with
     (:func:`drift`); and for ``check`` = (S, v), (r, r) and (r,) float64, S v, computed on a second
-    core meanwhile (else None). O(r^2) (:func:`mfac.kernels.factor_shift`); None where that kernel
-    cannot run or the new pivot is not positive, and the caller refactorises."""
+    core meanwhile (else None). ``out``: the storage of a reusable factor no longer in use, to write
+    the new one into (a fresh (r, r) tensor costs r^2 / 512 page faults on first touch, as much as
+    the update itself at r = 1024). O(r^2) (:func:`mfac.kernels.factor_shift`); None where that
+    kernel cannot run or the new pivot is not positive, and the caller refactorises (``out`` then
+    holds scratch above its diagonal and is still zero below)."""
     gram, gram_probe = check if check is not None else (None, None)
-    result = kernels.factor_shift(old.upper, column.contiguous(), diag, probe, gram, gram_probe)
+    result = kernels.factor_shift(old.upper, column.contiguous(), diag, probe, gram, gram_probe, out=out)
     if result is None:
         return None
     upper, product, gram_times = result
-    return Factor(upper, offset % upper.shape[0]), product, gram_times
+    return Factor(upper, offset % upper.shape[0], reusable=True), product, gram_times
 
 
 def drift(product: torch.Tensor, k_times_z: torch.Tensor) -> float:

@@ -47,7 +47,7 @@ _SIGNATURES = {
     "dense_combine": [_P, _I64, _I64, _P, _P, _F32, _F32, _P, _INT],
     "sparse_dots": [_P, _INT, _P, _I64, _I64, _P, _I64, _I64, _P, _P, _INT],
     "sparse_combine": [_P, _INT, _P, _I64, _I64, _P, _I64, _I64, _I64, _P, _P, _F32, _F32, _P, _INT],
-    "factor_shift": [_P, _I64, _P, ctypes.c_double, _P, _P, _P, _P, _P, _P, _P],
+    "factor_shift": [_P, _I64, _P, ctypes.c_double, _P, _P, _INT, _P, _P, _P, _P, _P],
     "row_vector_width": [],
     "compress_blocks": [_P, _P, _I64, _I64, _P, _I64, _INT, _P, _P, _P, _P, _INT],
     "gram_update_f32": [_P, _I64, _I64, _I64, _P, _P, _I64, _I64, _INT],
@@ -307,34 +307,41 @@ def compress_blocks(layout: BlockLayout, residual: torch.Tensor, g: torch.Tensor
 
 
 def factor_shift(upper: torch.Tensor, column: torch.Tensor, diag: float, probe: torch.Tensor | None = None,
-                 gram: torch.Tensor | None = None, gram_probe: torch.Tensor | None = None):
+                 gram: torch.Tensor | None = None, gram_probe: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None):
     """The factor of a full window after its oldest gradient leaves and a new one arrives, in O(m^2).
 
     ``upper`` (m, m) float64 is U with K = U^T U, rows in age order (0 = oldest); the new K drops
     row and column 0 and appends ``column`` ((m - 1,) float64, age order) and ``diag`` at the end.
-    Returns (U', product, gram_times): the new (m, m) factor U' (a new tensor; ``upper`` is not
-    changed); for a ``probe`` z ((m,) float64, age order), U'^T U' z (else None); and with ``gram``
-    ((m, m) float64) and ``gram_probe`` ((m,) float64), gram @ gram_probe, computed by a second
-    thread while the first updates the factor (else None). Returns None where the compiled kernel
-    cannot run (no library, data not on the CPU) or round-off made the new matrix look indefinite:
-    the caller then refactorises. The drop is a rank-one update by Givens rotations (orthogonal, no
-    cancellation), the append one triangular solve and one square root; about 3 m^2 flops and two
-    more m^2 for the probe, in one pass over the rows of U."""
+    Returns (U', product, gram_times): the new factor U' (``upper`` is not changed), written into
+    ``out`` ((m, m) float64 of its own, zero below its diagonal: only the upper triangle is written)
+    or a new tensor; for a ``probe`` z ((m,) float64, age order), U'^T U' z; and with ``gram`` (m, m)
+    and ``gram_probe`` (m,), gram @ gram_probe, computed by a second thread meanwhile (else None).
+    None where the kernel cannot run (no library, not on the CPU) or round-off made the new matrix
+    look indefinite: the caller refactorises. Givens rotations for the drop (a rank-one update: no
+    cancellation), a triangular solve and a square root for the append: 3 m^2 flops, 2 m^2 more for
+    the probe, in one pass over the rows of U."""
     m = upper.shape[0]
     tensors = [t for t in (upper, column, probe, gram, gram_probe) if t is not None]
+    if out is not None and (out.shape != (m, m) or out.dtype != torch.float64 or not out.is_contiguous()
+                            or any(out.data_ptr() == t.data_ptr() for t in tensors)):
+        raise ValueError("factor_shift: out must be a contiguous (m, m) float64 tensor of its own")
     usable = all(t.dtype == torch.float64 for t in tensors) and m >= 2 and (gram is None) == (gram_probe is None)
     if gram is not None and (gram.shape != (m, m) or gram_probe.shape != (m,)):
         usable = False
+    tensors += [out] if out is not None else []
     library = _usable(*tensors) if usable else None
     if library is None:
         return None
-    out = torch.empty_like(upper)
+    lower_zero = out is not None
+    if out is None:
+        out = torch.empty_like(upper)
     work = torch.empty(3 * m, dtype=torch.float64)
     product = None if probe is None else torch.empty(m, dtype=torch.float64)
     gram_times = None if gram is None else torch.empty(m, dtype=torch.float64)
     pointer = lambda t: None if t is None else t.data_ptr()
     if library.factor_shift(upper.data_ptr(), m, column.data_ptr(), float(diag), pointer(probe), out.data_ptr(),
-                            work.data_ptr(), pointer(product), pointer(gram), pointer(gram_probe),
+                            int(lower_zero), work.data_ptr(), pointer(product), pointer(gram), pointer(gram_probe),
                             pointer(gram_times)):
         return None
     return out, product, gram_times
@@ -344,10 +351,8 @@ def factor_shift(upper: torch.Tensor, column: torch.Tensor, diag: float, probe: 
 
 
 def _block_rows(blocks: torch.Tensor, starts: torch.Tensor | None, cover) -> tuple[int, torch.Tensor] | None:
-    """(n, starts) for blocks stored as full (count, n, n) matrices (``starts`` None: row i at i * n)
-    or as (count, P) rows, row i of each block at entries ``starts[i]`` .. ``starts[i + 1]`` ((n + 1,)
-    int64); None where that layout is not one the kernels take: rows out of order or past the
-    block, or some row i holding fewer than ``cover(i)`` of its first columns."""
+    """(n, starts) for (count, n, n) blocks (``starts`` None) or (count, P) ones whose row i lies at
+    ``starts[i]`` .. ``starts[i + 1]``; None for rows out of order, past P, or shorter than cover(i)."""
     if starts is None:
         if blocks.dim() != 3 or blocks.shape[1] != blocks.shape[2]:
             return None

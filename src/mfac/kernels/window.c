@@ -453,7 +453,7 @@ static inline double factor_shift_row(const double *restrict src, double *restri
 }
 
 static int factor_shift_update(const double *upper, int64_t m, const double *column, double diag,
-                               const double *z, double *restrict out, double *restrict work,
+                               const double *z, double *restrict out, int lower_zero, double *restrict work,
                                double *restrict probe) {
     int64_t n = m - 1;
     double *restrict x = work, *restrict y = work + m, *restrict w = work + 2 * m;
@@ -463,7 +463,7 @@ static int factor_shift_update(const double *upper, int64_t m, const double *col
     for (int64_t k = 0; k < n; k++) {
         const double *src = upper + (k + 1) * m + 1;  /* row k of U11 */
         double *restrict row = out + k * m;
-        memset(row, 0, (size_t)k * sizeof(double));
+        if (!lower_zero) memset(row, 0, (size_t)k * sizeof(double));
         double a = src[k], b = x[k], c = 1.0, s = 0.0, r = a;
         if (b != 0.0) {
             r = hypot(a, b);
@@ -488,7 +488,7 @@ static int factor_shift_update(const double *upper, int64_t m, const double *col
     }
     double squares = dot_f64(y, y, n), last = z ? dot_f64(y, w, n) : 0.0;
     for (int64_t j = 0; j < n; j++) out[j * m + n] = y[j];
-    memset(out + n * m, 0, (size_t)n * sizeof(double));
+    if (!lower_zero) memset(out + n * m, 0, (size_t)n * sizeof(double));
     double pivot = diag - squares;
     if (!(pivot > 0.0)) return 1;
     double corner = sqrt(pivot);
@@ -501,14 +501,14 @@ static int factor_shift_update(const double *upper, int64_t m, const double *col
  * gram_probe meanwhile (the window's check of the new factor needs its Gram matrix times the probe:
  * a read of m^2 numbers that then costs no time on two cores). */
 int factor_shift(const double *upper, int64_t m, const double *column, double diag, const double *z,
-                 double *restrict out, double *restrict work, double *restrict probe, const double *gram,
-                 const double *gram_probe, double *restrict gram_times) {
-    if (!gram) return factor_shift_update(upper, m, column, diag, z, out, work, probe);
+                 double *restrict out, int lower_zero, double *restrict work, double *restrict probe,
+                 const double *gram, const double *gram_probe, double *restrict gram_times) {
+    if (!gram) return factor_shift_update(upper, m, column, diag, z, out, lower_zero, work, probe);
     int status = 0;
 #pragma omp parallel sections num_threads(2)
     {
 #pragma omp section
-        status = factor_shift_update(upper, m, column, diag, z, out, work, probe);
+        status = factor_shift_update(upper, m, column, diag, z, out, lower_zero, work, probe);
 #pragma omp section
         for (int64_t i = 0; i < m; i++) gram_times[i] = dot_f64(gram + i * m, gram_probe, m);
     }
