@@ -329,3 +329,28 @@ def test_reused_factor_storage_gives_bitwise_the_same_pushes(monkeypatch):
     got, state = run(reuse=True)
     assert all(torch.equal(a, b) for a, b in zip(got, expected)) and same_state(state, expected_state)
     assert sum(reused) >= 35  # all but the first update, and the first after the dropped stage and the load
+
+
+@pytest.mark.parametrize("make", [lambda: SlidingWindowFisherInverse(300, 128, 1e-3, dtype=torch.float64),
+                                  lambda: CompressedWindowFisherInverse(400, 4, 1e-3, 0.25, block=100)],
+                         ids=["dense-updated", "compressed"])
+def test_a_spent_push_stays_spent_after_a_load_rewinds_the_window(make):
+    """A load may take the window back to the push count a spent push was staged on; the push is
+    still refused (its factor's storage, or a compressed window's buffers, hold later pushes now),
+    and the window is left as the load made it."""
+    window = make()
+    grads = torch.randn(window.window + 3, window.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(22))
+    grads = grads.to(window.dtype)
+    for g in grads[:window.window]:
+        window.push(g)
+    state = window.state_dict()
+    spent = window.stage(grads[window.window])
+    window.commit(spent)
+    window.push(grads[window.window + 1])
+    window.push(grads[window.window + 2])
+    window.load_state_dict(state)
+    with pytest.raises(ValueError, match="stage it again"):
+        window.staged_ihvp(spent, grads[0])
+    with pytest.raises(ValueError, match="stage it again"):
+        window.commit(spent)
+    assert same_state(window.state_dict(), state)

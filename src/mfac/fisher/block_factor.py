@@ -22,7 +22,8 @@ import torch
 from .. import kernels
 from .base import robust_cholesky
 
-__all__ = ["FLOAT32_RESIDUAL", "TILE_ELEMENTS", "PACKED_ROW_MULTIPLE", "RowLayout", "inverse_cholesky_factors"]
+__all__ = ["FLOAT32_RESIDUAL", "TILE_ELEMENTS", "PACKED_ROW_MULTIPLE", "COLUMN_BYTES", "RowLayout",
+           "inverse_cholesky_factors"]
 
 # Largest probe residual |U A U^T z - z| for which a block's float32 factorisation is kept (about
 # eps * cond(A): float32 for blocks with condition numbers up to about 1e4, float64 beyond).
@@ -32,6 +33,9 @@ TILE_ELEMENTS = 1 << 24
 # Packed lower triangles keep row i's first i + 1 entries rounded up to this many: whole 128-byte
 # tiles of float32 for the accumulation kernel, which updates the triangle in such tiles.
 PACKED_ROW_MULTIPLE = 32
+
+
+COLUMN_BYTES = 9  # bytes per entry RowLayout.columns holds besides the values: an int64 place, a flag
 
 
 @dataclass(frozen=True)
@@ -109,14 +113,28 @@ class RowLayout:
             out[:, entry: entry + (end - first) * length] = blocks[:, first:end, :length].reshape(k, -1)
         return out
 
+    def zero_outside(self, stored: torch.Tensor, keep: torch.Tensor) -> None:
+        """Zero, in place, the rows and columns of square blocks ((count, length) storage) where
+        ``keep`` ((count, size) bool) is False: a band of rows at a time, no temporary."""
+        keep = keep.to(device=stored.device, dtype=stored.dtype)
+        for first, end, length, entry in self.bands():
+            band = stored[:, entry: entry + (end - first) * length].unflatten(1, (end - first, length))
+            band.mul_(keep[:, first:end, None]).mul_(keep[:, None, :length])
+
     def columns(self, stored: torch.Tensor, block: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
         """(k, rows, s): columns ``column`` ((k, s) int64) of blocks ``block`` ((k,) int64) of
-        ``stored`` (count, length), gathering only those k * rows * s numbers."""
+        ``stored`` (count, length), gathering only those k * rows * s numbers. Memory: k * rows * s
+        times (8 + 1 + the value's bytes) at the peak (COLUMN_BYTES: the places, which are not
+        stored, and the values)."""
         starts = self.starts.to(stored.device)
-        place = block[:, None, None] * self.length + starts[:-1][None, :, None] + column[:, None, :]
-        kept = column[:, None, :] < starts.diff()[None, :, None]
-        values = stored.reshape(-1)[place.masked_fill(~kept, 0)]
-        return values.masked_fill(~kept, 0)
+        place = starts[:-1][None, :, None] + column[:, None, :]
+        place.add_(block[:, None, None] * self.length)
+        if self.is_dense:
+            return stored.reshape(-1)[place]
+        outside = column[:, None, :] >= starts.diff()[None, :, None]
+        values = stored.reshape(-1)[place.masked_fill_(outside, 0)]
+        del place
+        return values.masked_fill_(outside, 0)
 
 
 def _probe(size: int) -> torch.Tensor:

@@ -44,7 +44,7 @@ import torch
 from .. import kernels, resources
 from .base import (FisherInverse, check_damping, check_finite, check_gradients, check_index, compute_dtype,
                    robust_cholesky)
-from .block_factor import TILE_ELEMENTS, RowLayout, inverse_cholesky_factors
+from .block_factor import COLUMN_BYTES, TILE_ELEMENTS, RowLayout, inverse_cholesky_factors
 
 __all__ = ["BlockFisherInverse", "StaticFisherInverse"]
 
@@ -147,16 +147,6 @@ def _accumulate(sums: list[torch.Tensor], layout: list[tuple[int, int, int]], st
             part = columns[:, b0 * width: b1 * width].reshape(len(rows), b1 - b0, width)
             part = part.transpose(0, 1).contiguous()
             total[b0:b1] += shape.pack(torch.bmm(part.transpose(1, 2), part))
-
-
-def _zero_pruned(sums: list[torch.Tensor], layout: list[tuple[int, int, int]], stored: list[RowLayout],
-                 mask: torch.Tensor) -> None:
-    """Zero the rows and columns of the statistics where ``mask`` (d,) is False, a band of rows at a time."""
-    for (start, count, width), shape, total in zip(layout, stored, sums):
-        keep = mask[start: start + count * width].to(device=total.device, dtype=total.dtype).reshape(count, width)
-        for first, end, length, entry in shape.bands():
-            band = total[:, entry: entry + (end - first) * length].unflatten(1, (end - first, length))
-            band.mul_(keep[:, first:end, None]).mul_(keep[:, None, :length])
 
 
 def _peak_bytes(m: int, d: int, block_size: int, element: int) -> int:
@@ -298,7 +288,8 @@ class BlockFisherInverse(FisherInverse):
                 reduce(total)
             m = int(reduce(torch.tensor([float(m)], dtype=torch.float64, device=device))[0])
         if mask is not None:
-            _zero_pruned(sums, layout, stored, mask)
+            for (start, count, width), shape, total in zip(layout, stored, sums):
+                shape.zero_outside(total, mask[start: start + count * width].reshape(count, width))
         self = cls.__new__(cls)
         self._num_grads, self._dim, self._dtype, self._block_size = m, dim, dtype, size
         self._batches, self._float64_blocks = [], 0
@@ -371,9 +362,14 @@ class BlockFisherInverse(FisherInverse):
             inside = (li >= 0) & (li < b.stop - b.start) & (lj >= 0) & (lj < b.stop - b.start)
             same = inside & (li.div(b.size, rounding_mode="floor") == lj.div(b.size, rounding_mode="floor"))
             li, lj = li[same], lj[same]
-            block = li // b.size
-            pair = b.layout.columns(b.factor, block, torch.stack([li % b.size, lj % b.size], 1))  # (n, r, 2)
-            out[same] = b.alpha * (li == lj).to(self._dtype) + b.scale * (pair[:, :, 0] * pair[:, :, 1]).sum(-1)
+            values = torch.empty(li.shape, dtype=self._dtype, device=self.device)
+            step = max(1, _SUBMATRIX_BYTES // (2 * max(b.layout.rows, 1) * (self._dtype.itemsize + COLUMN_BYTES)))
+            for p0 in range(0, len(li), step):  # the two columns of each pair: (n, r, 2), in pieces
+                pi, pj = li[p0: p0 + step], lj[p0: p0 + step]
+                pair = b.layout.columns(b.factor, pi // b.size, torch.stack([pi % b.size, pj % b.size], 1))
+                products = (pair[:, :, 0] * pair[:, :, 1]).sum(-1)
+                values[p0: p0 + step] = b.alpha * (pi == pj).to(self._dtype) + b.scale * products
+            out[same] = values
         return out
 
     def submatrices(self, index) -> torch.Tensor:
@@ -386,7 +382,7 @@ class BlockFisherInverse(FisherInverse):
         if index.dim() != 2:
             raise ValueError(f"index must have shape (n, s), got {tuple(index.shape)}")
         widest = max((b.layout.rows for b in self._batches), default=1)
-        step = max(1, _SUBMATRIX_BYTES // (max(widest, 1) * index.shape[1] * self._dtype.itemsize))
+        step = max(1, _SUBMATRIX_BYTES // (max(widest, 1) * index.shape[1] * (self._dtype.itemsize + COLUMN_BYTES)))
         if index.shape[0] > step:
             return torch.cat([self._submatrices(index[i: i + step]) for i in range(0, index.shape[0], step)])
         return self._submatrices(index)

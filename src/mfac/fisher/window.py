@@ -65,7 +65,7 @@ class StagedPush:
     payload: object  # what the storage form writes for it
     dots: torch.Tensor  # (k,) float64: the new row and column of S
     factor: Factor  # the Cholesky factor of K after the push
-    pushed: int  # the window's count of pushes when this was staged
+    generation: int  # which state of the window this was staged on (see _check_current)
     direction: torch.Tensor | None = None  # F^-1 g with g in the window, when asked for
 
 
@@ -121,6 +121,9 @@ class SlidingWindowFisherInverse(FisherInverse):
         self._spare: torch.Tensor | None = None  # a replaced reusable factor's storage, for the next update
         self._probe: torch.Tensor | None = None
         self._pushed = 0
+        # Bumped by every change of state (commit, extend, load): a push staged on an earlier state,
+        # including one committed already and then restored, is refused (its buffers may be reused).
+        self._generation = 0
 
     dim = property(lambda self: self._dim)
     window = property(lambda self: self._window, doc="m, the capacity of the window.")
@@ -219,7 +222,7 @@ class SlidingWindowFisherInverse(FisherInverse):
                 rows = self._rows.held(k).clone()
                 rows[slot] = stored.to(self.storage_dtype)
             factor = self._refactor(gram, rows, self._pushed + 1)
-        staged = StagedPush(slot, stored, payload, dots, factor, self._pushed)
+        staged = StagedPush(slot, stored, payload, dots, factor, self._generation)
         if direction and self.route == "primal":
             staged.direction = woodbury.primal_apply(stored, staged.factor, k, self._damp, self.dtype)
         elif direction:
@@ -267,9 +270,10 @@ class SlidingWindowFisherInverse(FisherInverse):
         if old.reusable and old.size == self.window:  # nothing may use it now: stale pushes are refused
             self._spare = old.upper
         self._pushed += 1
+        self._generation += 1
 
     def _check_current(self, staged: StagedPush) -> None:
-        if staged.pushed != self._pushed:
+        if staged.generation != self._generation:
             raise ValueError("this push was committed already, or staged before another push was committed; "
                              "stage it again")
 
@@ -334,6 +338,7 @@ class SlidingWindowFisherInverse(FisherInverse):
         self._gram[:k, :k] = batch.gram
         self._factor, self._spare = factor, None
         self._pushed += grads.shape[0]
+        self._generation += 1
 
     def ihvp(self, x: torch.Tensor) -> torch.Tensor:
         x = self._check_vectors(x)
@@ -432,4 +437,5 @@ class SlidingWindowFisherInverse(FisherInverse):
         self._gram.copy_(gram)
         self._factor, self._spare = factor, None
         self._pushed = state["pushed"]
+        self._generation += 1
 
