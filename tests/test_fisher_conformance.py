@@ -193,7 +193,8 @@ def build_window(grads, damp, device, storage, capacity, fill):
     """SlidingWindowFisherInverse: gradients arrive in the compute dtype (float16 ones clamped to
     +-1e3, since float16 overflows past 65504); F is over ``rows()``, which must be the last
     ``capacity`` of them rounded to the storage dtype. nbytes: at least the rows, at most the peak
-    the constructor checks for (rows plus 5 capacity^2 float64)."""
+    the constructor checks for (rows, a half-precision window's two reused d-vectors, and 6
+    capacity^2 float64)."""
     m, d = grads.shape
     pushed = grads.to(device, result_dtype(storage))
     if storage == torch.float16:
@@ -209,8 +210,9 @@ def build_window(grads, damp, device, storage, capacity, fill):
     fisher = dense_fisher(rows, damp)
     check_last_push(last, fisher, result_dtype(storage))
     least = capacity * d * storage.itemsize
+    spares = d * (storage.itemsize + 4) if storage.itemsize < 4 else 0
     return Subject(window, fisher, rows, k, damp, result_dtype(storage),
-                   (least, least + 5 * capacity * capacity * 8))
+                   (least, least + spares + 6 * capacity * capacity * 8))
 
 
 def build_compressed(grads, damp, device, storage, capacity, fill, density, block):

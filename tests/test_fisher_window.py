@@ -354,3 +354,29 @@ def test_a_spent_push_stays_spent_after_a_load_rewinds_the_window(make):
     with pytest.raises(ValueError, match="stage it again"):
         window.commit(spent)
     assert same_state(window.state_dict(), state)
+
+
+def test_a_half_precision_window_reuses_its_push_buffers_safely():
+    """A bfloat16 window encodes each push into the buffers of the last one it wrote: its results
+    equal, bit for bit, those of a window given bfloat16 gradients (which it stores as they are,
+    reusing nothing); a spent push's row passed back as g is read, not overwritten; and a g that is
+    already bfloat16 is stored, never reused as a buffer."""
+    d, m = 300, 4
+    grads = torch.randn(14, d, generator=torch.Generator().manual_seed(23))
+    reusing = SlidingWindowFisherInverse(d, m, 1e-3, dtype=torch.bfloat16)
+    reference = SlidingWindowFisherInverse(d, m, 1e-3, dtype=torch.bfloat16)
+    spent, kept = None, None
+    for n, g in enumerate(grads):
+        if n == 6:
+            g = spent.stored  # a spent push's row, which may be a reused buffer now
+        if n == 9:
+            g = kept = g.to(torch.bfloat16)
+        expected = g.to(torch.bfloat16).clone()
+        staged = reusing.stage(g)
+        got = staged.direction
+        reusing.commit(staged)
+        assert torch.equal(got, reference.push_ihvp(expected))
+        assert torch.equal(g.to(torch.bfloat16), expected)  # g was not written into
+        spent = staged
+    assert torch.equal(kept, grads[9].to(torch.bfloat16))
+    assert same_state(reusing.state_dict(), reference.state_dict())
