@@ -1049,3 +1049,28 @@ def test_a_model_folder_whose_torch_weights_run_code_is_refused(tiny_hf, tmp_pat
                                   "--out", tmp_path / "out"), 2)
     assert "pytorch_model.bin was refused" in message and "--model" in message
     assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("window_dtype,density", [("float32", 1.0), ("bfloat16", 1.0), ("bfloat16", 0.25)])
+def test_the_checkpoint_estimate_covers_a_saved_state_closely(window_dtype, density):
+    """The checkpoint size stated before training (the model, and the optimizer's saved state: rows,
+    Gram matrix, factor, momentum; no buffers kept only for reuse) is at least what torch.save writes
+    for a full window, and not far above it."""
+    import io
+
+    from mfac import MFAC
+    from mfac.cli.budget import estimate
+    from mfac.cli.optimizers import DTYPES
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(300, 40), torch.nn.Linear(40, 10))
+    opt = MFAC(model.parameters(), lr=0.1, window=32, damp=1e-2, window_dtype=DTYPES[window_dtype], density=density)
+    for _ in range(40):
+        opt.zero_grad()
+        model(torch.randn(8, 300)).square().sum().backward()
+        opt.step()
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, buffer)
+    stated = estimate(model, "mfac", {"momentum": 0.0, "window": 32, "density": density,
+                                      "window_dtype": window_dtype})["checkpoint_bytes"]
+    assert buffer.tell() <= stated <= 1.15 * buffer.tell(), (buffer.tell(), stated)

@@ -380,3 +380,21 @@ def test_a_half_precision_window_reuses_its_push_buffers_safely():
         spent = staged
     assert torch.equal(kept, grads[9].to(torch.bfloat16))
     assert same_state(reusing.state_dict(), reference.state_dict())
+
+
+def test_a_push_staged_on_one_window_is_refused_by_another():
+    """Two windows in the same state (fed the same gradients): a push staged on one is refused by the
+    other, which is left unchanged (committed on both, they would share the factor's storage)."""
+    grads = stream(131, 300)
+    first, second = (SlidingWindowFisherInverse(300, 128, 1e-3, dtype=torch.float64) for _ in range(2))
+    for window in (first, second):
+        window.extend(grads[:128])
+        window.push(grads[128])
+    staged = first.stage(grads[129])
+    before = second.state_dict()
+    with pytest.raises(ValueError, match="another window"):
+        second.commit(staged)
+    with pytest.raises(ValueError, match="another window"):
+        second.staged_ihvp(staged, grads[0])
+    assert same_state(second.state_dict(), before)
+    first.commit(staged)

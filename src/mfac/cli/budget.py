@@ -19,7 +19,8 @@ from pathlib import Path
 from torch import nn
 
 from .. import resources
-from ..fisher.compressed import compressed_nbytes
+from ..fisher.compressed import DEFAULT_BLOCK, CompressedRows, compressed_nbytes
+from ..fisher.rows import DenseRows
 from ..fisher.window import GRAM_COPIES, window_nbytes
 from .errors import CliError
 from .optimizers import DTYPES
@@ -48,10 +49,13 @@ def estimate(model: nn.Module, optimizer: str, settings: dict) -> dict:
         dtype = DTYPES[settings["window_dtype"]]
         if density < 1:
             state = compressed_nbytes(dim, window, density, dtype)
+            unsaved = CompressedRows.unsaved_nbytes_for(dim, density, DEFAULT_BLOCK)
         else:
             state = window_nbytes(dim, window, dtype)
+            unsaved = DenseRows.unsaved_nbytes_for(dim, dtype)
         gram = window * window * 8
-        saved = state - (GRAM_COPIES - 1) * gram + dim * 4  # the rows, one Gram matrix, the momentum
+        # saved: the rows, the Gram matrix and the factor, the momentum (not what is kept for reuse)
+        saved = state - unsaved - (GRAM_COPIES - 2) * gram + dim * 4
         state += 3 * dim * 4
         what = (f"MFAC's window of {window} gradients of {dim:,} coordinates in {settings['window_dtype']}"
                 f"{f' at density {density:g}' if density < 1 else ''}")

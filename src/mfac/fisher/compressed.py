@@ -87,8 +87,14 @@ class CompressedRows:
         """Bytes of the rows' values and offsets, the residual and two spare dense vectors (float32),
         and the layout's index tables, from the layout's own entry count."""
         nnz = kernels.BlockLayout.entries(dim, density, block)
-        blocks = -(-dim // block)
-        return capacity * nnz * (dtype.itemsize + 2) + 3 * dim * 4 + 3 * nnz * 8 + (blocks + 1) * 8
+        return capacity * nnz * (dtype.itemsize + 2) + dim * 4 + CompressedRows.unsaved_nbytes_for(dim, density, block)
+
+    @staticmethod
+    def unsaved_nbytes_for(dim: int, density: float, block: int) -> int:
+        """Bytes held but never saved in a state: the two spare dense vectors (float32) and the
+        layout's index tables, rebuilt from the settings."""
+        nnz = kernels.BlockLayout.entries(dim, density, block)
+        return 2 * dim * 4 + 3 * nnz * 8 + (-(-dim // block) + 1) * 8
 
     @property
     def nbytes(self) -> int:

@@ -5,7 +5,8 @@ matrix, its factor, staging and committing pushes); everything that depends on h
 G (k, d) are stored lives in a storage form with these public methods:
 
 * ``encode(g) -> (stored, payload)``: g as the window will hold it, dense (d,) in the compute dtype,
-  and what ``write`` stores for it. Pure: nothing changes.
+  and what ``write`` stores for it. Nothing of the state changes; the form may encode into buffers
+  it kept from the last ``write`` (a push dropped after encode then just costs fresh ones).
 * ``write(slot, payload)``: store a staged row.
 * ``dots(vectors, rows)``: G x over the first ``rows`` slots, float64 (rows,) or (rows, n), for x of
   shape (d,) or (d, n): one read of those rows.
@@ -72,10 +73,15 @@ class DenseRows:
 
     @staticmethod
     def nbytes_for(dim: int, capacity: int, dtype: torch.dtype) -> int:
-        """Bytes of the rows, capacity * dim * (bytes of ``dtype``), and for a half precision the two
-        reused d-vectors of a push, dim * (bytes of ``dtype`` + 4)."""
-        spare = dim * (dtype.itemsize + 4) if compute_dtype(dtype) != dtype else 0
-        return capacity * dim * dtype.itemsize + spare
+        """Bytes of the rows, capacity * dim * (bytes of ``dtype``), and of the buffers kept for reuse
+        (:meth:`unsaved_nbytes_for`)."""
+        return capacity * dim * dtype.itemsize + DenseRows.unsaved_nbytes_for(dim, dtype)
+
+    @staticmethod
+    def unsaved_nbytes_for(dim: int, dtype: torch.dtype) -> int:
+        """Bytes held but never saved in a state: for a half precision the two d-vectors of a push
+        kept for reuse, dim * (bytes of ``dtype`` + 4); none otherwise."""
+        return dim * (dtype.itemsize + 4) if compute_dtype(dtype) != dtype else 0
 
     @property
     def nbytes(self) -> int:

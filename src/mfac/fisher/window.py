@@ -33,7 +33,8 @@ half precision, or compressed); the algebra here is the same for all.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 
@@ -66,6 +67,7 @@ class StagedPush:
     dots: torch.Tensor  # (k,) float64: the new row and column of S
     factor: Factor  # the Cholesky factor of K after the push
     generation: int  # which state of the window this was staged on (see _check_current)
+    owner: weakref.ref = field(repr=False)  # the window it was staged on
     direction: torch.Tensor | None = None  # F^-1 g with g in the window, when asked for
 
 
@@ -222,7 +224,7 @@ class SlidingWindowFisherInverse(FisherInverse):
                 rows = self._rows.held(k).clone()
                 rows[slot] = stored.to(self.storage_dtype)
             factor = self._refactor(gram, rows, self._pushed + 1)
-        staged = StagedPush(slot, stored, payload, dots, factor, self._generation)
+        staged = StagedPush(slot, stored, payload, dots, factor, self._generation, weakref.ref(self))
         if direction and self.route == "primal":
             staged.direction = woodbury.primal_apply(stored, staged.factor, k, self._damp, self.dtype)
         elif direction:
@@ -273,6 +275,8 @@ class SlidingWindowFisherInverse(FisherInverse):
         self._generation += 1
 
     def _check_current(self, staged: StagedPush) -> None:
+        if staged.owner() is not self:
+            raise ValueError("this push was staged on another window; stage it again on this one")
         if staged.generation != self._generation:
             raise ValueError("this push was committed already, or staged before another push was committed; "
                              "stage it again")
