@@ -453,9 +453,12 @@ DEFINE_DOT(dot_f64, double)
  * of the probe) reads, so each row of U is read once and its rotated row written once: the
  * rotation, the substitution and the probe's dot product are one loop over the row.
  * With z (m numbers, age order) given, probe (m) receives U'^T (U' z), for the caller to compare
- * with K' z. out (m, m) receives U' (zero below the diagonal) and must not alias upper; work holds
- * 3 m doubles of scratch. Returns 0, or 1 when diag - |y|^2 <= 0 (round-off made K' look
- * indefinite: the caller refactorises). */
+ * with K' z. out (m, m) receives U' and must not alias upper; its zeros below the diagonal are
+ * written too unless lower_zero says they are there already (the storage of an earlier factor,
+ * reused). With gram given, a second thread computes gram_times = gram @ gram_probe meanwhile.
+ * work holds 3 m doubles of scratch. Returns 0, or 1 when diag - |y|^2 <= 0 (round-off made K'
+ * look indefinite: the caller refactorises). */
+
 /* Row k of U11': rotate row k of U11 (src) against x with (c, s), and in the same pass take step
  * k of the forward substitution (y[j] -= yk * row[j]) and, with_probe, (U' z)_k's dot product,
  * returned (the caller adds the last column's part). Columns j > k; row[k] is set by the caller. */
@@ -519,9 +522,8 @@ static int factor_shift_update(const double *upper, int64_t m, const double *col
     return 0;
 }
 
-/* With gram (m, m) and gram_probe (m) given, a second thread computes gram_times = gram @
- * gram_probe meanwhile (the window's check of the new factor needs its Gram matrix times the probe:
- * a read of m^2 numbers that then costs no time on two cores). */
+/* The window's check of the new factor needs its Gram matrix times the probe: a read of m^2
+ * numbers that, on a second core, costs no time. */
 int factor_shift(const double *upper, int64_t m, const double *column, double diag, const double *z,
                  double *restrict out, int lower_zero, double *restrict work, double *restrict probe,
                  const double *gram, const double *gram_probe, double *restrict gram_times) {
