@@ -251,6 +251,18 @@ def same_state(a: dict, b: dict) -> bool:
         torch.equal(a[key], b[key]) if isinstance(a[key], torch.Tensor) else a[key] == b[key] for key in a)
 
 
+def assert_refused(window, staged, match: str, x=None) -> None:
+    """commit (and, given x, staged_ihvp) refuse ``staged`` with a message matching ``match``, and
+    the window's state is bitwise what it was."""
+    before = window.state_dict()
+    if x is not None:
+        with pytest.raises(ValueError, match=match):
+            window.staged_ihvp(staged, x)
+    with pytest.raises(ValueError, match=match):
+        window.commit(staged)
+    assert same_state(window.state_dict(), before)
+
+
 @pytest.mark.parametrize("make", [lambda: SlidingWindowFisherInverse(50, 1, 1e-3),
                                   lambda: CompressedWindowFisherInverse(500, 1, 1e-3, 0.1, block=100)],
                          ids=["dense", "compressed"])
@@ -261,10 +273,7 @@ def test_a_staged_push_commits_once(make):
     window = make()
     staged = window.stage(torch.randn(window.dim, generator=torch.Generator().manual_seed(3)))
     window.commit(staged)
-    before = window.state_dict()
-    with pytest.raises(ValueError, match="committed already"):
-        window.commit(staged)
-    assert same_state(window.state_dict(), before)
+    assert_refused(window, staged, "committed already")
 
 
 def test_a_push_staged_a_whole_window_ago_is_refused():
@@ -276,10 +285,7 @@ def test_a_push_staged_a_whole_window_ago_is_refused():
     stale = window.stage(grads[3])
     for g in grads[4:7]:
         window.push(g)
-    before = window.state_dict()
-    with pytest.raises(ValueError, match="stage it again"):
-        window.commit(stale)
-    assert same_state(window.state_dict(), before)
+    assert_refused(window, stale, "stage it again")
 
 
 def test_a_spent_or_stale_push_answers_no_products():
@@ -349,10 +355,7 @@ def test_a_spent_push_stays_spent_after_a_load_rewinds_the_window(make):
     window.push(grads[window.window + 1])
     window.push(grads[window.window + 2])
     window.load_state_dict(state)
-    with pytest.raises(ValueError, match="stage it again"):
-        window.staged_ihvp(spent, grads[0])
-    with pytest.raises(ValueError, match="stage it again"):
-        window.commit(spent)
+    assert_refused(window, spent, "stage it again", x=grads[0])
     assert same_state(window.state_dict(), state)
 
 
@@ -391,10 +394,5 @@ def test_a_push_staged_on_one_window_is_refused_by_another():
         window.extend(grads[:128])
         window.push(grads[128])
     staged = first.stage(grads[129])
-    before = second.state_dict()
-    with pytest.raises(ValueError, match="another window"):
-        second.commit(staged)
-    with pytest.raises(ValueError, match="another window"):
-        second.staged_ihvp(staged, grads[0])
-    assert same_state(second.state_dict(), before)
+    assert_refused(second, staged, "another window", x=grads[0])
     first.commit(staged)

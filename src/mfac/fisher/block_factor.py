@@ -87,6 +87,13 @@ class RowLayout:
                 out.append((i, i + 1, length, starts[i]))
         return out
 
+    def band_views(self, stored: torch.Tensor):
+        """(first row, end row, row length, view) for each band of ``stored`` ((k, length) storage):
+        the view is that band of every block, (k, end - first, row length), in place."""
+        for first, end, length, entry in self.bands():
+            band = stored[:, entry: entry + (end - first) * length]
+            yield first, end, length, band.unflatten(1, (end - first, length))
+
     def diagonal(self, device=None) -> torch.Tensor:
         """(min(rows, size),) int64: where each diagonal entry is stored."""
         i = torch.arange(min(self.rows, self.size))
@@ -99,8 +106,8 @@ class RowLayout:
         if self.is_dense:
             return stored.reshape(k, self.rows, self.size)
         out = stored.new_zeros((k, self.rows, self.size))
-        for first, end, length, entry in self.bands():
-            out[:, first:end, :length] = stored[:, entry: entry + (end - first) * length].reshape(k, end - first, length)
+        for first, end, length, band in self.band_views(stored):
+            out[:, first:end, :length] = band
         return out
 
     def pack(self, blocks: torch.Tensor) -> torch.Tensor:
@@ -109,16 +116,15 @@ class RowLayout:
         if self.is_dense:
             return blocks.reshape(k, -1)
         out = blocks.new_empty((k, self.length))
-        for first, end, length, entry in self.bands():
-            out[:, entry: entry + (end - first) * length] = blocks[:, first:end, :length].reshape(k, -1)
+        for first, end, length, band in self.band_views(out):
+            band.copy_(blocks[:, first:end, :length])
         return out
 
     def zero_outside(self, stored: torch.Tensor, keep: torch.Tensor) -> None:
         """Zero, in place, the rows and columns of square blocks ((count, length) storage) where
         ``keep`` ((count, size) bool) is False: a band of rows at a time, no temporary."""
         keep = keep.to(device=stored.device, dtype=stored.dtype)
-        for first, end, length, entry in self.bands():
-            band = stored[:, entry: entry + (end - first) * length].unflatten(1, (end - first, length))
+        for first, end, length, band in self.band_views(stored):
             band.mul_(keep[:, first:end, None]).mul_(keep[:, None, :length])
 
     def columns(self, stored: torch.Tensor, block: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
@@ -183,7 +189,9 @@ def inverse_cholesky_factors(fisher: torch.Tensor, layout: RowLayout, damp: floa
             target.copy_(source)
         target[:, diagonal] += damp
         if out.dtype == torch.float64:  # float64 factors (of float64 statistics): in place
-            target.copy_(layout.pack(_float64_factors(layout.unpack(target), damp, probe)))
+            factors = _float64_factors(layout.unpack(target), damp, probe)
+            if not layout.is_dense:  # unpack made a copy; a dense layout's was a view of target
+                target.copy_(layout.pack(factors))
             in_float64 += len(target)
             continue
         result = kernels.inverse_factors(target, probe, FLOAT32_RESIDUAL, starts=layout.starts)
@@ -194,7 +202,8 @@ def inverse_cholesky_factors(fisher: torch.Tensor, layout: RowLayout, damp: floa
             matrices = layout.unpack(source[redo]).clone()
             matrices.diagonal(dim1=1, dim2=2).add_(damp)
         else:
-            matrices = layout.unpack(target[redo]).to(torch.float64)  # damped already; the kernel left these as they were
+            # damped already; the kernel left these as they were
+            matrices = layout.unpack(target[redo]).to(torch.float64)
         target[redo] = layout.pack(_float64_factors(matrices, damp, probe)).to(out.dtype)
         in_float64 += len(matrices)
     return in_float64

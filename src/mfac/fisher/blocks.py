@@ -70,10 +70,9 @@ class _BlockBatch:
 
     def bands(self):
         """(first row, end row, columns, U[:, first:end, :columns] as a (count, rows, columns) view)
-        for each band of equally long stored rows (:meth:`RowLayout.bands`): the columns past a
+        for each band of equally long stored rows (:meth:`RowLayout.band_views`): the columns past a
         row's stored ones are zero, so products with U need only these views, read in place."""
-        for first, end, length, entry in self.layout.bands():
-            yield first, end, length, self.factor[:, entry: entry + (end - first) * length].unflatten(1, (end - first, length))
+        return self.layout.band_views(self.factor)
 
 
 def _resolve_damp(mean_diagonal: float, damp: float | None, relative: float | None) -> float:
