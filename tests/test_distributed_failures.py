@@ -1,9 +1,11 @@
 """A failure on one process fails every process promptly, with the same message, before any
 collective waits (gloo, 2 CPU processes, one of them handed a corrupted state)."""
 
+import faulthandler
 import json
 import os
 import time
+import warnings
 from datetime import timedelta
 
 import pytest
@@ -55,6 +57,8 @@ def attempt(outcomes: dict, label: str, load) -> None:
 
 
 def _worker(rank, world, folder):
+    faults = open(f"{folder}/faults{rank}.txt", "w")  # where a crash's Python stack goes (read on failure)
+    faulthandler.enable(file=faults, all_threads=True)
     torch.manual_seed(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world,
                             timeout=TIMEOUT)
@@ -97,13 +101,37 @@ def _worker(rank, world, folder):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Everything is recorded: leave without the interpreter's shutdown, where C++ threads of the
+    # process group have aborted the process (see the fixture).
+    faults.close()
+    os._exit(0)
+
+
+def _crash_report(folder, error) -> str:
+    reached = [rank for rank in range(2) if (folder / f"outcomes{rank}.json").exists()]
+    stacks = "".join((folder / f"faults{rank}.txt").read_text() for rank in range(2)
+                     if (folder / f"faults{rank}.txt").exists())
+    return f"{error} (outcomes written by ranks {reached}); Python stacks at the crash:\n{stacks or '(none)'}"
 
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("failures")
-    mp.start_processes(_worker, args=(2, str(folder)), nprocs=2, join=True, start_method="spawn")
-    return [json.loads((folder / f"outcomes{rank}.json").read_text()) for rank in range(2)]
+    """Both processes' outcomes. A process killed by a signal (twice in six full-suite runs, never in
+    37 runs of this file alone: SIGABRT after "terminate called without an active exception", the
+    C++ runtime's message; mfac's kernels are C and start no C++ threads) gets one more
+    try; the crash is reported as a warning, and as the failure if the second try crashes too."""
+    crashes = []
+    for _ in range(2):
+        folder = tmp_path_factory.mktemp("failures")
+        try:
+            mp.start_processes(_worker, args=(2, str(folder)), nprocs=2, join=True, start_method="spawn")
+        except mp.ProcessExitedException as error:
+            crashes.append(_crash_report(folder, error))
+            continue
+        if crashes:
+            warnings.warn(f"a gloo worker crashed, the retry ran cleanly: {crashes[0]}", stacklevel=1)
+        return [json.loads((folder / f"outcomes{rank}.json").read_text()) for rank in range(2)]
+    pytest.fail("\n\n".join(crashes))
 
 
 @pytest.mark.parametrize("label, cause", [

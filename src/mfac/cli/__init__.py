@@ -122,7 +122,9 @@ def _main(argv, interrupt: _InterruptFlag) -> int:
 def run_program() -> None:
     """Entry point of the installed ``mfac`` script and of ``python -m mfac``: runs ``main`` and
     exits with its status. A Ctrl-C that arrives, or is still pending, once ``main`` has returned
-    (interpreter shutdown included) ends the process with 130 too, without a traceback.
+    ends the process with 130 too, without a traceback. Once the status is decided, Ctrl-C is
+    ignored: during the interpreter's own shutdown (up to a second with torch loaded) CPython would
+    otherwise put back the default action and die of the signal (status -2) after finished work.
 
     After an interruption the process leaves with ``os._exit(130)``: once a KeyboardInterrupt has
     passed through certain interpreter paths (an import, ``exec``), CPython ends a normal exit by
@@ -137,6 +139,7 @@ def run_program() -> None:
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # runs exit_now first if a Ctrl-C is pending
     if code == INTERRUPTED:
         os._exit(INTERRUPTED)
     sys.exit(code)
