@@ -118,14 +118,17 @@ def measure(d: int, m: int, reps: int, warmup: int = 1, setup_reps: int = 1) -> 
     window = win.storage.held(m)  # the floor reads the very storage push_ihvp reads
     counter = iter(range(10**9))
     gram = win.state_dict()["gram"]
-    samples = dict(zip(("floor", "push_ihvp", "factor"), timed_samples([
+    samples = dict(zip(("floor", "push_ihvp"), timed_samples([
         lambda: (torch.mv(window, x), torch.addmv(x, window.T, a, beta=2.0, alpha=-1.0)),
         lambda: win.push_ihvp(probes[next(counter) % len(probes)]),
-        factor_update(gram),
     ], reps, warmup)))
-    # Timed apart: a LAPACK Cholesky leaves the machine slower for the next millisecond or so (its
-    # threads), which measured +1 ms on the next push at d = 10k; no Cholesky runs between the
-    # pushes of a full window, unless one refactorises.
+    # Timed apart, each: the m x m update alone touches 24 MB of its own at m = 1024 (the old and new
+    # factor, the Gram matrix), which pushed part of the window out of the cache: timed in
+    # alternation with the pushes it added 0.2 ms to each push at d = 10k (2.92-3.00 against
+    # 2.74 ms, same session; a push reads those 24 MB too, within its own time); a
+    # LAPACK Cholesky leaves the machine slower for the next millisecond or so (its threads), +1 ms
+    # on the next push. No Cholesky runs between the pushes of a full window, unless one refactorises.
+    samples["factor"] = timed_samples([factor_update(gram)], reps, warmup)[0]
     samples["refactor"] = timed_samples([lambda: factor_small(gram)], reps, warmup)[0]
     row["window_MB"] = win.nbytes / 2**20
     grads = window.clone()
