@@ -10,7 +10,7 @@ models, and the benchmarks' quick mode. ``python -m mfac`` is the same program.
 
 Exit status: 0 success; 2 bad usage (found before any work: arguments, files, the output folder);
 1 a failure while running (one line on stderr; a training run that diverged says so);
-130 Ctrl-C, at any moment. Set MFAC_DEBUG=1 to see tracebacks instead.
+130 Ctrl-C, at any moment until the status is decided. Set MFAC_DEBUG=1 to see tracebacks instead.
 
 One module per command (``demo``, ``train``, ``prune``, ``bench``), each with ``run(args)``;
 ``parser`` is the grammar. The helpers the commands share are split by concern: ``errors`` (the two
