@@ -101,8 +101,9 @@ def _worker(rank, world, folder):
         dist.barrier()
     finally:
         dist.destroy_process_group()
-    # Everything is recorded: leave without the interpreter's shutdown, where C++ threads of the
-    # process group have aborted the process (see the fixture).
+    # Everything is recorded: leave without the interpreter's shutdown. The windows and optimizers
+    # above still hold the process group, so destroy_process_group cannot free it, and torn down at
+    # shutdown in no set order its C++ threads have aborted the process (see test_distributed._finish).
     faults.close()
     os._exit(0)
 
@@ -116,10 +117,11 @@ def _crash_report(folder, error) -> str:
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
-    """Both processes' outcomes. A process killed by a signal (twice in six full-suite runs, never in
-    37 runs of this file alone: SIGABRT after "terminate called without an active exception", the
-    C++ runtime's message; mfac's kernels are C and start no C++ threads) gets one more
-    try; the crash is reported as a warning, and as the failure if the second try crashes too."""
+    """Both processes' outcomes. A process killed by a signal (twice in six full-suite runs before
+    the workers left with os._exit, never in 37 runs of this file alone: SIGABRT after "terminate
+    called without an active exception", the C++ runtime's message; mfac's kernels are C and start
+    no C++ threads) gets one more try; the crash is reported as a warning, and as the failure, with
+    the processes' Python stacks, if the second try crashes too."""
     crashes = []
     for _ in range(2):
         folder = tmp_path_factory.mktemp("failures")
