@@ -8,9 +8,9 @@ empirical Fisher of fresh gradients of the still-alive weights, through
 ``block_size=mfac.defaults.EXACT``). When ``block_size <= num_grads`` the block statistics are
 accumulated from gradient chunks as they are computed (:meth:`BlockFisherInverse.from_chunks`), so
 the (num_grads, d) gradient matrix is never held: memory about d * (block_size + 32) / 2 numbers
-(each block's lower triangle), which is what lets
-OBS reach transformers. With ``recompute=n`` the target is reached in n sub-steps of geometrically
-falling density, each with new gradients and a new inverse, which is what lets OBS beat magnitude
+(each block's lower triangle), which is what lets OBS reach transformers. With ``recompute=n`` the
+target is reached in n sub-steps of geometrically falling density, each with new gradients and a
+new inverse, which is what lets OBS beat magnitude
 at high sparsity.
 
 :func:`prune_oneshot` checks its arguments once (a :class:`~mfac.prune.settings.PruneSettings`, the
@@ -113,8 +113,8 @@ def prune_oneshot(model: nn.Module, sparsity: float | None = None, data: Iterabl
             ``mfac.defaults.EXACT`` ("exact") for one block, the exact inverse. When
             ``block_size <= num_grads`` the blocks are accumulated from gradient chunks and the
             gradient matrix is never held. Published: 128 (M-FAC), 50 (oBERT, with 1024 gradients).
-            Larger blocks capture more correlations at d * (block_size + 32) / 2 memory and O(d * block_size^2)
-            time; use the largest that fits (memory is checked up front).
+            Larger blocks capture more correlations at d * (block_size + 32) / 2 memory and
+            O(d * block_size^2) time; use the largest that fits (memory is checked up front).
         recompute: sub-steps for OBS, each with fresh gradients and inverse (default
             ``PRUNE_RECOMPUTE`` = 16, as published).
         scope: "global" (one ranking over all chosen weights) or "layer" (the same sparsity in
@@ -139,15 +139,16 @@ def prune_oneshot(model: nn.Module, sparsity: float | None = None, data: Iterabl
         process_group: prune data-parallel over the processes of a ``torch.distributed`` group,
             every process calling with its own ``data`` (e.g. a DistributedSampler's share): each
             computes its share of the ``num_grads`` rows, the block statistics are summed over the
-            processes (one all-reduce of the packed statistics per sub-step), and every process ends with
-            the same masks and weights. Needs ``block_size <= num_grads`` for OBS (the streamed
-            route).
+            processes (one all-reduce of the packed statistics per sub-step), and every process
+            ends with the same masks and weights. Needs ``block_size <= num_grads`` for OBS (the
+            streamed route).
 
     Cost per OBS sub-step: ``num_grads`` gradient evaluations, then O(d * num_grads * min(block, num_grads))
     for the inverse, its diagonal and one ihvp. Peak memory per sub-step, besides the model:
     B <= m (streamed): about 2*d*(B+32) bytes of block statistics (their lower triangles) + a buffer
-    of gradient rows of max(64 MB, d*B) bytes + 384 MB of float64 tiles; B > m or exact: the (m, d) gradient matrix plus the
-    factors, d*min(B, m)*4 bytes (both checked against available memory before they are allocated).
+    of gradient rows of max(64 MB, d*B) bytes + 384 MB of float64 tiles; B > m or exact: the (m, d)
+    gradient matrix plus the factors, d*min(B, m)*4 bytes (both checked against available memory
+    before they are allocated).
     Bad arguments raise before the model is touched, saying what to do; for OBS also frozen weights
     among those pruned (named: OBS needs their gradients), and a first batch or loss that does not
     work (its loss is computed once to check: a scalar mean, not ``reduction='none'``, nor ``'sum'``
